@@ -1,0 +1,154 @@
+"""The runner's settings: one table for the command line, the environment,
+the defaults, `--help` and docs/configuration.md.
+
+Every setting can be given as an option or as its IMG_* environment variable;
+the option wins.  `python -m imaging_elements.config` prints the Markdown
+that docs/configuration.md holds.
+"""
+
+import argparse
+import os
+import re
+import sys
+
+
+class Setting:
+    def __init__(self, dest, flags, env, help, default=None, kind="value", metavar=None):
+        self.dest, self.flags, self.env, self.help = dest, flags, env, help
+        self.default, self.kind, self.metavar = default, kind, metavar
+
+
+SETTINGS = (
+    Setting("input", ("-i", "--input"), "IMG_INPUT", "the input image (a file, or an EC2 bundle manifest)",
+            metavar="PATH"),
+    Setting("input_type", ("-t", "--input-type"), "IMG_INPUT_TYPE",
+            "type of the input: raw, partition, vmdk, qcow2, vhd, vhdx, bundle; detected from the "
+            "content when not given, and refused when the content disagrees", metavar="TYPE"),
+    Setting("output", ("-o", "--output"), "IMG_OUTPUT",
+            "where to write the result; written to a temporary name and renamed at the end", metavar="PATH"),
+    Setting("output_type", ("-T", "--output-type"), "IMG_OUTPUT_TYPE",
+            "type of the output: raw, vmdk (streamOptimized), qcow2, vhd, vhdx, bundle; "
+            "default: the input's", metavar="TYPE"),
+    Setting("output_crypt", ("--output-crypt",), "IMG_OUTPUT_CRYPT",
+            "encrypt the output: none or aes-128-cbc", default="none", metavar="CRYPT"),
+    Setting("platform", ("--platform",), "IMG_PLATFORM",
+            "the guest's platform: linux, windows, unknown, or auto (found by the mounters)",
+            default="auto", metavar="PLATFORM"),
+    Setting("size", ("--size",), "IMG_SIZE", "size of a disk made from a partition image (e.g. 4G)",
+            metavar="SIZE"),
+    Setting("kernel", ("--kernel",), "IMG_KERNEL", "an external kernel for a partition (AMI) image",
+            metavar="PATH"),
+    Setting("ramdisk", ("--ramdisk",), "IMG_RAMDISK", "an external ramdisk for a partition (AMI) image",
+            metavar="PATH"),
+    Setting("work_dir", ("--work-dir",), "IMG_WORK_DIR",
+            "the work directory (journal, scratch, mount point); default: a new one under "
+            "/var/tmp, removed at the end", metavar="DIR"),
+    Setting("keep_work_dir", ("--keep-work-dir",), "IMG_KEEP_WORK_DIR",
+            "keep the work directory at the end (its resources are still released)", kind="flag"),
+    Setting("scratch_limit", ("--scratch-limit",), "IMG_SCRATCH_LIMIT",
+            "most bytes the scratch space may hold (e.g. 20G); checked before conversions and after "
+            "every hook", metavar="SIZE"),
+    Setting("breaks", ("--break",), "IMG_BREAK",
+            "stop for a shell at these points: before-PHASE, after-PHASE, after-error (comma "
+            "separated; the variable `break` is read too, as in diskimage-builder)", metavar="LIST"),
+    Setting("phases", ("--phases",), "IMG_PHASES", "run only these phases (comma separated)",
+            metavar="LIST"),
+    Setting("skip_phases", ("--skip-phases",), "IMG_SKIP_PHASES", "do not run these phases",
+            metavar="LIST"),
+    Setting("only_hook", ("--hook",), "IMG_ONLY_HOOK",
+            "in PHASE, run only hook NAME (PHASE/NAME)", metavar="PHASE/NAME"),
+    Setting("list", ("--list",), "IMG_LIST",
+            "dry run: print what would run, in order, with each hook's accepts answer", kind="flag"),
+    Setting("status_fd", ("--status-fd",), "IMG_EVENTS_FD",
+            "write the JSON-lines event stream to this file descriptor", metavar="N"),
+    Setting("status_file", ("--status-file",), "IMG_EVENTS_FILE",
+            "write the JSON-lines event stream to this file", metavar="PATH"),
+    Setting("log_file", ("--log-file",), "IMG_LOG_FILE", "write the readable log to this file too",
+            metavar="PATH"),
+    Setting("quiet", ("-q", "--quiet"), "IMG_QUIET", "log only warnings and errors", kind="flag"),
+    Setting("cleanup", ("--cleanup",), "IMG_CLEANUP",
+            "release what a killed process left in WORKDIR (its cleanup journal), then exit",
+            metavar="WORKDIR"),
+    Setting("elements_path", ("--elements-path",), "ELEMENTS_PATH",
+            "directories to search for elements before the project's own (colon separated, "
+            "the first wins)", metavar="DIRS"),
+    Setting("env", ("-e", "--env"), None,
+            "set IMG_NAME=VALUE for the hooks (an element's option); may be repeated",
+            kind="append", metavar="NAME=VALUE"),
+)
+
+EXIT_CODES = (
+    (0, "success"),
+    (1, "a hook failed, or a validator that is not optional"),
+    (2, "bad usage: options, elements, hook headers, a break point without a terminal"),
+    (3, "bad input: unreadable, unknown or mismatched image type"),
+    (4, "not enough space for a conversion (scratch limit or free space)"),
+    (5, "the process succeeded but releasing a resource failed"),
+    (130, "interrupted (Ctrl-C)"),
+    (143, "terminated (SIGTERM)"),
+)
+
+SIZE = re.compile(r"^(\d+(?:\.\d+)?)\s*([KMGTP]?)(i?B?)$", re.IGNORECASE)
+
+
+def parse_size(text):
+    """'10G' -> bytes (powers of 1024; a bare number is bytes)."""
+    match = SIZE.match(str(text).strip())
+    if not match:
+        raise ValueError(f"{text!r} is not a size (like 512M, 10G, or bytes)")
+    number, unit = float(match.group(1)), match.group(2).upper()
+    return int(number * 1024 ** " KMGTP".index(unit or " "))
+
+
+def parser(prog="euca-image-process"):
+    epilog = "exit codes:\n" + "\n".join(f"  {code:>3}  {text}" for code, text in EXIT_CODES)
+    p = argparse.ArgumentParser(
+        prog=prog, formatter_class=argparse.RawDescriptionHelpFormatter, epilog=epilog,
+        description="Run the hooks of ELEMENTs over an image: unbundle, mount, validate, "
+                    "install, convert, instance-validate, crypt, bundle, cleanup.")
+    p.add_argument("elements", nargs="*", metavar="ELEMENT", help="elements to use")
+    for s in SETTINGS:
+        text = s.help + (f" [{s.env}]" if s.env else "")
+        if s.kind == "flag":
+            p.add_argument(*s.flags, dest=s.dest, action="store_true", help=text)
+        elif s.kind == "append":
+            p.add_argument(*s.flags, dest=s.dest, action="append", default=[], help=text,
+                           metavar=s.metavar)
+        else:
+            p.add_argument(*s.flags, dest=s.dest, help=text, metavar=s.metavar)
+    return p
+
+
+def parse(argv, environ=os.environ):
+    """Options over environment over defaults; returns an argparse Namespace."""
+    args = parser().parse_args(argv)
+    for s in SETTINGS:
+        value = getattr(args, s.dest)
+        if value in (None, False) and s.env and environ.get(s.env):
+            value = environ[s.env] if s.kind != "flag" else environ[s.env] not in ("0", "", "no")
+        if value is None:
+            value = s.default
+        setattr(args, s.dest, value)
+    if not args.breaks and environ.get("break"):
+        args.breaks = environ["break"]
+    return args
+
+
+def markdown():
+    lines = ["# Configuration", "",
+             "Generated from `imaging_elements/config.py` by `python -m imaging_elements.config`; "
+             "do not edit by hand.", "",
+             "Every setting of `euca-image-process` is an option and an environment variable; "
+             "the option wins.", "",
+             "| option | variable | default | meaning |", "|---|---|---|---|"]
+    for s in SETTINGS:
+        flags = ", ".join(f"`{f}`" for f in s.flags) + (f" {s.metavar}" if s.metavar else "")
+        lines.append(f"| {flags} | {'`' + s.env + '`' if s.env else ''} | "
+                     f"{s.default if s.default is not None else ''} | {s.help} |")
+    lines += ["", "## Exit codes", "", "| code | meaning |", "|---|---|"]
+    lines += [f"| {code} | {text} |" for code, text in EXIT_CODES]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.stdout.write(markdown())

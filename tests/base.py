@@ -1,0 +1,98 @@
+"""Shared test fixtures: a leak check and helpers to run the drivers."""
+
+import os
+import re
+import subprocess
+import sys
+
+import fixtures
+import testtools
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BIN = os.path.join(ROOT, "bin")
+DATA = os.path.join(ROOT, "tests", "data")
+
+
+def _loops():
+    out = subprocess.run(["losetup", "-a"], stdout=subprocess.PIPE, text=True).stdout
+    return sorted(line for line in out.splitlines() if line)
+
+
+def _mounts():
+    with open("/proc/mounts") as f:
+        return sorted(f.read().splitlines())
+
+
+def _helpers():
+    """Processes an image process may start: pid and command line."""
+    found = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if re.match(r"\S*(qemu-storage-daemon|qemu-system|ntfs-3g|bwrap)\b", cmd):
+            found.append((pid, cmd))
+    return sorted(found)
+
+
+class LeakCheck(fixtures.Fixture):
+    """Fails the test if loop devices, mounts or helper processes outlive it.
+
+    With `scope` (a directory), only resources naming a path under it count,
+    so that tests running in parallel do not see each other's resources.
+    """
+
+    def __init__(self, scope=None):
+        super().__init__()
+        self.scope = scope
+
+    def _snapshot(self):
+        items = (_loops(), _mounts(), _helpers())
+        if self.scope:
+            items = tuple([i for i in group if self.scope in str(i)] for group in items)
+        return items
+
+    def _setUp(self):
+        self.addCleanup(self._check, self._snapshot())
+
+    def _check(self, before):
+        after = self._snapshot()
+        for what, old, new in zip(("loop devices", "mounts", "processes"), before, after):
+            leaked = sorted(set(map(str, new)) - set(map(str, old)))
+            if leaked:
+                raise AssertionError(f"leaked {what}: {leaked}")
+
+
+class TestCase(testtools.TestCase):
+    """Base class: a temporary directory and, for root tests, a leak check."""
+
+    needs_root = False
+
+    def setUp(self):
+        super().setUp()
+        if self.needs_root and os.geteuid() != 0:
+            self.skipTest("needs root")
+        self.tmp = self.useFixture(fixtures.TempDir()).path
+        if self.needs_root:
+            self.useFixture(LeakCheck(scope=self.tmp))
+
+    def path(self, *names):
+        return os.path.join(self.tmp, *names)
+
+    def run_bin(self, name, *args, env=None, check=None, **kwargs):
+        """Run a driver from bin/; returns the CompletedProcess (text output)."""
+        # TMPDIR: default work directories land in the test's own directory,
+        # where the leak check looks and the TempDir fixture cleans up.
+        full_env = dict(os.environ, TMPDIR=self.tmp)
+        full_env.update(env or {})
+        result = subprocess.run([sys.executable, os.path.join(BIN, name), *map(str, args)],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env=full_env, **kwargs)
+        if check is not None and result.returncode != check:
+            raise AssertionError(f"{name} {' '.join(map(str, args))}: exit {result.returncode}, "
+                                 f"expected {check}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}")
+        return result

@@ -1,0 +1,179 @@
+"""Build small real images for tests: filesystems, partitioned disks, formats.
+
+Everything here calls the standard tools (mke2fs -d, mkfs.xfs, sfdisk,
+qemu-img), so the images are as real as a user's.
+"""
+
+import json
+import os
+import subprocess
+import tarfile
+
+MiB = 1024 * 1024
+CACHE = os.environ.get("IMG_TEST_CACHE", "/var/cache/imaging-elements")
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def sh(*argv, **kwargs):
+    return subprocess.run([str(a) for a in argv], check=True, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True, **kwargs).stdout
+
+
+def write_tree(root, files):
+    """files: {relative path: text or bytes, or ('symlink', target)}."""
+    for rel, content in files.items():
+        path = os.path.join(root, rel.lstrip("/"))
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        if isinstance(content, tuple) and content[0] == "symlink":
+            os.symlink(content[1], path)
+        elif isinstance(content, tuple) and content[0] == "dir":
+            os.makedirs(path, exist_ok=True)
+        else:
+            mode = "wb" if isinstance(content, bytes) else "w"
+            with open(path, mode) as f:
+                f.write(content)
+    return root
+
+
+def linux_tree(root, fstab="LABEL=rootfs / ext4 defaults 0 1\n", kernel="6.1.0-test", extra=None):
+    """A minimal Linux root that looks real to a validator (no binaries run)."""
+    files = {
+        "etc/fstab": fstab,
+        "etc/os-release": 'PRETTY_NAME="Debian GNU/Linux 12 (bookworm)"\nNAME="Debian GNU/Linux"\n'
+                          'VERSION_ID="12"\nVERSION="12 (bookworm)"\nID=debian\n',
+        "etc/debian_version": "12.8\n",
+        "etc/hostname": "testguest\n",
+        "etc/network/interfaces": "auto lo\niface lo inet loopback\n\nauto eth0\niface eth0 inet dhcp\n",
+        "sbin/init": ("symlink", "/lib/systemd/systemd"),
+        "lib/systemd/systemd": b"\x7fELF-not-really\n",
+        f"boot/vmlinuz-{kernel}": b"kernel",
+        f"boot/initrd.img-{kernel}": b"initrd",
+        f"lib/modules/{kernel}/modules.dep": "",
+        "usr/sbin/sshd": b"\x7fELF",
+        "var/tmp": ("dir",),
+        "tmp": ("dir",),
+    }
+    files.update(extra or {})
+    return write_tree(root, files)
+
+
+def make_fs(path, tree=None, fstype="ext4", size=32 * MiB, label=None, uuid=None):
+    """A filesystem image file, populated from the directory `tree`."""
+    with open(path, "wb") as f:
+        f.truncate(size)
+    if fstype.startswith("ext"):
+        argv = ["mke2fs", "-q", "-F", "-t", fstype]
+        argv += ["-L", label] if label else []
+        argv += ["-U", uuid] if uuid else []
+        argv += ["-d", tree] if tree else []
+        sh(*argv, path)
+    elif fstype == "xfs":
+        argv = ["mkfs.xfs", "-q", "-f"] + (["-L", label] if label else [])
+        argv += ["-m", f"uuid={uuid}"] if uuid else []
+        if tree:
+            argv += ["-p", _xfs_protofile(tree, path + ".proto")]
+        sh(*argv, path)
+    elif fstype == "btrfs":
+        argv = ["mkfs.btrfs", "-q", "-f"] + (["-L", label] if label else [])
+        argv += ["-U", uuid] if uuid else []
+        argv += ["--rootdir", tree] if tree else []
+        sh(*argv, path)
+    else:
+        raise ValueError(f"make_fs: no recipe for {fstype}")
+    return path
+
+
+def _xfs_protofile(tree, proto_path):
+    """mkfs.xfs -p takes a prototype file listing the tree."""
+    lines = ["/dev/null", "0 0", "d--755 0 0"]
+
+    def walk(directory, depth):
+        for name in sorted(os.listdir(directory)):
+            full = os.path.join(directory, name)
+            st = os.lstat(full)
+            pad = " " * depth
+            if os.path.islink(full):
+                lines.append(f"{pad}{name} l--777 0 0 {os.readlink(full)}")
+            elif os.path.isdir(full):
+                lines.append(f"{pad}{name} d--{st.st_mode & 0o777:o} 0 0")
+                walk(full, depth + 1)
+                lines.append(f"{pad}$")
+            else:
+                lines.append(f"{pad}{name} ---{st.st_mode & 0o777:o} 0 0 {full}")
+
+    walk(tree, 1)
+    lines.append("$")
+    with open(proto_path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return proto_path
+
+
+def make_disk(path, partitions, label="dos", size=None):
+    """A partitioned disk image.
+
+    partitions: list of dicts {"image": fs image path, "type": sfdisk type
+    (default "83" for dos, Linux filesystem for gpt), "bootable": bool,
+    "size": bytes (default: the image's size)}. Partitions start at 1 MiB and
+    follow each other, 1 MiB aligned.
+    """
+    start = MiB
+    lines = [f"label: {label}"]
+    layout = []
+    for part in partitions:
+        psize = part.get("size") or os.path.getsize(part["image"])
+        psize = (psize + MiB - 1) // MiB * MiB
+        ptype = part.get("type") or ("83" if label == "dos" else "0FC63DAF-8483-4772-8E79-3D69D8477DE4")
+        line = f"start={start // 512}, size={psize // 512}, type={ptype}"
+        if part.get("bootable"):
+            line += ", bootable"
+        lines.append(line)
+        layout.append((start, part.get("image")))
+        start += psize
+    total = size or start + MiB  # room for the GPT backup header
+    with open(path, "wb") as f:
+        f.truncate(total)
+    sh("sfdisk", "--quiet", path, input="\n".join(lines) + "\n")
+    with open(path, "r+b") as disk:
+        for offset, image in layout:
+            if image:
+                _copy_sparse(image, disk, offset)
+    return path
+
+
+def _copy_sparse(src_path, dst, offset):
+    with open(src_path, "rb") as src:
+        while True:
+            chunk = src.read(4 * MiB)
+            if not chunk:
+                break
+            if chunk.count(0) != len(chunk):
+                dst.seek(offset)
+                dst.write(chunk)
+            offset += len(chunk)
+
+
+def partitions(path):
+    """sfdisk's view of a disk: list of {start, size, type...} in bytes."""
+    table = json.loads(sh("sfdisk", "--json", path))["partitiontable"]
+    sector = table.get("sectorsize", 512)
+    return [dict(p, start=p["start"] * sector, size=p["size"] * sector) for p in table["partitions"]]
+
+
+def qemu_convert(src, dst, fmt, options=None):
+    argv = ["qemu-img", "convert", "-f", "raw", "-O", fmt]
+    if options:
+        argv += ["-o", options]
+    sh(*argv, src, dst)
+    return dst
+
+
+def debian_tarball():
+    """The cached Debian 12 root made by tests/images/mkdebian (built on first use)."""
+    return sh(os.path.join(HERE, "images", "mkdebian")).strip().splitlines()[-1]
+
+
+def debian_tree(dest):
+    """Unpack the cached Debian 12 root into `dest` (numeric owners kept)."""
+    with tarfile.open(debian_tarball()) as tar:
+        tar.extractall(dest, numeric_owner=True, filter="fully_trusted")
+    return dest

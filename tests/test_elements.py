@@ -1,0 +1,214 @@
+"""Finding elements on ELEMENTS_PATH and resolving their dependencies."""
+
+import itertools
+import json
+import os
+
+from imaging_elements import elements
+from tests import base
+
+
+def make(root, name, deps=(), provides=(), readme=None, hooks=()):
+    path = os.path.join(root, name)
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, "README.md"), "w") as f:
+        f.write(readme or f"# {name}: the {name} element\n")
+    if deps:
+        with open(os.path.join(path, "element-deps"), "w") as f:
+            f.write("\n".join(deps) + "\n")
+    if provides:
+        with open(os.path.join(path, "element-provides"), "w") as f:
+            f.write("\n".join(provides) + "\n")
+    for hook in hooks:
+        os.makedirs(os.path.join(path, os.path.dirname(hook)), exist_ok=True)
+        with open(os.path.join(path, hook), "w") as f:
+            f.write("#!/bin/bash\n")
+        os.chmod(os.path.join(path, hook), 0o755)
+    return path
+
+
+class ResolveTest(base.TestCase):
+
+    def library(self, *specs):
+        for spec in specs:
+            make(self.tmp, *spec) if isinstance(spec, tuple) else make(self.tmp, spec)
+        return elements.find_elements(self.tmp)
+
+    def names(self, requested, library):
+        return [e.name for e in elements.resolve(requested, library)]
+
+    def test_direct_and_transitive(self):
+        lib = self.library(("a", ["b"]), ("b", ["c"]), "c", "unrelated")
+        self.assertEqual(["a", "b", "c"], self.names(["a"], lib))
+
+    def test_self_dependency(self):
+        lib = self.library(("a", ["a", "b"]), "b")
+        self.assertEqual(["a", "b"], self.names(["a"], lib))
+
+    def test_two_element_cycle(self):
+        lib = self.library(("a", ["b"]), ("b", ["a"]))
+        self.assertEqual(["a", "b"], self.names(["a"], lib))
+        self.assertEqual(["a", "b"], self.names(["b"], lib))
+
+    def test_provides_satisfies_a_dependency(self):
+        lib = self.library(("a", ["v"]), ("c", [], ["v"]))
+        self.assertEqual(["a", "c"], self.names(["a", "c"], lib))
+
+    def test_requester_before_provider_any_order(self):
+        # diskimage-builder 3.43 fails [A, D] but not [D, A] on this layout.
+        lib = self.library(("A", ["V"]), ("D", ["C"]), ("C", [], ["V"]), ("V", ["W"]), "W")
+        for order in itertools.permutations(["A", "D"]):
+            self.assertEqual(["A", "C", "D"], self.names(list(order), lib))
+
+    def test_provided_name_never_pulls_real_element(self):
+        lib = self.library(("a", ["v"]), ("p", [], ["v"]), ("v", ["heavy"]), "heavy")
+        self.assertEqual(["a", "p"], self.names(["p", "a"], lib))
+        # Without a provider, the real element (and its deps) comes in.
+        self.assertEqual(["a", "heavy", "v"], self.names(["a"], lib))
+
+    def test_single_provider_is_pulled_for_a_virtual_name(self):
+        lib = self.library(("a", ["virt"]), ("p", [], ["virt"]))
+        self.assertEqual(["a", "p"], self.names(["a"], lib))
+
+    def test_duplicate_providers(self):
+        lib = self.library(("a", [], ["v"]), ("b", [], ["v"]))
+        error = self.assertRaises(elements.ElementError, elements.resolve, ["a", "b"], lib)
+        self.assertIn("v is provided by both a and b", str(error))
+        lib = self.library(("x", ["v"]))
+        error = self.assertRaises(elements.ElementError, elements.resolve, ["x"], lib)
+        self.assertIn("provided by a, b: request one of them", str(error))
+
+    def test_request_for_a_provided_name(self):
+        lib = self.library(("p", [], ["v"]), "v")
+        error = self.assertRaises(elements.ElementError, elements.resolve, ["p", "v"], lib)
+        self.assertIn("element v (requested) is also provided by p", str(error))
+
+    def test_missing_element_names_who_asked(self):
+        lib = self.library(("a", ["b"]), ("b", ["ghost"]))
+        error = self.assertRaises(elements.ElementError, elements.resolve, ["a"], lib)
+        self.assertEqual("element ghost not found (needed by b)", str(error))
+        error = self.assertRaises(elements.ElementError, elements.resolve, ["nope"], lib)
+        self.assertIn("element nope not found (requested on the command line)", str(error))
+
+    def test_comments_and_blank_lines(self):
+        path = make(self.tmp, "a")
+        with open(os.path.join(path, "element-deps"), "w") as f:
+            f.write("# the deps\n\nb  # trailing comment\n   \nc\n")
+        make(self.tmp, "b")
+        make(self.tmp, "c")
+        self.assertEqual(["a", "b", "c"], self.names(["a"], elements.find_elements(self.tmp)))
+
+    def test_bad_name_in_deps_names_file_and_line(self):
+        path = make(self.tmp, "a")
+        with open(os.path.join(path, "element-deps"), "w") as f:
+            f.write("ok\nnot a name\n")
+        error = self.assertRaises(elements.ElementError, elements.find_elements, self.tmp)
+        self.assertIn("element-deps:2: 'not a name' is not an element name", str(error))
+
+    def test_deterministic_and_order_independent(self):
+        specs = [(f"e{i}", [f"e{(i * 7 + 3) % 40}", f"v{i % 5}"]) for i in range(40)]
+        specs += [(f"p{j}", [], [f"v{j}"]) for j in range(5)]
+        lib = self.library(*specs)
+        requested = [f"e{i}" for i in range(0, 40, 3)] + [f"p{j}" for j in range(5)]
+        first = self.names(requested, lib)
+        for shift in range(1, len(requested)):
+            self.assertEqual(first, self.names(requested[shift:] + requested[:shift], lib))
+        self.assertEqual(first, self.names(list(reversed(requested)), lib))
+
+    def test_long_chain_is_fast(self):
+        lib = {}
+        for i in range(2000):
+            element = elements.Element.__new__(elements.Element)
+            element.name, element.path = f"e{i}", "/nonexistent"
+            element.deps = frozenset([f"e{i + 1}"]) if i < 1999 else frozenset()
+            element.provides = frozenset()
+            lib[element.name] = element
+        result = elements.resolve(["e0"], lib)
+        self.assertEqual(2000, len(result))
+
+
+class FindTest(base.TestCase):
+
+    def test_first_on_path_wins_and_override_is_reported_once(self):
+        first, second = self.path("first"), self.path("second")
+        make(first, "x", readme="# x: from first\n")
+        make(second, "x", readme="# x: from second\n")
+        make(second, "y")
+        warnings = []
+        found = elements.find_elements(f"{first}:{second}", warn=warnings.append)
+        self.assertEqual(os.path.join(first, "x"), found["x"].path)
+        self.assertEqual("from first", found["x"].description)
+        self.assertEqual(1, len([w for w in warnings if "element x" in w]))
+        self.assertIn("overrides", warnings[0])
+        self.assertIn("y", found)
+
+    def test_project_elements_come_last(self):
+        path = elements.search_path(self.tmp)
+        self.assertEqual([self.tmp, elements.PROJECT_ELEMENTS], path)
+
+    def test_empty_and_invalid_entries(self):
+        make(self.tmp, "a")
+        warnings = []
+        found = elements.find_elements(f"::/does/not/exist:{self.tmp}:", warn=warnings.append)
+        self.assertIn("a", found)
+        self.assertEqual(["ELEMENTS_PATH entry /does/not/exist: No such file or directory, ignored"],
+                         [w for w in warnings if "ELEMENTS_PATH" in w])
+
+    def test_non_element_directories(self):
+        os.makedirs(self.path("__pycache__", "mount.d"))
+        os.makedirs(self.path("tests", "mount.d"))
+        os.makedirs(self.path("empty"))
+        os.makedirs(self.path(".hidden", "mount.d"))
+        make(self.tmp, "real", hooks=["mount.d/10-x"])
+        found = elements.find_elements(self.tmp)
+        self.assertNotIn("__pycache__", found)
+        self.assertNotIn("tests", found)
+        self.assertNotIn("empty", found)
+        self.assertNotIn(".hidden", found)
+        self.assertIn("real", found)
+
+
+class ElementInfoTest(base.TestCase):
+
+    def setUp(self):
+        super().setUp()
+        make(self.tmp, "a", deps=["b"], readme="# a: first element\n\nMore text.\n")
+        make(self.tmp, "b", provides=["virt"])
+
+    def info(self, *args, check=0):
+        return self.run_bin("element-info", "--elements-path", self.tmp, *args, check=check)
+
+    def test_list_shows_description_and_location(self):
+        out = self.info().stdout
+        line = [l for l in out.splitlines() if l.startswith("a ")][0]
+        self.assertIn("first element", line)
+        self.assertIn(os.path.join(self.tmp, "a"), line)
+
+    def test_expand_dependencies(self):
+        self.assertEqual("a b", self.info("--expand-dependencies", "a").stdout.strip())
+
+    def test_env_is_shell_sourceable(self):
+        import subprocess
+        out = self.info("--env", "a").stdout
+        result = subprocess.run(["bash", "-c", out + '\necho "$IMAGE_ELEMENT"; echo "$IMAGE_ELEMENT_PATHS"'],
+                                stdout=subprocess.PIPE, text=True, check=True)
+        names, paths = result.stdout.splitlines()
+        self.assertEqual("a b", names)
+        self.assertEqual(os.path.join(self.tmp, "b"), json.loads(paths)["b"])
+
+    def test_json(self):
+        data = json.loads(self.info("--json", "--expand-dependencies", "a").stdout)
+        self.assertEqual(["a", "b"], [e["name"] for e in data])
+        self.assertEqual(["virt"], data[1]["provides"])
+        self.assertEqual("first element", data[0]["description"])
+
+    def test_error_exit(self):
+        result = self.info("--expand-dependencies", "ghost", check=2)
+        self.assertIn("element ghost not found", result.stderr)
+
+    def test_stock_elements_all_have_readmes(self):
+        found = elements.find_elements("")
+        for element in found.values():
+            if element.path.startswith(elements.PROJECT_ELEMENTS):
+                self.assertTrue(os.path.isfile(os.path.join(element.path, "README.md")), element.path)
+                self.assertTrue(element.description, f"{element.path}/README.md has no description")
