@@ -10,6 +10,7 @@ import contextlib
 import fcntl
 import json
 import os
+import re
 import selectors
 import shutil
 import signal
@@ -27,6 +28,7 @@ LIB = os.path.join(ROOT, "lib")
 BIN = os.path.join(ROOT, "bin")
 SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 OUTPUT_TAIL = 20
+SECRET_NAME = re.compile(r"PASSPHRASE|PASSWORD|SECRET|TOKEN")
 
 
 class Phase:
@@ -382,6 +384,8 @@ class Process:
         cache = {}
 
         def edge(hook, s, d):
+            if phase.name == "crypt" and "none" not in (s, d):
+                return False  # a crypt hook only ever encrypts or decrypts
             if (hook.name, s, d) not in cache:
                 env = self._hook_env(hook, {CONTEXT_VARS[src_key]: s, CONTEXT_VARS[dst_key]: d})
                 cache[hook.name, s, d] = self._accepted(phase, hook, {src_key: s, dst_key: d}, env)
@@ -550,6 +554,7 @@ class Process:
                         if key.fd == status_read:
                             self._message(phase, hook, text, report)
                         else:
+                            text = self._redact(text)
                             tail.append(text)
                             self.monitor.event("log", level="INFO", message=f"{hook.name}: {text}")
             process.wait()
@@ -559,7 +564,15 @@ class Process:
             process.stdout.close()
         return list(tail)
 
+    def _redact(self, text):
+        """Hide the values of secret variables in anything we log."""
+        for name, value in self.env.items():
+            if value and len(value) >= 4 and SECRET_NAME.search(name):
+                text = text.replace(value, "***")
+        return text
+
     def _message(self, phase, hook, text, report):
+        text = self._redact(text)
         try:
             message = json.loads(text)
             (kind, value), = message.items()

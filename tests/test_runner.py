@@ -493,3 +493,38 @@ class ConfigTest(base.TestCase):
         self.assertEqual("none", args.output_crypt)
         self.assertEqual(10 * 1024 ** 3, config.parse_size("10G"))
         self.assertRaises(ValueError, config.parse_size, "ten")
+
+
+class StatusTest(RunnerCase):
+
+    def test_status_fd_stream_and_secrets(self):
+        self.element("a", {"mount.d/10-m": BASH + 'echo "using $IMG_VAULT_PASSPHRASE"\n'
+                                                  "img_progress 50 100\nimg_progress 100 100\n"
+                                                  'img_describe "done with $IMG_VAULT_PASSPHRASE"\n'})
+        read, write = os.pipe()
+        env = dict(os.environ, ELEMENTS_PATH=self.elements, TMPDIR=self.tmp)
+        process = subprocess.Popen([sys.executable, os.path.join(base.BIN, "euca-image-process"),
+                                    "--status-fd", str(write), "--work-dir", self.work,
+                                    "-e", "VAULT_PASSPHRASE=s3cr3t-value", "a"],
+                                   env=env, pass_fds=(write,), stderr=subprocess.PIPE, text=True)
+        os.close(write)
+        with os.fdopen(read) as stream:
+            records = [json.loads(line) for line in stream]
+        _, stderr = process.communicate()
+        self.assertEqual(0, process.returncode)
+        names = [r["event"] for r in records]
+        self.assertEqual("process-start", names[0])
+        self.assertEqual("process-end", names[-1])
+        for expected in ("phase-start", "hook-start", "hook-end", "phase-end"):
+            self.assertIn(expected, names)
+        self.assertEqual([(50, 100), (100, 100)],
+                         [(r["done"], r["total"]) for r in records if r["event"] == "progress"])
+        self.assertNotIn("s3cr3t-value", json.dumps(records) + stderr)
+        self.assertIn("done with ***", json.dumps(records))
+        with open(os.path.join(self.work, "journal.jsonl")) as f:
+            self.assertNotIn("s3cr3t-value", f.read())
+
+    def test_after_error_without_terminal_keeps_the_failure(self):
+        self.element("a", {"validate.d/10-v": "#!/bin/bash\nexit 1\n"})
+        result = self.process("a", "--break", "after-error", check=1, stdin=subprocess.DEVNULL)
+        self.assertIn("break point after-error: no terminal attached", result.stderr)
