@@ -326,8 +326,18 @@ class Process:
         accepted = [h for h in hooks_here if self._accepted(phase, h)]
         if phase.where == "instance":
             return self._run_instance(phase, accepted)
+        # Every validator runs, so the user sees all that is wrong at once.
+        failures = []
         for hook in accepted:
-            self._run_hook(phase, hook, validator=True)
+            try:
+                self._run_hook(phase, hook, validator=True)
+            except ProcessFailure as failure:
+                failures.append(failure)
+        if len(failures) == 1:
+            raise failures[0]
+        if failures:
+            raise ProcessFailure(1, f"{len(failures)} validators failed: "
+                                    + "; ".join(str(f) for f in failures))
 
     def _run_transform(self, phase, hooks_here):
         for hook in hooks_here:

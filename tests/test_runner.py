@@ -185,16 +185,19 @@ class ValidatorTest(RunnerCase):
             "validate.d/10-good": BASH + "img_describe 'checked the good thing'\n",
             "validate.d/20-optional": BASH + "#@ optional: yes\nimg_fail 'no serial console'\n",
             "validate.d/30-required": BASH + "img_fail 'Expected RHEL/CentOS 5.x/6.x, but failed to find /etc/redhat-release'\n",
-            "validate.d/40-never": self.tracer()})
+            "validate.d/40-later": self.tracer(),
+            "validate.d/50-also-bad": BASH + "img_fail 'second problem'\n"})
         result = self.process("v", check=1)
-        self.assertIn("validate/30-required (v) failed: Expected RHEL/CentOS 5.x/6.x", result.stderr)
+        self.assertIn("2 validators failed: validate/30-required (v) failed: Expected RHEL/CentOS 5.x/6.x",
+                      result.stderr)
+        self.assertIn("validate/50-also-bad (v) failed: second problem", result.stderr)
         results = {e["hook"]: e for e in self.events("hook-end")}
         self.assertEqual("checked the good thing", results["10-good"]["description"])
         self.assertEqual("warning", results["20-optional"]["result"])
         self.assertEqual("no serial console", results["20-optional"]["reason"])
         self.assertEqual("failed", results["30-required"]["result"])
-        self.assertNotIn("40-never", results)
-        self.assertFalse(os.path.exists(self.trace))
+        # Every validator ran, also after the first failure.
+        self.assertEqual(["40-later"], self.traced())
 
     def test_failure_reason_from_output_tail(self):
         self.element("v", {"validate.d/10": "#!/bin/bash\necho first\necho 'the reason' >&2\nexit 3\n"})
