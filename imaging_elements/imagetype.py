@@ -5,7 +5,9 @@ the AMI case), vmdk, qcow2, vhd, vhdx, bundle (an EC2 bundle manifest), and
 unknown.  A VMDK descriptor (the text file of a monolithicFlat disk) is vmdk.
 """
 
+import json
 import os
+import subprocess
 
 TYPES = ("raw", "partition", "vmdk", "qcow2", "vhd", "vhdx", "bundle")
 
@@ -64,6 +66,25 @@ def detect(path):
     return "unknown"
 
 
+# qemu-img's names for the formats the project handles.
+QEMU_FORMATS = {"vmdk": "vmdk", "qcow2": "qcow2", "vpc": "vhd", "vhdx": "vhdx"}
+
+
+def qemu_format(path):
+    """What qemu-img's own probing calls the file (vdi, qed, ...), or None.
+
+    Asked only when the magic numbers above found nothing.  An absolute path:
+    qemu-img would take `nbd:...` or `json:...` at the start as a protocol.
+    """
+    try:
+        result = subprocess.run(["qemu-img", "info", "--output=json", os.path.abspath(path)],
+                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.DEVNULL, text=True, timeout=10)
+        return json.loads(result.stdout).get("format") if result.returncode == 0 else None
+    except (OSError, ValueError, subprocess.TimeoutExpired):
+        return None
+
+
 def resolve(path, declared=None):
     """The type to use: the declared one if the content agrees, else an error.
 
@@ -71,6 +92,13 @@ def resolve(path, declared=None):
     plain bytes, and the content says which layout it is.
     """
     detected = detect(path)
+    if detected == "unknown":
+        qemu = qemu_format(path)
+        if qemu in QEMU_FORMATS:
+            detected = QEMU_FORMATS[qemu]
+        elif qemu and qemu != "raw":
+            raise ImageTypeError(f"{path}: a {qemu} image (as qemu-img calls it), which is not "
+                                 f"supported; convert it to one of {', '.join(TYPES)}")
     if not declared:
         if detected == "unknown":
             raise ImageTypeError(f"{path}: unknown image format (no partition table, "

@@ -113,7 +113,8 @@ def make_disk(path, partitions, label="dos", size=None):
 
     partitions: list of dicts {"image": fs image path, "type": sfdisk type
     (default "83" for dos, Linux filesystem for gpt), "bootable": bool,
-    "size": bytes (default: the image's size)}. Partitions start at 1 MiB and
+    "size": bytes (default: the image's size), and for gpt "name" (the
+    PARTLABEL) and "uuid" (the PARTUUID)}. Partitions start at 1 MiB and
     follow each other, 1 MiB aligned.
     """
     start = MiB
@@ -126,6 +127,10 @@ def make_disk(path, partitions, label="dos", size=None):
         line = f"start={start // 512}, size={psize // 512}, type={ptype}"
         if part.get("bootable"):
             line += ", bootable"
+        if part.get("name"):
+            line += f', name="{part["name"]}"'
+        if part.get("uuid"):
+            line += f", uuid={part['uuid']}"
         lines.append(line)
         layout.append((start, part.get("image")))
         start += psize
@@ -177,3 +182,82 @@ def debian_tree(dest):
     with tarfile.open(debian_tarball()) as tar:
         tar.extractall(dest, numeric_owner=True, filter="fully_trusted")
     return dest
+
+
+# -- bootable Debian 12 images (the instance validators boot them) -------------
+
+DEBIAN_BOOT_RECIPE = 1  # part of the cache names: bump it when the recipe below changes
+MBR_CODE = "/usr/lib/EXTLINUX/mbr.bin"  # syslinux's MBR boot code (Debian package extlinux)
+
+
+def _cached(name, build):
+    """CACHE/name, made once by build(temporary path), under a lock: test workers run in parallel."""
+    import fcntl
+    path = os.path.join(CACHE, name)
+    os.makedirs(CACHE, exist_ok=True)
+    with open(os.path.join(CACHE, f".lock-{name}"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not os.path.exists(path):
+            temp = f"{path}.partial-{os.getpid()}"
+            try:
+                build(temp)
+                os.replace(temp, path)
+            finally:
+                if os.path.exists(temp):
+                    os.unlink(temp)
+    return path
+
+
+def _debian_key():
+    st = os.stat(debian_tarball())
+    return f"{st.st_size}-{int(st.st_mtime)}-r{DEBIAN_BOOT_RECIPE}"
+
+
+def debian_root_fs():
+    """The Debian 12 root as a bare ext4 filesystem, LABEL=rootfs (cached).
+
+    The AMI case: its kernel and initrd are in /boot; it also carries
+    extlinux (installed, with /boot/extlinux/extlinux.conf booting that kernel
+    with root=LABEL=rootfs and the console on ttyS0), so that debian_boot_disk()
+    only has to put it behind an MBR.
+    """
+    import shutil
+    import tempfile
+
+    def build(out):
+        work = tempfile.mkdtemp(dir=CACHE, prefix=".debian-root-")
+        try:
+            root = debian_tree(os.path.join(work, "root"))
+            version = sorted(os.listdir(os.path.join(root, "usr", "lib", "modules")))[-1]
+            write_tree(root, {"boot/extlinux/extlinux.conf": (
+                "DEFAULT debian\nPROMPT 0\nTIMEOUT 0\n\nLABEL debian\n"
+                f"  LINUX /boot/vmlinuz-{version}\n  INITRD /boot/initrd.img-{version}\n"
+                "  APPEND root=LABEL=rootfs ro console=ttyS0,115200\n")})
+            make_fs(out, root, size=640 * MiB, label="rootfs")
+            shutil.rmtree(root)
+            mnt = os.path.join(work, "mnt")
+            os.mkdir(mnt)
+            loop = sh("losetup", "--find", "--show", out).strip()
+            try:
+                sh("mount", "-o", "nodev,nosuid", loop, mnt)
+                try:
+                    sh("extlinux", "--install", os.path.join(mnt, "boot", "extlinux"))
+                finally:
+                    sh("umount", mnt)
+            finally:
+                sh("losetup", "-d", loop)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+
+    return _cached(f"debian12-root-{_debian_key()}.ext4", build)
+
+
+def debian_boot_disk():
+    """A bootable Debian 12 raw disk (cached): an MBR with syslinux's boot code and
+    one active partition at 1 MiB holding debian_root_fs() (extlinux, ttyS0 console)."""
+    def build(out):
+        make_disk(out, [{"image": debian_root_fs(), "bootable": True}])
+        with open(MBR_CODE, "rb") as code, open(out, "r+b") as disk:
+            disk.write(code.read(440))  # boot code only: the disk id and the table stay
+
+    return _cached(f"debian12-boot-{_debian_key()}.raw", build)
