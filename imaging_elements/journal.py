@@ -42,7 +42,10 @@ def process_start_time(pid):
     except OSError:
         return None
     # The command name may hold spaces and parentheses: split after the last ')'.
-    return int(stat.rsplit(")", 1)[1].split()[19])
+    fields = stat.rsplit(")", 1)[1].split()
+    if fields[0] == "Z":
+        return None  # dead, waiting only to be reaped by its parent
+    return int(fields[19])
 
 
 class Journal:

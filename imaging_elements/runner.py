@@ -166,6 +166,9 @@ class Process:
         self.hooks[phase] = [h for h in self.hooks[phase] if h.name == name]
 
     def _prepare_work_dir(self, stack):
+        # Daemons that hooks start (qemu-storage-daemon, ntfs-3g) outlive their
+        # hook; as their subreaper we reap them the moment the journal kills them.
+        _become_subreaper()
         args = self.args
         if args.work_dir:
             work = os.path.abspath(args.work_dir)
@@ -219,6 +222,22 @@ class Process:
             raise ProcessFailure(3, str(exc)) from exc
         self.env.update(IMG_INPUT=path, IMG_INPUT_TYPE=image_type, IMG_IMAGE=path,
                         IMG_IMAGE_TYPE=image_type, IMG_IMAGE_CRYPT="none", IMG_DISK_TYPE=image_type)
+        if self.env["IMG_MOUNT_WRITABLE"] == "1" and not args.list:
+            self._working_copy(path)
+
+    def _working_copy(self, path):
+        """install.d hooks change the image: they get a copy, never the user's file."""
+        copy = os.path.join(self.env["IMG_SCRATCH_DIR"], "working-copy." + self.env["IMG_IMAGE_TYPE"])
+        need, have = os.stat(path).st_blocks * 512, _free(self.env["IMG_SCRATCH_DIR"])
+        if need > have:
+            raise ProcessFailure(4, f"{path}: a working copy needs {need} bytes in "
+                                    f"{self.env['IMG_SCRATCH_DIR']}, {have} bytes free")
+        self.journal.add("remove", path=copy)
+        result = subprocess.run(["cp", "--sparse=always", "--reflink=auto", path, copy],
+                                stderr=subprocess.PIPE, text=True)
+        if result.returncode:
+            raise ProcessFailure(1, f"{path}: cannot make a working copy: {result.stderr.strip()}")
+        self.env["IMG_IMAGE"] = copy
 
     def _prepare_output(self):
         args = self.args
@@ -719,6 +738,8 @@ class Process:
                 else:
                     ok, reason = hooks.accepts(hook, self._context(phase), self._hook_env(hook))
                     answer = "yes" if ok else f"no: {reason}"
+                    if phase.name == "mount" and not ok:
+                        answer += " (unless an earlier mounter changes the disk type)"
                 optional = " [optional]" if hook.optional else ""
                 out.write(f"  {hook.name:<28} {hook.element:<24} accepts: {answer}{optional}\n")
             if phase.kind == "chain" and self._chain_target(phase):
@@ -775,6 +796,12 @@ def _stop(process):
             return
         except subprocess.TimeoutExpired:
             continue
+
+
+def _become_subreaper():
+    import ctypes
+    PR_SET_CHILD_SUBREAPER = 36
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
 
 
 def _free(path):

@@ -301,8 +301,8 @@ class SandboxTest(RunnerCase):
             self.copy_with_libs(binary, root)
         image = imagebuild.make_fs(self.path("guest.img"), root, size=64 * imagebuild.MiB)
         self.element("m", {"mount.d/10-mount": BASH + """
-dev=$(losetup --find --show "$IMG_INPUT")
-img_journal_add detach "device=$dev" "backing=$IMG_INPUT" >/dev/null
+dev=$(losetup --find --show "$IMG_IMAGE")
+img_journal_add detach "device=$dev" "backing=$IMG_IMAGE" >/dev/null
 mkdir -p "$IMG_MOUNT_POINT"
 img_journal_add umount "path=$IMG_MOUNT_POINT" >/dev/null
 mount -o nodev,nosuid "$dev" "$IMG_MOUNT_POINT"
@@ -311,8 +311,14 @@ mount -o nodev,nosuid "$dev" "$IMG_MOUNT_POINT"
                            "{ hostname; cat /proc/net/dev | tail -n +3 | cut -d: -f1; ls /work 2>&1 || true; "
                            "echo \"mount=$IMG_MOUNT_POINT\"; } > /inside.txt\n"
                            "img_describe 'wrote /inside.txt'\n"})
-        self.process("-i", image, "-t", "partition", "m", "i", check=0)
-        out = subprocess.run(["debugfs", "-R", "cat /inside.txt", image], stdout=subprocess.PIPE,
+        self.element("c", {"convert.d/10-copy": BASH + 'cp --sparse=always "$IMG_IMAGE" "$IMG_CONVERT_OUTPUT"\n'})
+        output = self.path("out.img")
+        self.process("-i", image, "-t", "partition", "-o", output, "m", "i", "c", check=0)
+        # The hook wrote into a working copy, which became the output; the input is untouched.
+        untouched = subprocess.run(["debugfs", "-R", "stat /inside.txt", image], stdout=subprocess.PIPE,
+                                   stderr=subprocess.STDOUT, text=True).stdout
+        self.assertIn("File not found", untouched)
+        out = subprocess.run(["debugfs", "-R", "cat /inside.txt", output], stdout=subprocess.PIPE,
                              stderr=subprocess.DEVNULL, text=True).stdout.split()
         self.assertEqual("imaging-sandbox", out[0])
         self.assertEqual(["lo"], [x for x in out[1:] if not x.startswith(("ls:", "/work", "cannot", "No", "such",
@@ -416,7 +422,7 @@ class PartialTest(RunnerCase):
     def test_cleanup_phase_runs_after_failure(self):
         self.element("b", {"validate.d/15-fail": "#!/bin/bash\nexit 1\n"})
         self.process("a", "b", check=1)
-        self.assertEqual(["10-m", "10-v", "10-c"], self.traced())
+        self.assertEqual(["10-m", "10-v", "20-w", "10-c"], self.traced())
 
     def test_list_runs_nothing(self):
         out = self.process("a", "--list", check=0).stdout
