@@ -1,0 +1,899 @@
+"""Mount disk images on a host without device-mapper.
+
+The pieces the mounter elements (elements/mount-*) are made of:
+
+* `partition_table()`: a raw disk's partitions, from `sfdisk --json`, checked
+  (inside the disk, no overlaps);
+* `probe()`: the filesystem in a byte range, from `blkid -p --offset --size`
+  (no loop device needed to look);
+* `export_raw()`: a read-only raw view of a vmdk/qcow2/vhd/vhdx file, served
+  as a FUSE file by qemu-storage-daemon: nothing is converted;
+* `attach()` and `mount_fs()`: a loop device at the partition's offset (so
+  neither kpartx nor `losetup -P` is needed), mounted by the kernel, by
+  ntfs-3g (FUSE), or, for FAT, copied out with mtools and bound read-only;
+* `mount_step()`: find the guest's root and mount the guest's own fstab
+  entries beneath it, resolving UUID=, LABEL=, PARTUUID=, PARTLABEL= and
+  /dev names against the image's partitions, never the host's devices.
+
+The mounter hooks share their state in `$IMG_WORK_DIR/filesystems.json`
+(see docs/mounters.md).  Every loop device, mount and daemon is in the cleanup
+journal before (or, for a daemon, the instant after) it exists.
+"""
+
+import json
+import os
+import re
+import resource
+import shlex
+import signal
+import struct
+import subprocess
+import sys
+import time
+import uuid as uuidlib
+
+from imaging_elements import hooklib
+from imaging_elements.guest import Guest, GuestPathError, detect_platform
+
+KERNEL_FS = ("ext2", "ext3", "ext4", "xfs", "btrfs", "squashfs")
+# Filesystems the kernel here cannot mount, and the element that can.
+FUSE_FS = {"ntfs": "mount-ntfs", "vfat": "mount-fat"}
+QEMU_DRIVERS = {"vmdk": "vmdk", "qcow2": "qcow2", "vhd": "vpc", "vhdx": "vhdx"}
+# dos partition types that only contain other partitions.
+EXTENDED = {"5", "f", "85"}
+INITS = ("/sbin/init", "/usr/sbin/init", "/lib/systemd/systemd", "/usr/lib/systemd/systemd")
+# fstab filesystems that are never a partition of the image.
+VIRTUAL_FS = {"proc", "sysfs", "tmpfs", "devpts", "devtmpfs", "swap", "none", "nfs", "nfs4",
+              "cifs", "smbfs", "9p", "virtiofs", "efivarfs", "securityfs", "debugfs",
+              "cgroup", "cgroup2", "hugetlbfs", "mqueue", "configfs", "fusectl", "pstore",
+              "binfmt_misc", "ramfs", "autofs"}
+READY_TIMEOUT = 30  # seconds for a FUSE daemon to show its mount
+
+
+class DiskError(hooklib.HookFailure):
+    """A problem with the image or the host; the message names the file and the reason."""
+
+
+class InjectedFault(DiskError):
+    """Raised by fault(): never taken for a problem of one candidate filesystem."""
+
+
+# -- small helpers -----------------------------------------------------------
+
+def fault(step):
+    """Test hook: IMG_MOUNT_FAULT=STEP fails here; STEP:kill dies by SIGKILL here."""
+    name, _, how = os.environ.get("IMG_MOUNT_FAULT", "").partition(":")
+    if name == step:
+        if how == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        raise InjectedFault(f"fault injected after step {step!r} (IMG_MOUNT_FAULT)")
+
+
+def display_name():
+    """The image as the user knows it, for messages."""
+    return os.environ.get("IMG_IMAGE") or os.environ.get("IMG_INPUT") or "the image"
+
+
+def current_disk():
+    """The file to mount: the raw view a container mounter made, else the image itself."""
+    disk = os.environ.get("IMG_DISK") or os.environ.get("IMG_IMAGE")
+    if not disk:
+        raise DiskError("neither IMG_DISK nor IMG_IMAGE is set: nothing to mount")
+    return disk
+
+
+def writable():
+    return os.environ.get("IMG_MOUNT_WRITABLE") == "1"
+
+
+def _run(argv, what, **kwargs):
+    result = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **kwargs)
+    if result.returncode:
+        detail = (result.stderr.strip() or result.stdout.strip() or f"exit {result.returncode}")
+        raise DiskError(f"{what}: {detail}")
+    return result
+
+
+def dm_available():
+    """Whether the kernel has device-mapper (kpartx and LVM need it).  Not
+    /dev/mapper/control: lvm2's tools create that node even where the kernel
+    has no driver behind it."""
+    try:
+        with open("/proc/misc") as f:
+            return any(line.split()[1:] == ["device-mapper"] for line in f)
+    except OSError:
+        return False
+
+
+def fuse_available():
+    return os.path.exists("/dev/fuse")
+
+
+# -- partition tables and filesystems -----------------------------------------
+
+def partition_table(path, name=None):
+    """The partitions of the raw disk `path`, as dicts with byte offsets.
+
+    Keys: index (the partition number: 1.., dos logical partitions from 5),
+    start, size, type, partuuid, partlabel.  Extended (container) partitions
+    are left out.  A partition past the end of the disk, overlapping another
+    or covering the partition table itself is an error.
+    """
+    name = name or path
+    result = subprocess.run(["sfdisk", "--json", path], stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if result.returncode or not result.stdout.strip():
+        reason = result.stderr.strip().replace(path, name) or "sfdisk found no partition table"
+        raise DiskError(f"{name}: cannot read the partition table: {reason}")
+    for line in result.stderr.strip().splitlines():
+        hooklib.warn(f"{name}: {line.replace(path, name)}")
+    table = json.loads(result.stdout)["partitiontable"]
+    sector = int(table.get("sectorsize", 512))
+    disk_size = os.path.getsize(path)
+    label = table.get("label")
+    disk_id = str(table.get("id", "")).lower()
+    parts = []
+    for raw in table.get("partitions", []):
+        node = raw["node"]
+        index = int(re.search(r"(\d+)$", node[len(table.get("device", "")):] or node).group(1))
+        ptype = str(raw.get("type", "")).lower()
+        if label == "dos" and ptype in EXTENDED:
+            continue
+        start, size = int(raw["start"]) * sector, int(raw["size"]) * sector
+        if label == "gpt":
+            partuuid = str(raw.get("uuid", "")).lower() or None
+        else:  # dos: the disk signature and the partition number, as the kernel names it
+            partuuid = f"{disk_id.removeprefix('0x'):0>8}-{index:02x}" if disk_id else None
+        parts.append({"index": index, "start": start, "size": size, "type": ptype,
+                      "partuuid": partuuid, "partlabel": raw.get("name")})
+    if not parts:
+        raise DiskError(f"{name}: the {label} partition table has no partitions")
+    for part in parts:
+        end = part["start"] + part["size"]
+        if part["size"] <= 0:
+            raise DiskError(f"{name}: partition {part['index']} is empty (size 0): corrupt table")
+        if part["start"] < sector:
+            raise DiskError(f"{name}: partition {part['index']} starts at byte {part['start']}, "
+                            "over the partition table: corrupt table")
+        if end > disk_size:
+            raise DiskError(f"{name}: partition {part['index']} ends at byte {end}, past the end "
+                            f"of the disk ({disk_size} bytes): the image is truncated or the "
+                            "partition table is corrupt")
+    ordered = sorted(parts, key=lambda p: p["start"])
+    for before, after in zip(ordered, ordered[1:]):
+        if after["start"] < before["start"] + before["size"]:
+            raise DiskError(f"{name}: partitions {before['index']} and {after['index']} overlap "
+                            f"(bytes {after['start']}..{before['start'] + before['size']}): "
+                            "corrupt partition table")
+    return sorted(parts, key=lambda p: p["index"])
+
+
+def probe(path, offset, size):
+    """{'fstype', 'uuid', 'label'} of what blkid finds at [offset, offset+size)."""
+    result = subprocess.run(["blkid", "-p", "-o", "export", "-O", str(offset), "-S", str(size), path],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    found = {"fstype": None, "uuid": None, "label": None}
+    if result.returncode == 2:  # nothing recognised: blkid says the same for a read error
+        error = _read_error(path, offset, min(size, 1 << 20))
+        if error:
+            found["note"] = f"cannot read it ({error}): the image is damaged"
+        return found
+    if result.returncode == 8:  # more than one signature: a wiped-then-reformatted mess
+        found["note"] = "ambivalent: more than one filesystem signature (blkid -p)"
+        return found
+    if result.returncode:
+        found["note"] = f"blkid failed: {result.stderr.strip() or result.returncode}"
+        return found
+    values = {}
+    for line in result.stdout.splitlines():
+        # Values are shell-escaped (`LVM2\ 001`): shlex undoes that.
+        words = shlex.split(line, posix=True) if line else []
+        if words and "=" in words[0]:
+            key, _, value = words[0].partition("=")
+            values[key] = value
+    found.update(fstype=values.get("TYPE"), uuid=values.get("UUID"), label=values.get("LABEL"))
+    return found
+
+
+def _read_error(path, offset, size):
+    try:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            f.read(size)
+    except OSError as exc:
+        return exc.strerror
+    return None
+
+
+def discover(disk, disk_type, name=None):
+    """The filesystems.json entries of a raw disk or a bare filesystem."""
+    name = name or disk
+    entries = []
+    if disk_type == "raw":
+        for part in partition_table(disk, name):
+            found = probe(disk, part["start"], part["size"])
+            entries.append(_entry(part["index"], part["start"], part["size"], found,
+                                  part["partuuid"], part["partlabel"]))
+    elif disk_type == "partition":
+        size = os.path.getsize(disk)
+        found = probe(disk, 0, size)
+        if not found["fstype"]:
+            raise DiskError(f"{name}: no filesystem found in this partition image "
+                            f"({found.get('note') or 'blkid recognises none'})")
+        entries.append(_entry(0, 0, size, found, None, None))
+    else:
+        raise DiskError(f"{name}: a {disk_type} image is not a disk the mounters read directly")
+    return entries
+
+
+def _entry(index, start, size, found, partuuid, partlabel):
+    return {"index": index, "start": start, "size": size, "fstype": found["fstype"],
+            "uuid": found["uuid"], "label": found["label"], "partuuid": partuuid,
+            "partlabel": partlabel, "mountpoint": None, "root": False,
+            "device": None, "note": found.get("note")}
+
+
+def describe_fs(entry):
+    where = f"partition {entry['index']}" if entry["index"] else "the filesystem"
+    tags = [entry["fstype"] or "no filesystem"]
+    if entry.get("label"):
+        tags.append(f"LABEL={entry['label']}")
+    return f"{where} ({', '.join(tags)})"
+
+
+# -- state shared by the mounter hooks ----------------------------------------
+
+def state_path():
+    return os.path.join(os.environ["IMG_WORK_DIR"], "filesystems.json")
+
+
+def load():
+    """The filesystems.json entries; the first mounter step of a process makes them."""
+    try:
+        with open(state_path()) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        pass
+    name, disk_type = display_name(), os.environ.get("IMG_DISK_TYPE")
+    entries = discover(current_disk(), disk_type, name)
+    save(entries)
+    if not os.environ.get("IMG_DISK"):  # else the container mounter said it
+        warn_in_place()
+    hooklib.describe(f"{name}: {disk_type} disk with {len(entries)} filesystem(s): "
+                     + "; ".join(describe_fs(e) for e in entries))
+    fault("discover")
+    return entries
+
+
+def save(entries):
+    path = state_path()
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(entries, f, indent=1)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+# -- container formats: a raw view through qemu-storage-daemon ----------------
+
+VMDK_EXTENT = re.compile(r'^\s*(?:RW|RDONLY|NOACCESS)\s+\d+\s+(\w+)(?:\s+"([^"]*)")?', re.I)
+
+
+def _vmdk_descriptor_problems(text, directory, name):
+    """Why a VMDK descriptor is unsafe or unsupported, or None.
+
+    qemu opens whatever an extent line names (an absolute path, a device, a
+    `json:` or `nbd:` pseudo-file), so a hostile descriptor could read the
+    host: extents must be regular files beside the descriptor.
+    """
+    for line in text.splitlines():
+        key = line.split("=", 1)[0].strip()
+        if key == "parentFileNameHint":
+            parent = line.split("=", 1)[1].strip().strip('"')
+            return (f"it is a differencing (child) disk of {parent!r}: mount or convert the "
+                    "chain with its parent instead")
+        match = VMDK_EXTENT.match(line)
+        if not match or match.group(2) is None:
+            continue
+        extent = match.group(2)
+        if os.path.isabs(extent) or ":" in extent or ".." in extent.split("/"):
+            return f"extent {extent!r} is not a plain file name beside the descriptor"
+        real_dir = os.path.realpath(directory)
+        real = os.path.realpath(os.path.join(directory, extent))
+        if os.path.commonpath([real_dir, real]) != real_dir:
+            return f"extent {extent!r} leads outside the descriptor's directory"
+        if not os.path.isfile(real):
+            return f"extent {extent!r} is missing or not a regular file"
+    return None
+
+
+def check_container(path, fmt, name=None):
+    """Refuse container images qemu would follow out of the file (backing files,
+    external data files, foreign extents); raises DiskError naming the reason."""
+    name = name or path
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4096)
+            size = os.fstat(f.fileno()).st_size
+            problem = None
+            if fmt == "qcow2" and len(head) >= 72:
+                _, version, backing_offset = struct.unpack_from(">4sIQ", head)
+                if backing_offset:
+                    problem = ("it has a backing file (a differencing image): convert it with "
+                               "`qemu-img convert` (which reads the chain) first")
+                elif version >= 3 and len(head) >= 80:
+                    (incompatible,) = struct.unpack_from(">Q", head, 72)
+                    if incompatible & 4:
+                        problem = "it keeps its data in an external data file, which is not supported"
+            elif fmt == "vmdk" and head.startswith(b"KDMV") and len(head) >= 44:
+                _, _, _, capacity, _, desc_offset, desc_size = struct.unpack_from("<4sIIQQQQ", head)
+                if desc_offset and 0 < desc_size <= 2048:
+                    f.seek(desc_offset * 512)
+                    text = f.read(desc_size * 512).split(b"\0", 1)[0].decode("latin-1")
+                    if capacity:  # a normal sparse file: its own extent; only a parent matters
+                        text = "\n".join(l for l in text.splitlines() if "parentFileNameHint" in l)
+                    problem = _vmdk_descriptor_problems(text, os.path.dirname(path) or ".", name)
+            elif fmt == "vmdk":
+                f.seek(0)
+                text = f.read(1 << 20).split(b"\0", 1)[0].decode("latin-1")
+                problem = _vmdk_descriptor_problems(text, os.path.dirname(path) or ".", name)
+            elif fmt == "vhd":
+                f.seek(max(size - 512, 0))
+                footer = f.read(512)
+                if not footer.startswith(b"conectix"):
+                    footer = head[:512]
+                if footer.startswith(b"conectix") and struct.unpack_from(">I", footer, 60)[0] == 4:
+                    problem = "it is a differencing VHD (it needs its parent), which is not supported"
+    except OSError as exc:
+        raise DiskError(f"{name}: cannot read: {exc.strerror}") from exc
+    if problem:
+        raise DiskError(f"{name}: {problem}")
+
+
+def _vmdk_compressed(path):
+    """Whether a VMDK has compressed grains (streamOptimized)."""
+    with open(path, "rb") as f:
+        head = f.read(12)
+    return head.startswith(b"KDMV") and bool(struct.unpack_from("<I", head, 8)[0] & 0x10000)
+
+
+def warn_in_place():
+    """A writable mount of the user's own input changes that file: say so."""
+    image, given = os.environ.get("IMG_IMAGE"), os.environ.get("IMG_INPUT")
+    if writable() and image and given and os.path.realpath(image) == os.path.realpath(given):
+        hooklib.warn(f"{image}: mounted writable: changes are written into this input file itself")
+
+
+def _qemu_json_filename(path, fmt):
+    # `backing: null`: never open a backing file named inside the image.
+    spec = {"driver": QEMU_DRIVERS[fmt], "file": {"driver": "file", "filename": path}}
+    if fmt in ("qcow2", "vmdk"):
+        spec["backing"] = None
+    return "json:" + json.dumps(spec)
+
+
+def qemu_check(path, fmt, name=None):
+    """`qemu-img check` the metadata (fast: no data is read); corruption is an error.
+
+    A truncated qcow2 opens fine and reads zeros where its clusters were;
+    this is what catches it.
+    """
+    name = name or path
+    filename = _qemu_json_filename(path, fmt)
+    result = subprocess.run(["qemu-img", "check", "--output=json", filename],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    if result.returncode in (0, 3, 63):  # clean, only leaked clusters, or no check for the format
+        return
+    errors = []
+    for line in (result.stderr + "\n" + result.stdout).splitlines():
+        line = line.strip().replace(f"Could not open '{filename}': ", "").removeprefix("qemu-img: ")
+        if line and not line.startswith(("{", "}", '"')):  # not the JSON report
+            errors.append(line.replace(filename, name).replace(path, name))
+    detail = "; ".join(errors[:3]) or f"exit {result.returncode}"
+    if len(errors) > 3:
+        detail += f"; and {len(errors) - 3} more"
+    if result.returncode == 2:
+        raise DiskError(f"{name}: the {fmt} image is corrupt or truncated (qemu-img check): {detail}")
+    raise DiskError(f"{name}: qemu rejects it as {fmt} (qemu-img check): {detail}")
+
+
+def _wait_mounted(path, process, timeout=READY_TIMEOUT):
+    """Wait until `path` is a mount point served by `process`; False if it exited."""
+    deadline = time.monotonic() + timeout
+    delay = 0.001
+    while time.monotonic() < deadline:
+        if os.path.ismount(path):
+            return True
+        if process.poll() is not None:
+            return False
+        time.sleep(delay)
+        delay = min(delay * 2, 0.05)
+    return False
+
+
+def export_raw(image, fmt, write=False, name=None):
+    """Serve `image` (vmdk, qcow2, vhd, vhdx) as a raw file; returns its path.
+
+    qemu-storage-daemon exports the image as a FUSE file in the work
+    directory; the journal gets its removal, its unmount and the daemon.
+    """
+    name = name or image
+    if fmt not in QEMU_DRIVERS:
+        raise DiskError(f"{name}: {fmt} is not a format qemu-storage-daemon exports")
+    check_container(image, fmt, name)
+    if write and fmt == "vmdk" and _vmdk_compressed(image):
+        raise DiskError(f"{name}: a streamOptimized VMDK cannot be written in place (qemu writes "
+                        "its compressed grains only in one sequential pass): convert it to qcow2 "
+                        "or raw first to mount it writable")
+    qemu_check(image, fmt, name)
+    journal = hooklib.journal()
+    # In the work dir, not the scratch dir: the export is a view, not data we
+    # wrote, and must not count against --scratch-limit.
+    export = os.path.join(os.environ["IMG_WORK_DIR"], f"{fmt}-export-{uuidlib.uuid4().hex[:8]}.raw")
+    log = export + ".log"
+    journal.add("remove", path=export)
+    journal.add("remove", path=log)
+    with open(export, "w"):
+        pass  # a FUSE export mounts over an existing regular file
+    journal.add("umount", path=export)
+    node = {"driver": QEMU_DRIVERS[fmt], "node-name": "disk0", "file": "file0", "read-only": not write}
+    if fmt in ("qcow2", "vmdk"):
+        node["backing"] = None
+    argv = ["qemu-storage-daemon",
+            "--blockdev", json.dumps({"driver": "file", "node-name": "file0", "filename": image,
+                                      "read-only": not write}),
+            "--blockdev", json.dumps(node),
+            "--export", json.dumps({"type": "fuse", "id": "export0", "node-name": "disk0",
+                                    "mountpoint": export, "writable": write})]
+    with open(log, "wb") as out:
+        process = hooklib.spawn(argv, stdin=subprocess.DEVNULL, stdout=out,
+                                stderr=subprocess.STDOUT, cwd="/")
+    if not _wait_mounted(export, process):
+        process.poll()
+        with open(log, errors="replace") as f:
+            detail = " ".join(f.read().split()).replace(image, name)
+        if process.returncode is None:
+            detail = f"no export after {READY_TIMEOUT} s. {detail}"
+        raise DiskError(f"{name}: qemu cannot open it as {fmt}: "
+                        f"{detail or 'exit %s' % process.returncode}")
+    fault("export")
+    return export
+
+
+# -- loop devices and mounts ---------------------------------------------------
+
+def attach(path, offset, size, write=False):
+    """A loop device for bytes [offset, offset+size) of `path`: (device, journal id).
+
+    Journal first: the device is picked, journaled, then attached; if another
+    process takes it in between, the attach fails and we try the next one.
+    """
+    journal = hooklib.journal()
+    backing = os.path.realpath(path)
+    last = ""
+    for _ in range(20):
+        device = _run(["losetup", "--find"], "losetup --find").stdout.strip()
+        entry = journal.add("detach", device=device, backing=backing)
+        argv = ["losetup", "--offset", str(offset), "--sizelimit", str(size)]
+        argv += [] if write else ["--read-only"]
+        result = subprocess.run(argv + [device, path], stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        if result.returncode == 0:
+            fault("loop")
+            return device, entry
+        journal.done(entry)
+        last = result.stderr.strip()
+        if "busy" not in last:
+            break
+    raise DiskError(f"cannot attach a loop device to {path}: {last}")
+
+
+def mount_options(fstype, write):
+    options = ["rw" if write else "ro", "nodev", "nosuid"]
+    if not write:
+        # The loop device is read-only: never replay a journal.
+        options += {"ext3": ["noload"], "ext4": ["noload"], "xfs": ["norecovery"],
+                    "btrfs": ["rescue=nologreplay"]}.get(fstype, [])
+    if fstype == "xfs":
+        options.append("nouuid")  # a guest may share its UUID with a host filesystem
+    return options
+
+
+def mount_fs(disk, entry, target, write=False, extra=()):
+    """Mount filesystem `entry` of `disk` at `target`; returns the journal ids
+    that undo the mount.  The loop device stays (entry["device"]) for reuse."""
+    fstype = entry["fstype"]
+    ids = []
+    if fstype in KERNEL_FS:
+        device = _loop_for(disk, entry, write)
+        ids.append(hooklib.mount(device, target, fstype, mount_options(fstype, write) + list(extra)))
+    elif fstype == "ntfs":
+        ids += _mount_ntfs(_loop_for(disk, entry, write), target, write)
+    elif fstype == "vfat":
+        ids += _mount_fat_copy(disk, entry, target)
+    else:
+        raise DiskError(f"{describe_fs(entry)}: no mounter for {fstype}")
+    fault("mount")
+    return ids
+
+
+def _loop_for(disk, entry, write):
+    device = entry.get("device")
+    if not device or not _loop_backs(device, disk, entry["start"]):
+        device, _ = attach(disk, entry["start"], entry["size"], write)
+        entry["device"] = device
+    return device
+
+
+def _last_id(journal):
+    return journal.pending()[-1]["id"]
+
+
+def _loop_backs(device, disk, offset):
+    """Whether `device` is still our loop device for `disk` at `offset`."""
+    sys_dir = f"/sys/block/{os.path.basename(device)}/loop"
+    try:
+        with open(f"{sys_dir}/backing_file") as f, open(f"{sys_dir}/offset") as g:
+            return f.read().strip() == os.path.realpath(disk) and int(g.read()) == offset
+    except (OSError, ValueError):
+        return False
+
+
+def _mount_ntfs(device, target, write):
+    """ntfs-3g in the foreground (no_detach), so the journal holds its pid:
+    SIGTERM makes it unmount and exit, which also frees the loop device."""
+    os.makedirs(target, exist_ok=True)
+    journal = hooklib.journal()
+    log = os.path.join(os.environ["IMG_SCRATCH_DIR"], f"ntfs-3g-{uuidlib.uuid4().hex[:8]}.log")
+    ids = [journal.add("remove", path=log), journal.add("umount", path=os.path.realpath(target))]
+    options = ["rw" if write else "ro", "nodev", "nosuid", "no_detach"]
+    with open(log, "wb") as out:
+        process = hooklib.spawn(["ntfs-3g", "-o", ",".join(options), device, target],
+                                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                cwd="/")
+    ids.append(_last_id(journal))
+    if not _wait_mounted(target, process):
+        with open(log, errors="replace") as f:
+            lines = [l.strip() for l in f if l.strip()]
+        raise DiskError(f"ntfs-3g cannot mount it: {' '.join(lines[-3:]) or 'no mount appeared'}")
+    fault("ntfs")
+    return ids
+
+
+def _mount_fat_copy(disk, entry, target):
+    """The mtools route: this kernel has no vfat, and the FUSE FAT drivers
+    Debian ships are not reliable, so copy the (small) FAT filesystem out with
+    mcopy and bind the copy read-only at `target`.  Changes are not written
+    back, so a writable process gets a warning."""
+    journal = hooklib.journal()
+    copy = os.path.join(os.environ["IMG_SCRATCH_DIR"], f"fat-{entry['index']}-{uuidlib.uuid4().hex[:8]}")
+    ids = [journal.add("remove", path=copy)]
+    os.makedirs(copy)
+    env = dict(os.environ, MTOOLS_SKIP_CHECK="1", MTOOLSRC="/dev/null")
+    # No file of a FAT can be larger than the FAT itself: a hostile one with
+    # cross-linked clusters must not fill the scratch space with one file.
+    limit = entry["size"]
+    # `::/` copies the root directory's contents, hidden files included.
+    _run(["mcopy", "-s", "-p", "-m", "-n", "-Q", "-i", f"{disk}@@{entry['start']}", "::/", copy + "/"],
+         f"{describe_fs(entry)}: mcopy", env=env,
+         preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)))
+    fault("fat-copy")
+    if writable():
+        hooklib.warn(f"{describe_fs(entry)} is FAT: it is mounted as a read-only copy, "
+                     "changes to it are not written to the image")
+    ids.append(hooklib.mount(copy, target, None, ("bind", "ro", "nodev", "nosuid")))
+    return ids
+
+
+def undo(ids):
+    journal = hooklib.journal()
+    for entry_id in reversed(ids):
+        journal.undo(entry_id)
+
+
+# -- the guest: root and fstab -------------------------------------------------
+
+def classify_root(root):
+    """'linux' (fstab and an init), 'fstab' (an fstab, no init yet), 'windows', or None."""
+    guest = Guest(root)
+    if guest.isfile("/etc/fstab"):
+        return "linux" if any(guest.exists(init) for init in INITS) else "fstab"
+    if detect_platform(root) == "windows":
+        return "windows"
+    return None
+
+
+def read_fstab(root):
+    """(spec, guest mount point, fstype, options) from the guest's /etc/fstab."""
+    try:
+        lines = Guest(root).read_lines("/etc/fstab")
+    except GuestPathError as exc:
+        hooklib.warn(f"cannot read the guest's /etc/fstab: {exc}")
+        return []
+    entries = []
+    for line in lines:
+        fields = line.split("#", 1)[0].split()
+        if len(fields) < 2:
+            continue
+        fields = [_unescape(f) for f in fields] + ["auto", "defaults"][len(fields) - 2:]
+        entries.append((fields[0], fields[1], fields[2], fields[3].split(",")))
+    return entries
+
+
+def _unescape(field):
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
+DEV_NAME = re.compile(r"^/dev/(?:(?:[shv]|xv)d([a-z]+)(\d*)|nvme0n1(?:p(\d+))?|mmcblk0(?:p(\d+))?)$")
+BY_LINK = {"by-uuid": "uuid", "by-label": "label", "by-partuuid": "partuuid", "by-partlabel": "partlabel"}
+
+
+class Unsupported(DiskError):
+    pass
+
+
+def resolve_spec(spec, entries):
+    """The entry of the image that an fstab device names, or None.
+
+    Raises Unsupported for LVM names: those need device-mapper.
+    """
+    key = value = None
+    for prefix in ("UUID", "LABEL", "PARTUUID", "PARTLABEL"):
+        if spec.startswith(prefix + "="):
+            key, value = prefix.lower(), spec[len(prefix) + 1:].strip('"')
+    match = re.match(r"^/dev/disk/(by-[a-z]+)/(.+)$", spec)
+    if match and match.group(1) in BY_LINK:
+        key, value = BY_LINK[match.group(1)], _unescape(match.group(2).replace("\\x", "\\"))
+    if key:
+        for entry in entries:
+            have = entry.get(key)
+            if have is not None and (have == value if key in ("label", "partlabel")
+                                     else have.lower() == value.lower()):
+                return entry
+        return None
+    if spec.startswith("/dev/mapper/") or re.match(r"^/dev/[^/]+/[^/]+$", spec) and \
+            not spec.startswith(("/dev/disk/", "/dev/md/")):
+        raise Unsupported(f"{spec} is an LVM (device-mapper) name: logical volumes inside "
+                          "images are not supported"
+                          + ("" if dm_available() else " (and this host has no device-mapper)"))
+    match = DEV_NAME.match(spec)
+    if not match:
+        return None
+    letters, number, nvme, mmc = match.groups()
+    if letters is not None and letters != "a":
+        return None  # another disk of the guest, not this image
+    number = number or nvme or mmc
+    whole = [e for e in entries if e["index"] == 0]
+    if whole:  # a bare filesystem: it is the guest's first disk or its first partition
+        return whole[0] if number in ("", None, "1") else None
+    return next((e for e in entries if number and e["index"] == int(number)), None)
+
+
+def _is_device_spec(spec):
+    return spec.startswith(("UUID=", "LABEL=", "PARTUUID=", "PARTLABEL=", "/dev/"))
+
+
+# -- the mounter step --------------------------------------------------------------
+
+def find_root(disk, entries, fstypes, mount_point, write):
+    """Mount the filesystem of `fstypes` that holds an OS at `mount_point`.
+
+    Largest first: the root is usually the biggest filesystem, so it is
+    mostly found at the first try.  A rejected candidate keeps its loop
+    device for a later fstab mount (it is released at the unwind anyway).
+    """
+    fallback = None
+    for entry in sorted(entries, key=lambda e: -e["size"]):
+        if entry["fstype"] not in fstypes or entry["mountpoint"] is not None:
+            continue
+        try:
+            ids = mount_fs(disk, entry, mount_point, write)
+        except InjectedFault:
+            raise
+        except DiskError as exc:
+            entry["note"] = f"cannot be mounted: {exc}"
+            hooklib.warn(f"{display_name()}: {describe_fs(entry)} cannot be mounted: {exc}")
+            continue
+        kind, subvol = classify_root(mount_point), None
+        if kind is None and entry["fstype"] == "btrfs":
+            subvol = _btrfs_root_subvolume(mount_point)
+            if subvol:
+                undo(ids)
+                ids = mount_fs(disk, entry, mount_point, write, [f"subvol={subvol}"])
+                kind = classify_root(mount_point)
+        if kind in ("linux", "windows"):
+            return _take_root(entry, kind, subvol)
+        entry["note"] = ("has /etc/fstab but no init (" + ", ".join(INITS) + ")" if kind == "fstab"
+                         else "no /etc/fstab with an init, nor a Windows directory")
+        if kind == "fstab" and fallback is None:
+            fallback = (entry, subvol)
+        undo(ids)
+    if fallback:  # perhaps /usr is a separate filesystem: the check hook looks again later
+        entry, subvol = fallback
+        mount_fs(disk, entry, mount_point, write, [f"subvol={subvol}"] if subvol else [])
+        return _take_root(entry, "fstab", subvol)
+    return None
+
+
+def _btrfs_root_subvolume(mount_point):
+    """A top-level btrfs subvolume (e.g. `@`) holding the root, or None."""
+    for name in sorted(os.listdir(mount_point)):
+        path = os.path.join(mount_point, name)
+        if not os.path.islink(path) and os.path.isdir(path) and classify_root(path):
+            return name
+    return None
+
+
+def _take_root(entry, kind, subvol):
+    entry.update(mountpoint="/", root=True, note=None)
+    if subvol:
+        entry["subvol"] = subvol
+    platform = "windows" if kind == "windows" else "linux"
+    current = os.environ.get("IMG_PLATFORM", "")
+    if current in ("", "auto"):
+        hooklib.set_var("IMG_PLATFORM", platform)
+    elif current != platform:
+        hooklib.warn(f"{display_name()}: the platform was given as {current}, "
+                     f"but the image looks like {platform}")
+    mode = "read-write" if writable() else "read-only"
+    hooklib.describe(f"{display_name()}: mounted the {platform} root from {describe_fs(entry)} "
+                     f"{mode} at {os.environ['IMG_MOUNT_POINT']}")
+    fault("root")
+    return entry
+
+
+def mount_fstab(disk, entries, fstypes, mount_point, write, report):
+    """Mount the guest's fstab entries whose filesystem is one of `fstypes`."""
+    planned = []
+    for spec, where, fstype, options in read_fstab(mount_point):
+        if not where.startswith("/") or fstype in VIRTUAL_FS or "bind" in options:
+            continue
+        try:
+            entry = resolve_spec(spec, entries)
+        except Unsupported as exc:
+            raise DiskError(f"{display_name()}: fstab entry for {where}: {exc}") from None
+        if entry is None:
+            if report and _is_device_spec(spec):
+                hooklib.warn(f"{display_name()}: fstab entry {spec} for {where} matches no "
+                             "filesystem of the image; not mounted")
+            continue
+        if entry["fstype"] == "LVM2_member":
+            raise DiskError(f"{display_name()}: fstab entry for {where}: {describe_fs(entry)} is "
+                            "an LVM physical volume: LVM inside images is not supported")
+        if where == "/" or entry["root"] and not [o for o in options if o.startswith("subvol")]:
+            continue
+        if entry["fstype"] not in fstypes:
+            if report and entry["fstype"] not in FUSE_FS and entry["fstype"] not in KERNEL_FS:
+                hooklib.warn(f"{display_name()}: fstab entry for {where}: {describe_fs(entry)} "
+                             "cannot be mounted here; not mounted")
+            continue
+        planned.append((where, entry, [o for o in options if o.startswith("subvol")]))
+    # Parents before children: /boot before /boot/efi.
+    for where, entry, extra in sorted(planned, key=lambda p: len(p[0].rstrip("/").split("/"))):
+        try:
+            target = Guest(mount_point).resolve(where)
+        except GuestPathError as exc:
+            hooklib.warn(f"{display_name()}: cannot mount {describe_fs(entry)} at {where}: {exc}")
+            continue
+        if not os.path.isdir(target):
+            hooklib.warn(f"{display_name()}: cannot mount {describe_fs(entry)} at {where}: "
+                         "not a directory in the image")
+            continue
+        mount_fs(disk, entry, target, write, extra)
+        if entry["mountpoint"] is None:
+            entry["mountpoint"] = where
+        hooklib.describe(f"{display_name()}: mounted {describe_fs(entry)} at {where}")
+        fault("fstab")
+
+
+def mount_step(fstypes):
+    """One mounter hook: find the root among `fstypes` if none is mounted yet,
+    then mount the guest fstab entries on filesystems of `fstypes`."""
+    disk = current_disk()
+    mount_point = os.environ["IMG_MOUNT_POINT"]
+    os.makedirs(mount_point, exist_ok=True)
+    write = writable()
+    entries = load()
+    try:
+        root = next((e for e in entries if e["root"]), None)
+        found_here = False
+        if root is None:
+            root = find_root(disk, entries, fstypes, mount_point, write)
+            found_here = root is not None
+        if root is not None and classify_root(mount_point) != "windows":
+            # The hook that mounted the root reports fstab entries nobody can mount.
+            mount_fstab(disk, entries, fstypes, mount_point, write,
+                        report=found_here or root["fstype"] in fstypes)
+    finally:
+        save(entries)
+
+
+def check():
+    """The final word of the mount phase: a root is mounted, or a clear error."""
+    name, disk_type = display_name(), os.environ.get("IMG_DISK_TYPE")
+    if disk_type not in ("raw", "partition"):
+        raise DiskError(f"{name}: a {disk_type} image was not turned into a raw disk: "
+                        "add the mount-qemu-fuse element (needs qemu-storage-daemon)")
+    try:
+        with open(state_path()) as f:
+            entries = json.load(f)
+    except FileNotFoundError:
+        raise DiskError(f"{name}: no mounter ran for this {disk_type} disk: add mount-disk, "
+                        "mount-partition or mount-ntfs (or the mounters element)") from None
+    root = next((e for e in entries if e["root"]), None)
+    if root is None:
+        reasons = []
+        for entry in entries:
+            if entry["fstype"] == "LVM2_member":
+                why = ("an LVM physical volume: LVM inside images is not supported"
+                       + ("" if dm_available() else " (no device-mapper on this host)"))
+            elif entry["fstype"] in FUSE_FS and not entry.get("note"):
+                why = f"not tried: add the {FUSE_FS[entry['fstype']]} element"
+            elif entry["fstype"] is None:
+                why = entry.get("note") or "no filesystem"
+            else:
+                why = entry.get("note") or "not tried"
+            reasons.append(f"{describe_fs(entry)}: {why}")
+        raise DiskError(f"{name}: no recognisable root (no /etc/fstab with an init, no Windows "
+                        f"directory): {'; '.join(reasons)}")
+    mount_point = os.environ["IMG_MOUNT_POINT"]
+    if classify_root(mount_point) == "fstab":
+        raise DiskError(f"{name}: the root ({describe_fs(root)}) has /etc/fstab but no init "
+                        f"({', '.join(INITS)}), even with the guest's fstab mounted")
+    for spec, where, fstype, options in (read_fstab(mount_point) if root["fstype"] != "ntfs" else []):
+        if fstype in VIRTUAL_FS or where == "/":
+            continue
+        try:
+            entry = resolve_spec(spec, entries)
+        except Unsupported:
+            continue
+        if entry and entry["fstype"] in FUSE_FS and entry["mountpoint"] is None:
+            hooklib.warn(f"{name}: {where} ({describe_fs(entry)}) is not mounted: add the "
+                         f"{FUSE_FS[entry['fstype']]} element")
+    mounted = ", ".join(f"{e['mountpoint']} ({describe_fs(e)})" for e in entries if e["mountpoint"])
+    hooklib.describe(f"{name}: mounted {mounted}")
+
+
+# -- the hooks' entry point ---------------------------------------------------------
+
+def export_step():
+    """mount-qemu-fuse: the container as a raw file; IMG_DISK and IMG_DISK_TYPE for the next."""
+    from imaging_elements import imagetype
+    image = os.environ.get("IMG_DISK") or os.environ.get("IMG_IMAGE")
+    fmt = os.environ.get("IMG_DISK_TYPE")
+    warn_in_place()
+    export = export_raw(image, fmt, write=writable(), name=image)
+    inner = imagetype.detect(export)
+    if inner not in ("raw", "partition"):
+        raise DiskError(f"{image}: the {fmt} image holds neither a partition table nor a "
+                        f"filesystem (its content looks {inner})")
+    hooklib.set_var("IMG_DISK", export)
+    hooklib.set_var("IMG_DISK_TYPE", inner)
+    hooklib.describe(f"{image}: {fmt} exported as a raw view ({inner}, "
+                     f"{os.path.getsize(export)} bytes) at {export}")
+
+
+COMMANDS = {
+    "export": export_step,
+    "mount-kernel": lambda: mount_step(KERNEL_FS),
+    "mount-ntfs": lambda: mount_step(("ntfs",)),
+    "mount-vfat": lambda: mount_step(("vfat",)),
+    "check": check,
+}
+
+
+def main(argv=None):
+    """`python -m imaging_elements.disk COMMAND`: what the mounter hooks run
+    (they are bash, so that a hook with nothing to do costs no Python start)."""
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1 or argv[0] not in COMMANDS:
+        sys.exit(f"usage: python -m imaging_elements.disk {{{'|'.join(COMMANDS)}}}")
+    sys.argv[1:] = []  # hooklib.main's verb: run
+    hooklib.main(COMMANDS[argv[0]])
+
+
+if __name__ == "__main__":
+    main()
