@@ -360,12 +360,13 @@ class Process:
 
     def _run_transform(self, phase, hooks_here):
         for hook in hooks_here:
-            if not self._accepted(phase, hook):
-                continue
             output = os.path.join(self.env["IMG_SCRATCH_DIR"], f"{phase.name}-{hook.name}.img")
+            extra = {"IMG_SOURCE_TYPE": self.env["IMG_IMAGE_TYPE"], "IMG_CONVERT_OUTPUT": output}
+            if not self._accepted(phase, hook, {"source-type": extra["IMG_SOURCE_TYPE"]},
+                                  self._hook_env(hook, extra)):
+                continue
             self.journal.add("remove", path=output)
-            self._run_hook(phase, hook, extra={"IMG_SOURCE_TYPE": self.env["IMG_IMAGE_TYPE"],
-                                                "IMG_CONVERT_OUTPUT": output})
+            self._run_hook(phase, hook, extra=extra)
             self._advance_image(output)
 
     def _advance_image(self, output, image_type=None):
@@ -374,6 +375,8 @@ class Process:
         self.env["IMG_IMAGE"] = output
         if image_type is None and self.env.get("IMG_IMAGE_TYPE") in (None, "", "bundle"):
             image_type = imagetype.detect(output) if os.path.isfile(output) else "unknown"
+            if image_type == "unknown":
+                image_type = "raw"  # a bundle holds plain bytes; the mounters will say more
         if image_type:
             self.env["IMG_IMAGE_TYPE"] = image_type
         self.env["IMG_DISK_TYPE"] = self.env["IMG_IMAGE_TYPE"]

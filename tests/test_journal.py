@@ -84,8 +84,8 @@ class LoopJournalTest(base.TestCase):
         self.assertIn(device, subprocess.run(["losetup", "-a"], stdout=subprocess.PIPE, text=True).stdout)
         journal.add("detach", device=device, backing=image)
         journal.unwind()
-        self.assertNotIn(device + ":", subprocess.run(["losetup", "-a"], stdout=subprocess.PIPE,
-                                                      text=True).stdout)
+        self.assertNotIn(image, subprocess.run(["losetup", "-a"], stdout=subprocess.PIPE,
+                                               text=True).stdout)
 
     def journal(self):
         return Journal(self.path("journal.jsonl"))
