@@ -11,6 +11,7 @@ Paths inside the image are resolved as the guest sees them (resolve_in_root):
 an absolute symlink in the image points into the image, never to the host.
 """
 
+import errno
 import os
 import re
 import shutil
@@ -19,7 +20,7 @@ import subprocess
 import sys
 import tempfile
 
-from imaging_elements import hooklib, imagetype, qemuimg
+from imaging_elements import guest, hooklib, imagetype, qemuimg
 
 MiB = 1 << 20
 START = MiB                                   # the partition's offset
@@ -38,27 +39,14 @@ class BootDiskError(Exception):
 # -- paths inside the image ------------------------------------------------------
 
 def resolve_in_root(root, path, follow_last=True):
-    """The host path of the guest path `path`, resolving symlinks as if `root` were '/'."""
-    stack = [p for p in path.split("/") if p not in ("", ".")][::-1]
-    resolved, links = [], 0
-    while stack:
-        part = stack.pop()
-        if part == "..":
-            if resolved:
-                resolved.pop()
-            continue
-        candidate = os.path.join(root, *resolved, part)
-        if os.path.islink(candidate) and (stack or follow_last):
-            links += 1
-            if links > 40:
-                raise BootDiskError(f"{path}: too many levels of symbolic links in the image")
-            target = os.readlink(candidate)
-            if target.startswith("/"):
-                resolved = []
-            stack.extend([p for p in target.split("/") if p not in ("", ".")][::-1])
-            continue
-        resolved.append(part)
-    return os.path.join(root, *resolved)
+    """The host path of the guest path `path`, resolving symlinks as if `root` were '/';
+    None when a directory on the way is missing."""
+    try:
+        return guest.Guest(root).resolve(path, follow=follow_last, must_exist=False)
+    except guest.GuestPathError as exc:
+        if exc.errno in (errno.ENOENT, errno.ENOTDIR):
+            return None
+        raise BootDiskError(f"in the image: {exc}") from exc
 
 
 def guest_path(root, host_path):
@@ -68,6 +56,8 @@ def guest_path(root, host_path):
 def write_file(root, path, source=None, data=None, mode=0o644):
     """Write a file in the image atomically (temp + rename), never through a symlink."""
     target = resolve_in_root(root, path)
+    if target is None:
+        raise BootDiskError(f"{path}: its directory is missing in the image")
     directory = os.path.dirname(target)
     if not os.path.isdir(directory) or os.path.islink(directory):
         raise BootDiskError(f"{path}: {guest_path(root, directory)} is not a directory in the image")
@@ -94,7 +84,7 @@ def write_file(root, path, source=None, data=None, mode=0o644):
 
 def read_text(root, path):
     target = resolve_in_root(root, path)
-    if not os.path.isfile(target):
+    if target is None or not os.path.isfile(target):
         return None
     with open(target, "rb") as f:
         return f.read(1 << 20).decode("utf-8", errors="replace")
@@ -117,9 +107,9 @@ def find_kernel(root):
     """(kernel, ramdisk or None) as guest paths: /vmlinuz's target, else the newest in /boot."""
     for link, rd_link in (("/vmlinuz", "/initrd.img"), ("/boot/vmlinuz", "/boot/initrd.img")):
         kernel = resolve_in_root(root, link)
-        if os.path.isfile(kernel) and not os.path.islink(kernel):
+        if kernel and os.path.isfile(kernel) and not os.path.islink(kernel):
             ramdisk = resolve_in_root(root, rd_link)
-            if os.path.isfile(ramdisk):
+            if ramdisk and os.path.isfile(ramdisk):
                 return guest_path(root, kernel), guest_path(root, ramdisk)
             return guest_path(root, kernel), _ramdisk_for(os.path.dirname(kernel), kernel, root)
     boot = resolve_in_root(root, "/boot")
@@ -210,15 +200,7 @@ def write_partition_table(path, disk_id, part_bytes):
 
 def attach(path, offset, size):
     """A writable loop device on a slice of `path`; returns (device, journal id)."""
-    # No signal between creating the device and journaling it.
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
-    try:
-        device = hooklib.run(["losetup", "--find", "--show", "--offset", str(offset),
-                              "--sizelimit", str(size), path]).strip()
-        entry = hooklib.journal().add("detach", device=device, backing=os.path.realpath(path))
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
-    return device, entry
+    return hooklib.losetup(path, offset, size, readonly=False)
 
 
 def blkid(device):

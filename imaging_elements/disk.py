@@ -466,29 +466,13 @@ def export_raw(image, fmt, write=False, name=None):
 # -- loop devices and mounts ---------------------------------------------------
 
 def attach(path, offset, size, write=False):
-    """A loop device for bytes [offset, offset+size) of `path`: (device, journal id).
-
-    Journal first: the device is picked, journaled, then attached; if another
-    process takes it in between, the attach fails and we try the next one.
-    """
-    journal = hooklib.journal()
-    backing = os.path.realpath(path)
-    last = ""
-    for _ in range(20):
-        device = _run(["losetup", "--find"], "losetup --find").stdout.strip()
-        entry = journal.add("detach", device=device, backing=backing)
-        argv = ["losetup", "--offset", str(offset), "--sizelimit", str(size)]
-        argv += [] if write else ["--read-only"]
-        result = subprocess.run(argv + [device, path], stdin=subprocess.DEVNULL,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        if result.returncode == 0:
-            fault("loop")
-            return device, entry
-        journal.done(entry)
-        last = result.stderr.strip()
-        if "busy" not in last:
-            break
-    raise DiskError(f"cannot attach a loop device to {path}: {last}")
+    """A loop device for bytes [offset, offset+size) of `path`: (device, journal id)."""
+    try:
+        attached = hooklib.losetup(path, offset, size, readonly=not write)
+    except hooklib.HookFailure as exc:
+        raise DiskError(str(exc)) from exc
+    fault("loop")
+    return attached
 
 
 def mount_options(fstype, write):

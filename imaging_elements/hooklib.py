@@ -90,15 +90,29 @@ def run(argv, **kwargs):
 
 
 def losetup(path, offset=0, sizelimit=None, readonly=True):
-    """Attach `path` (or a slice of it) to a free loop device; returns the device."""
-    argv = ["losetup", "--find", "--show", "--offset", str(offset)]
-    if sizelimit:
-        argv += ["--sizelimit", str(sizelimit)]
-    if readonly:
-        argv.append("--read-only")
-    device = run(argv + [path]).strip()
-    journal().add("detach", device=device, backing=os.path.realpath(path))
-    return device
+    """Attach `path` (or a slice of it) to a free loop device: (device, journal id).
+
+    Journal first: a free device is picked and journaled, then attached; if
+    another process takes it in between, attaching fails and we try the next.
+    So no moment exists where the device is attached but not journaled.
+    """
+    backing = os.path.realpath(path)
+    last = ""
+    for _ in range(20):
+        device = run(["losetup", "--find"]).strip()
+        entry = journal().add("detach", device=device, backing=backing)
+        argv = ["losetup", "--offset", str(offset)]
+        argv += ["--sizelimit", str(sizelimit)] if sizelimit else []
+        argv += ["--read-only"] if readonly else []
+        result = subprocess.run(argv + [device, path], stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        if result.returncode == 0:
+            return device, entry
+        journal().done(entry)
+        last = result.stderr.strip()
+        if "busy" not in last:
+            break
+    raise HookFailure(f"cannot attach a loop device to {path}: {last}")
 
 
 def mount(source, target, fstype=None, options=("ro", "nodev", "nosuid")):

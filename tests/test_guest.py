@@ -236,7 +236,7 @@ class TestMountedImage(base.TestCase):
         journal = Journal(self.path("journal"))
         self.addCleanup(journal.unwind)
         mnt = self.path("mnt")
-        hooklib.mount(hooklib.losetup(image), mnt, "ext4")
+        hooklib.mount(hooklib.losetup(image)[0], mnt, "ext4")
         guest = Guest(mnt)
         self.assertEqual("root:*:19000:0:99999:7:::\n", guest.read_text("/etc/fstab"))
         for link in ("/etc/up", "/etc/way-up", "/hostdir/secret", "/hostdir/hostdir/etc/../secret"):
