@@ -89,6 +89,8 @@ class Process:
         code, error = 0, None
         self.cleanup_failures = []
         with contextlib.ExitStack() as stack:
+            # First in, last out: SIGTERM raises until every resource is released.
+            stack.enter_context(_signals_raise())
             try:
                 self._prepare(stack)  # ties the journal's unwinding to `stack` at once
                 if self.args.list:
@@ -199,7 +201,6 @@ class Process:
         mount_point = os.path.join(work, "mnt")
         for path in (scratch, mount_point, os.path.join(work, "logs")):
             os.makedirs(path, exist_ok=True)
-        stack.enter_context(_signals_raise())
         self.env.update(IMG_WORK_DIR=work, IMG_SCRATCH_DIR=scratch, IMG_MOUNT_POINT=mount_point,
                         IMG_JOURNAL=self.journal.path, IMG_LIB=LIB, IMG_PYTHON=sys.executable,
                         IMG_ELEMENTS=" ".join(e.name for e in self.elements),
@@ -515,13 +516,13 @@ class Process:
         started = time.monotonic()
         status_read, status_write = os.pipe()
         env["IMG_STATUS_FD"] = str(status_write)
-        if phase.where == "chroot":
-            argv = sandbox.hook_argv(self.env["IMG_MOUNT_POINT"], hook,
-                                     writable=self.env.get("IMG_MOUNT_WRITABLE") == "1")
-            env = sandbox.inside_environment(env)
-        else:
-            argv = hook.argv("run")
         try:
+            if phase.where == "chroot":
+                argv = sandbox.hook_argv(self.env["IMG_MOUNT_POINT"], hook,
+                                         writable=self.env.get("IMG_MOUNT_WRITABLE") == "1")
+                env = sandbox.inside_environment(env)
+            else:
+                argv = hook.argv("run")
             process = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                        stderr=subprocess.STDOUT, pass_fds=(status_write,),
                                        start_new_session=True)
