@@ -114,14 +114,15 @@ def collect(phase, elements):
 
 
 def static_accepts(hook, context, path_env):
-    """(accepted, reason) from the header alone."""
+    """(accepted, reason) from the header alone; path_env None skips `requires`
+    (for hooks that run inside the image, whose tools the host need not have)."""
     for key, value in context.items():
         allowed = hook.header.get("accepts-" + key)
         if allowed is None or "*" in allowed.split():
             continue
         if value not in allowed.split():
             return False, f"{key} {value or '(unknown)'} is not one of: {allowed}"
-    for command in hook.header.get("requires", "").split():
+    for command in hook.header.get("requires", "").split() if path_env is not None else ():
         if not shutil.which(command, path=path_env):
             return False, f"needs {command}, not found on PATH"
     return True, ""

@@ -71,7 +71,7 @@ class TextMonitor(Monitor):
         elif name == "hook-start":
             self._line("INFO", f"{f['phase']}/{f['hook']} ({f['element']}) start")
         elif name == "hook-end":
-            level = {"ok": "INFO", "warning": "WARN"}.get(f["result"], "ERROR")
+            level = {"ok": "INFO", "skipped": "INFO", "warning": "WARN"}.get(f["result"], "ERROR")
             text = f"{f['phase']}/{f['hook']} {f['result']} in {f['duration']:.3f} s"
             detail = f.get("reason") or f.get("description")
             self._line(level, text + (f": {detail}" if detail else ""))

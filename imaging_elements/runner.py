@@ -78,6 +78,7 @@ class Process:
         self.monitor = monitor
         self.env = {}          # the IMG_* state that hooks see and may change
         self.results = []      # validator results, for the summary
+        self.failed = False
         self.journal = None
         self.output_tmp = None
         self.breaks = set(filter(None, (args.breaks or "").replace(" ", "").split(",")))
@@ -105,6 +106,7 @@ class Process:
                 code, error = 130, "interrupted"
             except Terminated:
                 code, error = 143, "terminated by SIGTERM"
+            self.failed = code != 0
             if code and "after-error" in self.breaks and self.journal:
                 self._after_error()
             if self.journal and not self.args.list:
@@ -190,7 +192,8 @@ class Process:
         except BlockingIOError:
             raise ProcessFailure(2, f"{work}: another euca-image-process is using this work dir")
         if created and not args.keep_work_dir:
-            stack.callback(remove_work_dir, work, self._warn)
+            # After a failure the logs (a guest's console, daemons' output) stay.
+            stack.callback(lambda: remove_work_dir(work, self._warn, keep_logs=self.failed))
         self.journal = Journal(os.path.join(work, "journal.jsonl"))
         stack.callback(self._unwind)
         leftover = self.journal.pending()
@@ -333,7 +336,10 @@ class Process:
 
     def _accepted(self, phase, hook, context=None, env=None):
         context = self._context(phase) if context is None else context
-        ok, reason = hooks.accepts(hook, context, env or self._hook_env(hook))
+        if phase.where == "host":
+            ok, reason = hooks.accepts(hook, context, env or self._hook_env(hook))
+        else:  # runs inside the image: only the declared context can be judged from here
+            ok, reason = hooks.static_accepts(hook, context, None)
         self.monitor.event("accepts", phase=phase.name, hook=hook.name, accepted=ok, reason=reason)
         return ok
 
@@ -646,7 +652,10 @@ class Process:
         env = self._base_env()
 
         def emit(message):
-            self._message(phase, accepted[0], json.dumps(message), {"describe": [], "warn": [], "fail": None})
+            if "describe" in message:  # how the guest was booted, and how long it took
+                self.monitor.event("log", level="INFO", message=f"{phase.name}: {message['describe']}")
+            else:
+                self._message(phase, accepted[0], json.dumps(message), {"describe": [], "warn": [], "fail": None})
 
         try:
             results = instance.run_phase([(h.name, h.path) for h in accepted], env, self.journal, emit)
@@ -656,7 +665,8 @@ class Process:
         failed = []
         for result in results:
             name = result["hook"]
-            outcome = "ok" if result["ok"] else ("warning" if optional.get(name) else "failed")
+            outcome = ("skipped" if result.get("skipped") else "ok") if result["ok"] else \
+                ("warning" if optional.get(name) else "failed")
             text = result.get("description") or result.get("output", "")[-500:]
             self.monitor.event("hook-end", phase=phase.name, hook=name, element="-", result=outcome,
                                duration=result.get("duration", 0), description=text)
@@ -763,11 +773,22 @@ def _mounts_under(path):
     return [p for p in points if p == real or p.startswith(real + "/")]
 
 
-def remove_work_dir(work, warn):
-    """Remove a work dir we created, unless something is still mounted in it."""
+def remove_work_dir(work, warn, keep_logs=False):
+    """Remove a work dir we created, unless something is still mounted in it;
+    with keep_logs, all but a non-empty logs/ (for a failed process)."""
     busy = _mounts_under(work)
     if busy:
         warn(f"{work}: not removed, still mounted: {', '.join(busy)}")
+        return
+    logs = os.path.join(work, "logs")
+    if keep_logs and os.path.isdir(logs) and os.listdir(logs):
+        for name in os.listdir(work):
+            path = os.path.join(work, name)
+            if name == "logs":
+                continue
+            shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) and not os.path.islink(path) \
+                else os.unlink(path)
+        warn(f"logs kept in {logs}")
         return
     shutil.rmtree(work, ignore_errors=True)
 

@@ -260,3 +260,20 @@ def debian_boot_disk():
             disk.write(code.read(440))  # boot code only: the disk id and the table stay
 
     return _cached(f"debian12-boot-{_debian_key()}.raw", build)
+
+
+def debian_kernel_files():
+    """(kernel, initrd) of the Debian 12 root as separate files (cached): an AMI's aki and ari."""
+    import shutil
+    import tarfile
+    found = []
+    with tarfile.open(debian_tarball()) as tar:
+        for prefix in ("./boot/vmlinuz-", "./boot/initrd.img-"):
+            member = next(m for m in tar.getmembers() if m.name.startswith(prefix) and m.isfile())
+
+            def build(out, member=member):
+                with tar.extractfile(member) as src, open(out, "wb") as dst:
+                    shutil.copyfileobj(src, dst)
+
+            found.append(_cached(f"debian12-{_debian_key()}-{os.path.basename(member.name)}", build))
+    return found

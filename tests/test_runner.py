@@ -538,3 +538,21 @@ class StatusTest(RunnerCase):
         self.element("a", {"validate.d/10-v": "#!/bin/bash\nexit 1\n"})
         result = self.process("a", "--break", "after-error", check=1, stdin=subprocess.DEVNULL)
         self.assertIn("break point after-error: no terminal attached", result.stderr)
+
+
+class WorkDirTest(RunnerCase):
+
+    def work_dirs(self):
+        return [d for d in os.listdir(self.tmp) if d.startswith("euca-image-process.")]
+
+    def test_created_work_dir_is_removed_and_logs_outlive_a_failure(self):
+        self.element("ok", {"mount.d/10-log": BASH + 'echo hello > "$IMG_WORK_DIR/logs/daemon.log"\n'})
+        self.process("ok", keep=False, check=0)
+        self.assertEqual([], self.work_dirs())
+        self.element("bad", {"validate.d/10-fail": "#!/bin/bash\nexit 1\n"})
+        result = self.process("ok", "bad", keep=False, check=1)
+        [work] = self.work_dirs()
+        self.assertEqual(["logs"], os.listdir(os.path.join(self.tmp, work)))
+        with open(os.path.join(self.tmp, work, "logs", "daemon.log")) as f:
+            self.assertEqual("hello\n", f.read())
+        self.assertIn("logs kept in", result.stderr)

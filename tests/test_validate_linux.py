@@ -190,9 +190,14 @@ class TestLinuxChecks(LinuxTreeCase):
                           "/boot/initramfs-5.14.0-362.el9.x86_64.img, modules /lib/modules/5.14.0-362.el9.x86_64"],
                          self.check("30-linux-kernel")["describe"])
 
-    def test_partition_image_needs_external_kernel(self):
+    def test_partition_image_own_or_external_kernel(self):
         self.tree()
         write_filesystems(self.work, [dict(ROOT_FS, index=0, start=0)])
+        # Its own kernel, initramfs and modules are enough (partition-to-disk boots them) ...
+        said = self.check("30-linux-kernel", IMG_DISK_TYPE="partition")
+        self.assertIn("(a partition image booting its own kernel)", said["describe"][0])
+        # ... without them, it needs an external kernel and ramdisk.
+        os.unlink(os.path.join(self.root, "boot", f"initrd.img-{KERNEL}"))
         self.assertEqual("a partition (AMI) image boots an external kernel and ramdisk: give --kernel and "
                          f"--ramdisk (the image's own /boot/vmlinuz-{KERNEL} is not used)",
                          self.fails("30-linux-kernel", IMG_DISK_TYPE="partition"))
@@ -437,7 +442,8 @@ class TestLinuxImages(base.TestCase):
                          self.failed(image, "40-linux-init"))
 
     def test_partition_image_kernel(self):
-        tree = linux_root(self.path("tree"), fstab="/dev/sda1 / ext4 defaults 0 1\n")
+        tree = linux_root(self.path("tree"), fstab="/dev/sda1 / ext4 defaults 0 1\n",
+                          remove=[f"boot/initrd.img-{KERNEL}"])
         image = make_fs(self.path("ami.img"), tree, size=24 * MiB, label="rootfs")
         self.assertIn("a partition (AMI) image boots an external kernel and ramdisk: give --kernel and --ramdisk",
                       self.failed(image, "30-linux-kernel"))

@@ -40,9 +40,10 @@ def main(argv=None):
                 code, error = process.run()
                 if process.results:
                     summary = {r: sum(1 for x in process.results if x["result"] == r)
-                               for r in ("ok", "warning", "failed")}
+                               for r in ("ok", "skipped", "warning", "failed")}
                     monitor.event("log", level="INFO",
-                                  message="validators: {ok} passed, {warning} warnings, {failed} failed"
+                                  message="validators: {ok} passed, {warning} warnings, {failed} failed, "
+                                          "{skipped} not applicable"
                                   .format(**summary))
         monitor.event("process-end", result="ok" if code == 0 else "failed", exit_code=code,
                       error=error, duration=round(time.monotonic() - started, 3))

@@ -1,0 +1,937 @@
+"""Instance validators: boot a throw-away copy of the image and check it from inside.
+
+`run_phase(hooks, env, journal, emit)` is what the runner calls for the phase
+instance-validate.d.  The story (docs/instance-validators.md tells it whole):
+
+1. Overlay.  A qcow2 overlay is laid over the image, which is only ever
+   opened read-only: every write of ours and of the guest lands in the
+   overlay, deleted at the end.
+2. Injection.  qemu-storage-daemon serves the overlay as a writable FUSE
+   file; the guest's root filesystem in it is mounted (a loop device at the
+   partition's offset, nodev,nosuid) and gets the agent (a POSIX sh script
+   started by a systemd unit), the hooks, lib/img-functions, and an SSH key
+   in root's authorized_keys, as a cloud's node controller injects one.
+   Guest paths are resolved inside the image (imaging_elements.guest).
+3. Boot.  qemu-system-x86_64 with KVM when KVM really boots a kernel here,
+   else TCG; whole disks through their own boot loader, partition (AMI)
+   images with -kernel/-initrd read from the image or given.  User-mode
+   networking with restrict=on and no port forward: nothing listens on the
+   host, and the guest reaches only the built-in DHCP server.  qemu's seccomp
+   sandbox is on.
+4. The agent waits for the boot to settle, runs each hook (`accepts` first
+   when the hook declares it) and reports on the second serial port
+   (ttyS1, COM2 for a Windows guest): lines `IMGV TOKEN KIND ...` with base64
+   payloads.  Then it powers the instance off.
+5. The host follows the console (ttyS0), the results port and SeaBIOS's debug
+   port: a kernel panic, an emergency shell or "no bootable device" ends the
+   boot at once, a silent guest at IMG_INSTANCE_TIMEOUT.  qemu is in the
+   journal from the moment it exists and is always reaped.
+"""
+
+import base64
+import binascii
+import json
+import os
+import re
+import shlex
+import shutil
+import socket
+import subprocess
+import time
+import uuid
+
+from imaging_elements import bootdisk, disk, qemuimg
+from imaging_elements import hooks as hooks_mod
+from imaging_elements.guest import Guest, GuestPathError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LIB = os.path.join(ROOT, "lib")
+PACKAGE = os.path.dirname(os.path.abspath(__file__))
+SCOPE = "instance-validate"
+
+GUEST_DIR = "/etc/img-instance-validate"
+UNIT = "img-instance-validate.service"
+SYSTEMD = ("/lib/systemd/systemd", "/usr/lib/systemd/systemd")
+ESP = "c12a7328-f81f-11d2-ba4b-00a0c93ec93b"  # the GPT type of an EFI system partition
+MOUNTABLE = {"ext2": "ext2", "ext3": "ext3", "ext4": "ext4", "xfs": "xfs", "btrfs": "btrfs"}
+TOOLS = (("qemu-system-x86_64", "qemu-system-x86"), ("qemu-img", "qemu-utils"),
+         ("qemu-storage-daemon", "qemu-system-common"), ("losetup", "mount"))
+KVM_PROBE_CACHE = "/run/imaging-elements/kvm-probe.json"
+KVM_PROBE_TIMEOUT = 6          # seconds for a kernel to print its banner under KVM
+POWEROFF_TIMEOUT = 30          # seconds from the last result to qemu's exit
+OUTPUT_LIMIT = 16384           # bytes of a hook's output kept (the tail)
+RESULTS_LIMIT = 4 << 20        # bytes of the results port read, at most
+KERNEL_LIMIT = 512 << 20       # a kernel or initrd read from the image, at most
+
+# The IMG_* variables that name host things, or are secrets: never sent into the guest.
+HOST_ONLY = {"IMG_JOURNAL", "IMG_JOURNAL_SCOPE", "IMG_STATUS_FD", "IMG_LIB", "IMG_PYTHON",
+             "IMG_WORK_DIR", "IMG_SCRATCH_DIR", "IMG_MOUNT_POINT", "IMG_IMAGE", "IMG_INPUT",
+             "IMG_OUTPUT", "IMG_KERNEL", "IMG_RAMDISK", "IMG_CONVERT_OUTPUT", "IMG_DISK",
+             "IMG_ELEMENT_DIR"}
+SECRET = re.compile(r"PASSPHRASE|PASSWORD|SECRET|TOKEN|KEY")
+
+# Console lines that mean the guest will never reach the agent.
+FATAL = [
+    (re.compile(r"Kernel panic - not syncing: ?(.*)"), "the guest kernel panicked: {0}"),
+    (re.compile(r"(You are in emergency mode|Entering emergency mode)"),
+     "the guest dropped to systemd's emergency mode"),
+    (re.compile(r"Give root password for maintenance"), "the guest dropped to a maintenance shell"),
+    (re.compile(r"ALERT! +(.*) does not exist\. +Dropping to a shell!"),
+     "the initramfs did not find the root filesystem {0}"),
+    (re.compile(r"Dropping to a shell!|dracut Warning: .*emergency shell"),
+     "the initramfs dropped to a shell"),
+]
+BIOS_FATAL = [  # SeaBIOS, on its debug port
+    (re.compile(r"Boot failed: (.*)"), "the BIOS could not boot the disk: {0} (no boot loader?)"),
+    (re.compile(r"No bootable device"), "the BIOS found no bootable device"),
+]
+
+
+class InstanceError(Exception):
+    """The instance did not boot, hung, or crashed; the message names the console log."""
+
+
+def run_phase(hooks, env, journal, emit):
+    """Boot env['IMG_IMAGE'] and run `hooks` [(name, path), ...] inside, in order.
+
+    Returns one dict per hook: {"hook", "ok", "description", "output",
+    "skipped", "warnings", "duration"}.  Raises InstanceError when the guest
+    cannot boot, hangs or crashes.
+    """
+    if not hooks:
+        return []
+    return _Instance(hooks, env, journal, emit).run()
+
+
+# -- settings --------------------------------------------------------------------
+
+def _number(env, name, default, kind=int):
+    value = env.get(name) or default
+    try:
+        number = kind(value)
+    except ValueError:
+        raise InstanceError(f"{name}={value!r}: not a number") from None
+    if number <= 0:
+        raise InstanceError(f"{name}={value!r}: must be more than 0")
+    return number
+
+
+def guest_environment(env):
+    """The IMG_* variables the hooks see inside the guest: no host paths, no secrets."""
+    inside = {name: value for name, value in env.items()
+              if name.startswith("IMG_") and name not in HOST_ONLY and not SECRET.search(name)
+              and "\n" not in value}
+    inside.update(IMG_PHASE="instance-validate.d", IMG_INSTANCE="1", IMG_LIB=f"{GUEST_DIR}/lib",
+                  IMG_STATUS_FD="3", IMG_HOST_HOSTNAME=socket.gethostname(),
+                  IMG_INSTANCE_KEY=f"{GUEST_DIR}/instance-key",
+                  LANG="C.UTF-8", HOME="/root", PYTHONPATH=f"{GUEST_DIR}/lib",
+                  PATH="/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
+    return inside
+
+
+# -- acceleration ----------------------------------------------------------------
+
+def qemu_version():
+    result = subprocess.run(["qemu-system-x86_64", "--version"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+    if result.returncode:
+        raise InstanceError(f"qemu-system-x86_64 does not run: {result.stderr.strip()}")
+    return result.stdout.splitlines()[0].strip()
+
+
+def _host_kernel():
+    """A kernel of the host's /boot to probe KVM with, if there is one."""
+    try:
+        names = [n for n in os.listdir("/boot") if n.startswith("vmlinuz-")]
+    except OSError:
+        return None
+    return os.path.join("/boot", max(names, key=bootdisk._version_key)) if names else None
+
+
+def _probe_key():
+    return f"{os.uname().release} {qemu_version()}"
+
+
+def cached_probe(key=None):
+    """The cached KVM probe {"kvm": bool, "why": text} for this host, or None."""
+    try:
+        with open(KVM_PROBE_CACHE) as f:
+            cached = json.load(f)
+        if cached.get("key") == (key or _probe_key()) and isinstance(cached.get("kvm"), bool):
+            return cached
+    except (OSError, ValueError, AttributeError):
+        pass
+    return None
+
+
+def choose_accel(env, kernel, journal, workdir):
+    """("kvm" or "tcg", why).  KVM only if it boots a real kernel here.
+
+    /dev/kvm may exist and still not run a stock kernel (e.g. a paravirtual
+    KVM in a nested sandbox): the probe boots `kernel` with no root under KVM
+    and wants the kernel's banner within KVM_PROBE_TIMEOUT seconds.  The
+    answer is cached in /run (per host kernel and qemu version)."""
+    wanted = (env.get("IMG_INSTANCE_ACCEL") or "auto").lower()
+    if wanted in ("kvm", "tcg"):
+        return wanted, "IMG_INSTANCE_ACCEL"
+    if wanted != "auto":
+        raise InstanceError(f"IMG_INSTANCE_ACCEL={wanted!r}: use auto, kvm or tcg")
+    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        return "tcg", "no usable /dev/kvm"
+    key = _probe_key()
+    cached = cached_probe(key)
+    if cached:
+        return ("kvm" if cached["kvm"] else "tcg"), cached["why"] + " (cached)"
+    kernel = kernel or _host_kernel()
+    if not kernel:
+        return "tcg", "no kernel to probe KVM with"
+    works, why = _probe_kvm(kernel, journal, workdir)
+    try:
+        os.makedirs(os.path.dirname(KVM_PROBE_CACHE), exist_ok=True)
+        temp = f"{KVM_PROBE_CACHE}.{os.getpid()}"
+        with open(temp, "w") as f:
+            json.dump({"key": key, "kvm": works, "why": why}, f)
+        os.replace(temp, KVM_PROBE_CACHE)
+    except OSError:
+        pass
+    return ("kvm" if works else "tcg"), why
+
+
+def _probe_kvm(kernel, journal, workdir):
+    log = os.path.join(workdir, "kvm-probe.log")
+    entry = journal.add("remove", path=log, scope=SCOPE)
+    argv = ["qemu-system-x86_64", "-nodefaults", "-no-user-config", "-display", "none",
+            "-machine", "pc", "-accel", "kvm", "-cpu", "host", "-m", "256", "-no-reboot",
+            "-kernel", kernel, "-append", "console=ttyS0 earlyprintk=serial,ttyS0 panic=-1 root=/dev/null",
+            "-chardev", f"file,id=console,path={log}", "-serial", "chardev:console"]
+    started = time.monotonic()
+    process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, start_new_session=True)
+    kill = journal.add("kill", pid=process.pid, scope=SCOPE)
+    banner = False
+    try:
+        while time.monotonic() - started < KVM_PROBE_TIMEOUT and process.poll() is None:
+            time.sleep(0.1)
+            with open(log, "rb") as f:
+                if b"Linux version" in f.read(1 << 16):
+                    banner = True
+                    break
+    finally:
+        journal.undo(kill)
+        process.wait()
+        stderr = process.stderr.read().decode(errors="replace").strip()
+        process.stderr.close()
+        journal.undo(entry)
+    if banner:
+        return True, f"KVM boots a kernel here ({time.monotonic() - started:.1f} s to its banner)"
+    if stderr and process.returncode not in (None, 0, -15, -9):
+        return False, f"qemu cannot use KVM: {stderr.splitlines()[-1]}"
+    return False, f"/dev/kvm is there, but a kernel printed nothing under KVM in {KVM_PROBE_TIMEOUT} s"
+
+
+# -- the agent that runs inside the guest ------------------------------------------
+
+AGENT = r"""#!/bin/sh
+# Injected by euca-image-process into a throw-away overlay of this image: runs
+# the instance-validate.d hooks, reports each result on the second serial
+# port, then powers the instance off.  See docs/instance-validators.md.
+# Few processes per hook: under TCG every exec costs.
+set -u
+dir=/etc/img-instance-validate
+. "$dir/env.sh"
+work=/run/img-instance-validate
+mkdir -p "$work"
+stty -F "$IMGV_PORT" raw -echo 115200 2>/dev/null || true
+exec 9>"$IMGV_PORT"
+say() { printf 'IMGV %s %s\n' "$IMGV_TOKEN" "$*" >&9; }
+# One line per payload: GNU base64 -w 0, else strip the line breaks.
+if base64 -w 0 /dev/null >/dev/null 2>&1; then
+    b64() { base64 -w 0 "$1"; }
+else
+    b64() { base64 "$1" | tr -d '\n'; }
+fi
+limit=
+command -v timeout >/dev/null 2>&1 && limit="timeout -k 5"
+
+say BEGIN
+if command -v systemctl >/dev/null 2>&1; then
+    # Let the boot finish first, so that the checks see the settled system.
+    state=$($limit ${limit:+"$IMGV_SETTLE"} systemctl is-system-running --wait 2>/dev/null)
+    say STATE "${state:-unknown}"
+fi
+# hooks.list: NAME ASKS-ACCEPTS (1 when the hook declares `#@ verbs: accepts`)
+while read -r name asks; do
+    hook=$dir/hooks/$name
+    say START "$name"
+    if [ "$asks" = 1 ]; then
+        rc=0
+        IMG_HOOK=$name $limit ${limit:+10} "$hook" accepts >"$work/reason" 2>&1 </dev/null || rc=$?
+        if [ "$rc" -ne 0 ]; then
+            read -r reason <"$work/reason" || true
+            printf '%s\n' "$reason" >"$work/reason"
+            { printf 'IMGV %s SKIP %s %s ' "$IMGV_TOKEN" "$name" "$rc"; b64 "$work/reason"; echo; } >&9
+            continue
+        fi
+    fi
+    rc=0
+    IMG_HOOK=$name $limit ${limit:+"$IMGV_HOOK_TIMEOUT"} "$hook" run \
+        3>"$work/status" >"$work/output" 2>&1 </dev/null || rc=$?
+    tail -c "$IMGV_OUTPUT_LIMIT" "$work/output" >"$work/tail"
+    { printf 'IMGV %s RESULT %s %s ' "$IMGV_TOKEN" "$name" "$rc"; b64 "$work/status"; printf ' '
+      b64 "$work/tail"; echo; } >&9
+done <"$dir/hooks.list"
+say DONE
+exec 9>&-
+sync
+# Forced: the overlay is thrown away, no need to stop each service.
+systemctl poweroff --force 2>/dev/null || poweroff -f
+"""
+
+UNIT_TEXT = """\
+# Injected by euca-image-process into a throw-away overlay of this image.
+[Unit]
+Description=Instance validation by euca-image-process
+After=multi-user.target
+
+[Service]
+Type=simple
+ExecStart=/bin/sh /etc/img-instance-validate/agent
+"""
+
+
+def _remove_any(host):
+    if os.path.isdir(host) and not os.path.islink(host):
+        shutil.rmtree(host)
+    elif os.path.lexists(host):
+        os.unlink(host)
+
+
+def _copy_label(host):
+    """Give a new file its directory's SELinux label, so an enforcing guest may use it."""
+    try:
+        os.setxattr(host, "security.selinux", os.getxattr(os.path.dirname(host), "security.selinux"),
+                    follow_symlinks=False)
+    except OSError:
+        pass
+
+
+def _place(guest, path):
+    """The host path for a new guest file `path`: the parents resolved inside the
+    image, whatever was there removed, so nothing is ever written through a symlink."""
+    host = guest.resolve(path, follow=False, must_exist=False)
+    _remove_any(host)
+    return host
+
+
+def _write(host, data, mode=0o644):
+    fd = os.open(host, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+        os.fchmod(f.fileno(), mode)
+    _copy_label(host)
+
+
+def _ensure_dir(guest, path, mode=0o755):
+    """A directory of the guest, created (with its parents) if missing."""
+    parts = [p for p in path.split("/") if p]
+    for depth in range(1, len(parts) + 1):
+        sub = "/" + "/".join(parts[:depth])
+        host = guest.resolve(sub, must_exist=False)
+        if os.path.isdir(host):
+            continue
+        _remove_any(host)
+        os.mkdir(host, mode)
+        _copy_label(host)
+    return guest.resolve(path)
+
+
+def _ssh_keypair():
+    """A fresh ed25519 key pair in OpenSSH formats: (private, public line)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+    key = ed25519.Ed25519PrivateKey.generate()
+    private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+                                serialization.NoEncryption())
+    public = key.public_key().public_bytes(serialization.Encoding.OpenSSH,
+                                           serialization.PublicFormat.OpenSSH)
+    return private, public + b" euca-image-process-instance-validation\n"
+
+
+def inject(root, hooks, env, token, settle, hook_timeout):
+    """Put the agent, the hooks and an SSH key into the guest mounted (writable) at `root`."""
+    guest = Guest(root)
+    agent = _place(guest, GUEST_DIR)
+    os.mkdir(agent, 0o700)
+    for sub in ("hooks", "lib", "lib/imaging_elements"):
+        os.mkdir(os.path.join(agent, sub), 0o755)
+    for name, path in hooks:
+        with open(path, "rb") as f:
+            _write(os.path.join(agent, "hooks", name), f.read(), 0o755)
+    asks = {name: "accepts" in hooks_mod.parse_header(path)[0].get("verbs", "").split() for name, path in hooks}
+    _write(os.path.join(agent, "hooks.list"),
+           "".join(f"{name} {int(asks[name])}\n" for name, _ in hooks).encode())
+    with open(os.path.join(LIB, "img-functions"), "rb") as f:
+        _write(os.path.join(agent, "lib", "img-functions"), f.read())
+    # Python hooks import imaging_elements.hooklib: the helpers, not the whole package.
+    _write(os.path.join(agent, "lib", "imaging_elements", "__init__.py"), b"")
+    for name in ("hooklib.py", "journal.py"):
+        with open(os.path.join(PACKAGE, name), "rb") as f:
+            _write(os.path.join(agent, "lib", "imaging_elements", name), f.read())
+    settings = guest_environment(env)
+    settings.update(IMGV_TOKEN=token, IMGV_PORT="/dev/ttyS1", IMGV_SETTLE=str(settle),
+                    IMGV_HOOK_TIMEOUT=str(hook_timeout), IMGV_OUTPUT_LIMIT=str(OUTPUT_LIMIT))
+    _write(os.path.join(agent, "env.sh"),
+           "".join(f"export {k}={shlex.quote(v)}\n" for k, v in sorted(settings.items())).encode())
+    _write(os.path.join(agent, "agent"), AGENT.encode(), 0o755)
+
+    # The unit, wanted by multi-user.target.
+    _ensure_dir(guest, "/etc/systemd/system/multi-user.target.wants")
+    _write(_place(guest, f"/etc/systemd/system/{UNIT}"), UNIT_TEXT.encode())
+    os.symlink(f"/etc/systemd/system/{UNIT}",
+               _place(guest, f"/etc/systemd/system/multi-user.target.wants/{UNIT}"))
+
+    # Key injection, as a cloud does it at launch: root's authorized_keys.
+    private, public = _ssh_keypair()
+    _write(os.path.join(agent, "instance-key"), private, 0o600)
+    _ensure_dir(guest, "/root/.ssh", 0o700)
+    keys_path = "/root/.ssh/authorized_keys"
+    try:
+        old = guest.read_bytes(keys_path)
+    except GuestPathError:
+        old = b""
+    if old and not old.endswith(b"\n"):
+        old += b"\n"
+    _write(_place(guest, keys_path), old + public, 0o600)
+
+
+# -- the results protocol ----------------------------------------------------------
+
+def _b64(text):
+    if text == "-":
+        return ""
+    try:
+        return base64.b64decode(text, validate=True).decode(errors="replace")
+    except (binascii.Error, ValueError):
+        return "(undecodable)"
+
+
+def parse_status(text):
+    """{describe: [...], warn: [...], fail: str or None} from a hook's status lines."""
+    said = {"describe": [], "warn": [], "fail": None, "other": []}
+    for line in text.splitlines():
+        try:
+            (kind, value), = json.loads(line).items()
+        except (ValueError, AttributeError):
+            said["other"].append(line)
+            continue
+        if kind in ("describe", "warn"):
+            said[kind].append(str(value))
+        elif kind == "fail":
+            said["fail"] = str(value)
+        else:
+            said["other"].append(line)  # set/progress mean nothing inside the guest
+    return said
+
+
+class Results:
+    """Reads the agent's lines `IMGV TOKEN KIND ...` from the results port."""
+
+    def __init__(self, token, names, hook_timeout=None):
+        self.token = token
+        self.hook_timeout = hook_timeout
+        self.names = list(names)
+        self.buffer = b""
+        self.begun = self.done = False
+        self.state = None
+        self.current = None          # the hook running now, and since when
+        self.started_at = None
+        self.results = {}
+
+    def feed(self, data, now):
+        self.buffer += data
+        *lines, self.buffer = self.buffer.split(b"\n")
+        for line in lines:
+            self._line(line.decode(errors="replace").strip("\r\0"), now)
+
+    def _line(self, line, now):
+        words = line.split(" ")
+        if len(words) < 3 or words[0] != "IMGV" or words[1] != self.token:
+            return
+        kind, args = words[2], words[3:] + ["", "", ""]  # empty payloads may be cut off
+        if kind == "BEGIN":
+            self.begun = True
+        elif kind == "STATE" and args:
+            self.state = args[0]
+        elif kind == "START" and args and args[0] in self.names:
+            self.current, self.started_at = args[0], now
+        elif kind == "SKIP" and args[0] in self.names:
+            reason = _b64(args[2]).strip() or "declined"
+            if args[1] != "1":
+                reason = f"accepts failed (exit {args[1]}): {reason}"
+            self._store(args[0], {"ok": True, "skipped": True, "description": f"not applicable: {reason}",
+                                  "output": "", "warnings": []}, now)
+        elif kind == "RESULT" and args[0] in self.names and args[1].isdigit():
+            name, code = args[0], args[1]
+            said, output = parse_status(_b64(args[2])), _b64(args[3])
+            ok = code == "0"
+            if ok:
+                description = "; ".join(said["describe"])
+            elif code in ("124", "137"):
+                description = said["fail"] or (f"did not finish within IMG_INSTANCE_HOOK_TIMEOUT="
+                                               f"{self.hook_timeout or '?'} s (stopped)")
+            else:
+                last = [l for l in output.splitlines() if l.strip()][-1:]
+                description = said["fail"] or f"exit {code}" + (f": {last[0]}" if last else "")
+            if code == "127" and not said["fail"]:
+                description = f"exit 127: the guest cannot run the hook ({output.strip()[-200:]})"
+            self._store(name, {"ok": ok, "skipped": False, "description": description, "output": output,
+                               "warnings": said["warn"]}, now)
+        elif kind == "DONE":
+            self.done = True
+
+    def _store(self, name, result, now):
+        if name in self.results:
+            return
+        began = self.started_at if self.current == name and self.started_at else now
+        result.update(hook=name, duration=round(now - began, 3))
+        self.results[name] = result
+        self.current = None
+
+    def ordered(self):
+        missing = {"ok": False, "skipped": False, "output": "", "warnings": [], "duration": 0,
+                   "description": "no result from the guest"}
+        return [self.results.get(name) or dict(missing, hook=name) for name in self.names]
+
+
+def _fatal(patterns, text):
+    for pattern, message in patterns:
+        match = pattern.search(text)
+        if match:
+            groups = [g.strip() for g in match.groups() if g] or [""]
+            return message.format(*groups).rstrip(": ")
+    return None
+
+
+def _tail(path, lines=15):
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(os.fstat(f.fileno()).st_size - 8192, 0))
+            text = f.read().decode(errors="replace")
+    except OSError:
+        return ""
+    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", text).replace("\r", "")
+    kept = [l.rstrip() for l in text.splitlines() if l.strip()][-lines:]
+    return "\n".join(kept)
+
+
+# -- one boot -------------------------------------------------------------------------
+
+class _Instance:
+    def __init__(self, hooks, env, journal, emit):
+        self.hooks = [(name, path) for name, path in hooks]
+        self.env = env
+        self.journal = journal
+        self.emit = emit
+        self.ids = []  # our journal entries, undone newest first at the end
+        self.image = env.get("IMG_IMAGE") or ""
+        self.type = env.get("IMG_IMAGE_TYPE") or "raw"
+        self.timeout = _number(env, "IMG_INSTANCE_TIMEOUT", 300, float)
+        self.hook_timeout = _number(env, "IMG_INSTANCE_HOOK_TIMEOUT", 120)
+        self.settle = _number(env, "IMG_INSTANCE_SETTLE", 90)
+        self.memory = _number(env, "IMG_INSTANCE_MEMORY", 1024)
+        self.cpus = _number(env, "IMG_INSTANCE_CPUS", min(2, os.cpu_count() or 1))
+        self.bus = env.get("IMG_INSTANCE_DISK_BUS") or "virtio"
+        if self.bus not in ("virtio", "ide", "sata", "scsi"):
+            raise InstanceError(f"IMG_INSTANCE_DISK_BUS={self.bus!r}: use virtio, ide, sata or scsi")
+        self.nic = env.get("IMG_INSTANCE_NIC") or "virtio-net-pci"
+        if self.nic not in ("virtio-net-pci", "e1000", "rtl8139"):
+            raise InstanceError(f"IMG_INSTANCE_NIC={self.nic!r}: use virtio-net-pci, e1000 or rtl8139")
+        self.token = uuid.uuid4().hex[:16]
+
+    # -- journal -------------------------------------------------------------------
+    def _add(self, action, **args):
+        entry = self.journal.add(action, scope=SCOPE, **args)
+        self.ids.append(entry)
+        return entry
+
+    def _undo(self, entry):
+        if entry in self.ids:
+            self.ids.remove(entry)
+            self.journal.undo(entry)
+
+    def _undo_since(self, entry):
+        """Undo `entry` and everything recorded after it, newest first."""
+        while entry in self.ids:
+            self._undo(self.ids[-1])
+
+    def _release(self):
+        for entry in reversed(self.ids):
+            try:
+                self.journal.undo(entry)
+            except KeyError:
+                pass
+            except Exception as exc:  # one failure must not stop the others
+                self.emit({"warn": f"instance cleanup failed: {exc}"})
+        self.ids = []
+
+    # -- the whole story -----------------------------------------------------------
+    def run(self):
+        try:
+            self._check_image()
+            self._prepare_dirs()
+            self._overlay()
+            boot = self._inject()
+            if boot is None:
+                return self._not_applicable()
+            accel, why = choose_accel(self.env, boot.pop("probe_kernel", None), self.journal, self.dir)
+            return self._boot(accel, why, boot)
+        finally:
+            self._release()
+
+    def _check_image(self):
+        for tool, package in TOOLS:
+            if not shutil.which(tool, path=self.env.get("PATH") or os.environ.get("PATH")):
+                raise InstanceError(f"booting the image needs {tool} (Debian package {package}), not found on PATH")
+        if self.env.get("IMG_PLATFORM") == "windows":
+            raise InstanceError(f"{self.image}: instance validation of Windows guests is not "
+                                "implemented (see docs/instance-validators.md for the design)")
+        if not os.path.isfile(self.image):
+            raise InstanceError(f"{self.image or 'IMG_IMAGE'}: no image to boot (not a file)")
+        self.fmt = qemuimg.DRIVERS.get(self.type)
+        if self.fmt is None:
+            raise InstanceError(f"{self.image}: cannot boot a {self.type} image "
+                                f"(types: {', '.join(sorted(qemuimg.DRIVERS))})")
+        try:
+            if self.fmt == "raw":
+                self.size = os.path.getsize(self.image)
+            else:
+                disk.check_container(self.image, self.type)
+                disk.qemu_check(self.image, self.type)
+                self.size = int(qemuimg.info(self.image, self.type)["virtual-size"])
+        except (disk.DiskError, qemuimg.QemuImgError) as exc:
+            raise InstanceError(str(exc)) from None
+
+    def _prepare_dirs(self):
+        work = self.env.get("IMG_WORK_DIR") or ""
+        if not os.path.isdir(work):
+            raise InstanceError(f"IMG_WORK_DIR={work!r}: not a directory")
+        scratch = self.env.get("IMG_SCRATCH_DIR") or work
+        self.dir = os.path.join(scratch, f"instance-{self.token[:8]}")
+        self._add("remove", path=self.dir)
+        os.mkdir(self.dir, 0o700)
+        logs = os.path.join(work, "logs")
+        logs = logs if os.path.isdir(logs) else work
+        # Kept after the process (not in the journal): the evidence of a failed boot.
+        self.console = os.path.join(logs, "instance-console.log")
+        self.bios_log = os.path.join(logs, "instance-bios.log")
+        for path in (self.console, self.bios_log):
+            _remove_any(path)
+
+    def _overlay(self):
+        self.overlay = os.path.join(self.dir, "overlay.qcow2")
+        # No backing file named in the overlay: the image is attached by qemu
+        # options (read-only), so nothing ever opens a path read from a file.
+        result = subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", self.overlay, str(self.size)],
+                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)
+        if result.returncode:
+            raise InstanceError(f"{self.overlay}: qemu-img create failed: {result.stderr.strip()}")
+
+    def _blockdevs(self):
+        base = {"driver": self.fmt, "node-name": "base", "read-only": True,
+                "file": {"driver": "file", "filename": os.path.abspath(self.image), "read-only": True}}
+        if self.fmt in ("qcow2", "vmdk"):
+            base["backing"] = None
+        top = {"driver": "qcow2", "node-name": "disk", "backing": "base",
+               "file": {"driver": "file", "filename": self.overlay}}
+        return [json.dumps(base), json.dumps(top)]
+
+    # -- injection -------------------------------------------------------------------
+    def _inject(self):
+        """Write the agent into the overlay; returns the boot settings, or None for a
+        guest the agent cannot start in (no systemd)."""
+        export = os.path.join(self.dir, "overlay.raw")
+        log = os.path.join(self.dir, "qemu-storage-daemon.log")
+        with open(export, "w"):
+            pass  # a FUSE export mounts over an existing regular file
+        fuse = self._add("umount", path=export)
+        argv = ["qemu-storage-daemon"]
+        for spec in self._blockdevs():
+            argv += ["--blockdev", spec]
+        argv += ["--export", json.dumps({"type": "fuse", "id": "overlay", "node-name": "disk",
+                                         "mountpoint": export, "writable": True})]
+        with open(log, "wb") as out:
+            daemon = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                      cwd="/", start_new_session=True)
+        daemon_id = self._add("kill", pid=daemon.pid)
+        if not disk._wait_mounted(export, daemon):
+            raise InstanceError(f"{self.image}: qemu-storage-daemon cannot open it: {_tail(log, 3)}")
+        try:
+            if self.type != "partition":
+                self._check_boot_code(export)
+            found = self._mount_root(export)
+            boot = self._prepare_boot(found)
+        finally:
+            self._undo_since(fuse)  # mounts, loop devices, then the daemon and its export
+            daemon.wait()
+        return boot
+
+    def _check_boot_code(self, export):
+        """A whole disk boots through the code in its MBR: none there, no boot (and no wait)."""
+        with open(export, "rb") as f:
+            mbr = f.read(512)
+        if len(mbr) == 512 and mbr[:440].count(0) != 440:
+            return
+        try:
+            uefi = len(mbr) == 512 and mbr[450] == 0xEE and any(p["type"] == ESP for p in disk.partition_table(export, self.image))
+        except disk.DiskError:
+            uefi = False
+        raise InstanceError(f"{self.image}: the disk cannot boot: its MBR holds no boot code "
+                            + ("(a UEFI-only disk: booting with UEFI firmware is not supported yet)"
+                               if uefi else "(no BIOS boot loader installed)"))
+
+    def _mount_root(self, export):
+        """(mount point, [journal ids]) of the guest's Linux root in the overlay."""
+        if self.type == "partition":
+            entries = [{"index": 0, "start": 0, "size": self.size}]
+        else:
+            try:
+                entries = disk.partition_table(export, self.image)
+            except disk.DiskError as exc:
+                raise InstanceError(str(exc)) from None
+        target = os.path.join(self.dir, "root")
+        os.mkdir(target)
+        tried = []
+        for entry in entries:
+            fstype = disk.probe(export, entry["start"], entry["size"])["fstype"]
+            where = f"partition {entry['index']}" if entry["index"] else "the filesystem"
+            if fstype not in MOUNTABLE:
+                tried.append(f"{where}: {fstype or 'no filesystem'}")
+                continue
+            ids = self._mount(export, entry, fstype, target)
+            kind = disk.classify_root(target)
+            subvol = disk._btrfs_root_subvolume(target) if kind is None and fstype == "btrfs" else None
+            if subvol:  # the root is a subvolume (e.g. @): mount that instead
+                self._undo_since(ids[0])
+                ids = self._mount(export, entry, fstype, target, [f"subvol={subvol}"])
+                kind = disk.classify_root(target)
+            if kind == "linux":
+                return target, ids
+            tried.append(f"{where}: {fstype}, not a Linux root")
+            for entry_id in reversed(ids):
+                self._undo(entry_id)
+        raise InstanceError(f"{self.image}: no Linux root filesystem to start the validators from "
+                            f"({'; '.join(tried) or 'no partitions'})")
+
+    def _mount(self, export, entry, fstype, target, extra=()):
+        backing = os.path.realpath(export)
+        for _ in range(20):
+            device = subprocess.run(["losetup", "--find"], stdout=subprocess.PIPE, text=True).stdout.strip()
+            loop = self._add("detach", device=device, backing=backing)
+            result = subprocess.run(["losetup", "--offset", str(entry["start"]), "--sizelimit",
+                                     str(entry["size"]), device, export],
+                                    stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    text=True)
+            if result.returncode == 0:
+                break
+            self.ids.remove(loop)
+            self.journal.done(loop)
+            if "busy" not in result.stderr:
+                raise InstanceError(f"cannot attach a loop device to {export}: {result.stderr.strip()}")
+        else:
+            raise InstanceError(f"cannot attach a loop device to {export}: all busy")
+        mount = self._add("umount", path=os.path.realpath(target))
+        options = ",".join(disk.mount_options(MOUNTABLE[fstype], True) + list(extra))
+        result = subprocess.run(["mount", "-t", MOUNTABLE[fstype], "-o", options, device, target],
+                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)
+        if result.returncode:
+            self._undo(mount)
+            self._undo(loop)
+            raise InstanceError(f"{self.image}: cannot mount its {fstype} filesystem in the overlay: "
+                                f"{result.stderr.strip()}")
+        return [loop, mount]
+
+    def _prepare_boot(self, found):
+        root, ids = found
+        guest = Guest(root)
+        boot = {}
+        try:
+            if not any(guest.exists(path) for path in SYSTEMD):
+                self.emit({"warn": f"{self.image}: the guest has no systemd ({' or '.join(SYSTEMD)}): "
+                                   "the instance validators cannot be started in it"})
+                return None
+            inject(root, self.hooks, self.env, self.token, self.settle, self.hook_timeout)
+            kernel = ramdisk = None
+            if self.type == "partition" or self._needs_probe():
+                kernel, ramdisk = bootdisk.find_kernel(root)
+            if self.type == "partition":
+                boot["kernel"] = self.env.get("IMG_KERNEL") or self._copy_out(guest, kernel, "kernel")
+                boot["initrd"] = self.env.get("IMG_RAMDISK") or (
+                    self._copy_out(guest, ramdisk, "initrd") if ramdisk and not self.env.get("IMG_KERNEL") else None)
+                boot["probe_kernel"] = boot["kernel"]
+            elif kernel:
+                boot["probe_kernel"] = self._copy_out(guest, kernel, "probe-kernel")
+        except (GuestPathError, bootdisk.BootDiskError, hooks_mod.HookError, OSError) as exc:
+            raise InstanceError(f"{self.image}: cannot prepare the guest for validation: {exc}") from None
+        finally:
+            for entry_id in reversed(ids):
+                self._undo(entry_id)
+        return boot
+
+    def _needs_probe(self):
+        wanted = (self.env.get("IMG_INSTANCE_ACCEL") or "auto").lower()
+        return wanted == "auto" and os.access("/dev/kvm", os.R_OK | os.W_OK) and not cached_probe()
+
+    def _copy_out(self, guest, guest_path, name):
+        if not guest_path:
+            raise InstanceError(f"{self.image}: a partition image boots with -kernel, but it has no "
+                                "kernel in /boot (nor /vmlinuz) and IMG_KERNEL was not given")
+        target = os.path.join(self.dir, name)
+        with guest.open(guest_path) as src, open(target, "wb") as dst:
+            if os.fstat(src.fileno()).st_size > KERNEL_LIMIT:
+                raise InstanceError(f"{self.image}: {guest_path} is over {KERNEL_LIMIT} bytes")
+            shutil.copyfileobj(src, dst, 1 << 20)
+        return target
+
+    def _not_applicable(self):
+        return [{"hook": name, "ok": True, "skipped": True, "output": "", "warnings": [], "duration": 0,
+                 "description": "not applicable: the guest has no systemd to start the validators"}
+                for name, _ in self.hooks]
+
+    # -- the boot ---------------------------------------------------------------------
+    def cpu_model(self, accel):
+        if self.env.get("IMG_INSTANCE_CPU_MODEL"):
+            return self.env["IMG_INSTANCE_CPU_MODEL"]
+        # TCG: "max" (all it emulates) boots Debian faster than qemu64; turning
+        # off vmx/svm in it made udev fail in the guest.
+        return "host" if accel == "kvm" else "max"
+
+    def qemu_argv(self, accel, boot, results):
+        argv = ["qemu-system-x86_64", "-name", "euca-image-process-instance",
+                "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
+                "-machine", "pc", "-accel", accel, "-cpu", self.cpu_model(accel),
+                "-m", str(self.memory), "-smp", str(self.cpus),
+                "-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"]
+        for spec in self._blockdevs():
+            argv += ["-blockdev", spec]
+        # Fixed PCI slots: the NIC is in slot 3, as on a default qemu machine
+        # (so a guest configured for ens3 finds it); the disk is in slot 4.
+        if self.bus == "virtio":
+            argv += ["-device", "virtio-blk-pci,drive=disk,addr=0x4"]
+        elif self.bus == "ide":
+            argv += ["-device", "ide-hd,drive=disk,bus=ide.0"]
+        elif self.bus == "sata":
+            argv += ["-device", "ahci,id=ahci,addr=0x4", "-device", "ide-hd,drive=disk,bus=ahci.0"]
+        else:
+            argv += ["-device", "virtio-scsi-pci,id=scsi,addr=0x4",
+                     "-device", "scsi-hd,drive=disk,bus=scsi.0"]
+        argv += ["-netdev", "user,id=net0,restrict=on",
+                 "-device", f"{self.nic},netdev=net0,addr=0x3,mac=52:54:00:12:34:56",
+                 "-chardev", f"file,id=console,path={self.console}", "-serial", "chardev:console",
+                 "-chardev", f"file,id=results,path={results}", "-serial", "chardev:results",
+                 "-chardev", f"file,id=bios,path={self.bios_log}",
+                 "-device", "isa-debugcon,iobase=0x402,chardev=bios"]
+        if boot.get("kernel"):
+            root = {"virtio": "/dev/vda", "scsi": "/dev/sda"}.get(self.bus, "/dev/sda")
+            cmdline = f"root={root} ro console=ttyS0,115200 panic=-1 quiet"
+            extra = self.env.get("IMG_KERNEL_CMDLINE")
+            argv += ["-kernel", boot["kernel"], "-append", f"{cmdline} {extra}" if extra else cmdline]
+            if boot.get("initrd"):
+                argv += ["-initrd", boot["initrd"]]
+        return argv
+
+    def _boot(self, accel, why, boot):
+        results_path = os.path.join(self.dir, "results")
+        qemu_log = os.path.join(self.dir, "qemu.log")
+        for path in (results_path, self.console, self.bios_log):
+            open(path, "wb").close()
+        how = "with -kernel from " + ("IMG_KERNEL" if self.env.get("IMG_KERNEL") else "the image") \
+            if boot.get("kernel") else "through its own boot loader"
+        self.emit({"describe": f"booting {self.image} {how} under qemu ({accel}: {why})"})
+        argv = self.qemu_argv(accel, boot, results_path)
+        started = time.monotonic()
+        with open(qemu_log, "wb") as out:
+            process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                       cwd="/", start_new_session=True)
+        entry = self._add("kill", pid=process.pid)
+        results = Results(self.token, [name for name, _ in self.hooks], self.hook_timeout)
+        try:
+            reason, up_at = self._follow(process, results, results_path, started)
+            if not results.done:
+                # Say why from what we saw, then stop qemu (its exit code changes then).
+                message = self._failure(reason, process.poll(), results, started, qemu_log)
+                self._undo(entry)
+                raise InstanceError(message)
+            done_at = time.monotonic()
+            try:
+                process.wait(timeout=POWEROFF_TIMEOUT)
+                self.emit({"describe": f"the guest ran {len(results.results)} validator(s) in "
+                                       f"{done_at - (up_at or started):.1f} s and powered off in "
+                                       f"{time.monotonic() - done_at:.1f} s ({time.monotonic() - started:.1f} s "
+                                       "from boot to power-off)"})
+            except subprocess.TimeoutExpired:
+                self.emit({"warn": f"the guest did not power off within {POWEROFF_TIMEOUT} s after "
+                                   "the validators; stopped it"})
+        finally:
+            self._undo(entry)  # SIGTERM, then SIGKILL; a no-op once qemu is gone
+            process.wait()
+        if results.state and results.state not in ("running", "degraded"):
+            self.emit({"warn": f"the guest's boot had not settled after {self.settle} s "
+                               f"(systemctl is-system-running: {results.state})"})
+        ordered = results.ordered()
+        for result in ordered:
+            for text in result["warnings"]:
+                self.emit({"warn": f"{result['hook']}: {text}"})
+        return ordered
+
+    def _follow(self, process, results, results_path, started):
+        """Read the results port, the console and the BIOS log until the agent is
+        done, the guest fails, qemu exits or the time is up; returns (fatal
+        reason or None, when the agent began or None)."""
+        up_at, console, bios, received = None, "", "", 0
+        with open(results_path, "rb") as res, open(self.console, "rb") as con, \
+                open(self.bios_log, "rb") as bio:
+            while True:
+                exited = process.poll() is not None  # before reading: nothing is lost
+                now = time.monotonic()
+                data = res.read(65536)
+                received += len(data)
+                if data and received <= RESULTS_LIMIT:
+                    results.feed(data, now)
+                if results.begun and up_at is None:
+                    up_at = now
+                    self.emit({"describe": f"the guest is up and runs the validators "
+                                           f"{now - started:.1f} s after the start"})
+                if results.done:
+                    return None, up_at
+                console = (console + con.read(65536).decode(errors="replace"))[-16384:]
+                bios = (bios + bio.read(65536).decode(errors="replace"))[-4096:]
+                reason = _fatal(FATAL, console) or _fatal(BIOS_FATAL, bios)
+                if reason:
+                    time.sleep(1)  # let the console say the rest
+                    return reason, up_at
+                if exited or now - started > self.timeout:
+                    return None, up_at
+                time.sleep(0.1)
+
+    def _failure(self, reason, code, results, started, qemu_log):
+        elapsed = time.monotonic() - started
+        if reason:
+            what = f"{reason} ({elapsed:.0f} s after the start)"
+        elif code is not None and code != 0:
+            what = f"qemu failed (exit {code}): {_tail(qemu_log, 3) or 'no message'}"
+        elif code == 0:
+            what = (f"the guest stopped (powered off or rebooted) {elapsed:.0f} s after the start, "
+                    + ("before the validators finished" if results.begun
+                       else "before the validation agent started"))
+        elif results.current:
+            what = (f"no result within IMG_INSTANCE_TIMEOUT={self.timeout:g} s: the guest hung "
+                    f"while running {results.current}")
+        elif results.begun:
+            what = f"the validators did not finish within IMG_INSTANCE_TIMEOUT={self.timeout:g} s"
+        else:
+            what = (f"the guest did not come up within IMG_INSTANCE_TIMEOUT={self.timeout:g} s "
+                    "(the validation agent never started)")
+        tail = _tail(self.console) or "(the console is empty: does the guest log to ttyS0?)"
+        return f"{self.image}: {what}; console log: {self.console}; it ends:\n{tail}"
