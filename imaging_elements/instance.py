@@ -259,26 +259,38 @@ if command -v systemctl >/dev/null 2>&1; then
     state=$($limit ${limit:+"$IMGV_SETTLE"} systemctl is-system-running --wait 2>/dev/null)
     say STATE "${state:-unknown}"
 fi
-# hooks.list: NAME ASKS-ACCEPTS (1 when the hook declares `#@ verbs: accepts`)
-while read -r name asks; do
-    hook=$dir/hooks/$name
-    say START "$name"
-    if [ "$asks" = 1 ]; then
+# Instance validators are independent checks of a settled system: they run
+# at once (under TCG a check mostly waits for the emulated CPU), and their
+# results are reported in name order, each with its own duration.
+now_cs() { read -r up _ </proc/uptime; echo "${up%.*}${up#*.}"; }  # centiseconds
+run_hook() {  # NAME ASKS-ACCEPTS: writes the hook's report to $work/NAME.line
+    name=$1 hook=$dir/hooks/$1 out=$work/$1
+    began=$(now_cs)
+    if [ "$2" = 1 ]; then
         rc=0
-        IMG_HOOK=$name $limit ${limit:+10} "$hook" accepts >"$work/reason" 2>&1 </dev/null || rc=$?
+        IMG_HOOK=$name $limit ${limit:+10} "$hook" accepts >"$out.reason" 2>&1 </dev/null || rc=$?
         if [ "$rc" -ne 0 ]; then
-            read -r reason <"$work/reason" || true
-            printf '%s\n' "$reason" >"$work/reason"
-            { printf 'IMGV %s SKIP %s %s ' "$IMGV_TOKEN" "$name" "$rc"; b64 "$work/reason"; echo; } >&9
-            continue
+            read -r reason <"$out.reason" || true
+            printf '%s\n' "$reason" >"$out.reason"
+            { printf 'IMGV %s SKIP %s %s ' "$IMGV_TOKEN" "$name" "$rc"; b64 "$out.reason"; echo; } >"$out.line"
+            return
         fi
     fi
     rc=0
     IMG_HOOK=$name $limit ${limit:+"$IMGV_HOOK_TIMEOUT"} "$hook" run \
-        3>"$work/status" >"$work/output" 2>&1 </dev/null || rc=$?
-    tail -c "$IMGV_OUTPUT_LIMIT" "$work/output" >"$work/tail"
-    { printf 'IMGV %s RESULT %s %s ' "$IMGV_TOKEN" "$name" "$rc"; b64 "$work/status"; printf ' '
-      b64 "$work/tail"; echo; } >&9
+        3>"$out.status" >"$out.output" 2>&1 </dev/null || rc=$?
+    tail -c "$IMGV_OUTPUT_LIMIT" "$out.output" >"$out.tail"
+    { printf 'IMGV %s RESULT %s %s ' "$IMGV_TOKEN" "$name" "$rc"; b64 "$out.status"; printf ' '
+      b64 "$out.tail"; printf ' %s\n' "$(( $(now_cs) - began ))"; } >"$out.line"
+}
+# hooks.list: NAME ASKS-ACCEPTS (1 when the hook declares `#@ verbs: accepts`)
+while read -r name asks; do
+    run_hook "$name" "$asks" &
+done <"$dir/hooks.list"
+wait
+while read -r name asks; do
+    say START "$name"
+    cat "$work/$name.line" >&9 2>/dev/null
 done <"$dir/hooks.list"
 say DONE
 exec 9>&-
@@ -485,15 +497,17 @@ class Results:
             if code == "127" and not said["fail"]:
                 description = f"exit 127: the guest cannot run the hook ({output.strip()[-200:]})"
             self._store(name, {"ok": ok, "skipped": False, "description": description, "output": output,
-                               "warnings": said["warn"]}, now)
+                               "warnings": said["warn"]}, now,
+                        guest_seconds=int(args[4]) / 100 if args[4].isdigit() else None)
         elif kind == "DONE":
             self.done = True
 
-    def _store(self, name, result, now):
+    def _store(self, name, result, now, guest_seconds=None):
         if name in self.results:
             return
         began = self.started_at if self.current == name and self.started_at else now
-        result.update(hook=name, duration=round(now - began, 3))
+        duration = guest_seconds if guest_seconds is not None else now - began
+        result.update(hook=name, duration=round(duration, 3))
         self.results[name] = result
         self.current = None
 
