@@ -21,6 +21,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from imaging_elements import elements  # noqa: E402
+from tests.test_elements import chain_library  # noqa: E402
 
 RUNS = 7
 
@@ -85,13 +86,7 @@ def element_info():
 
 
 def chain():
-    library = {}
-    for i in range(2000):
-        element = elements.Element.__new__(elements.Element)
-        element.name, element.path = f"e{i}", "/nonexistent"
-        element.deps = frozenset([f"e{i + 1}"]) if i < 1999 else frozenset()
-        element.provides = frozenset()
-        library[element.name] = element
+    library = chain_library(2000)
     ms = median_ms(lambda: elements.resolve(["e0"], library))
     report("2000-element dependency chain, in process", ms, 50, 267, "dib resolver")
 

@@ -4,6 +4,7 @@ Everything here calls the standard tools (mke2fs -d, mkfs.xfs, sfdisk,
 qemu-img), so the images are as real as a user's.
 """
 
+import contextlib
 import json
 import os
 import subprocess
@@ -156,6 +157,21 @@ def _copy_sparse(src_path, dst, offset):
             offset += len(chunk)
 
 
+@contextlib.contextmanager
+def mounted(image, mnt, fstype=None):
+    """A filesystem image mounted (read-write, nodev, nosuid) at `mnt` for a with-block."""
+    os.makedirs(mnt, exist_ok=True)
+    loop = sh("losetup", "--find", "--show", image).strip()
+    try:
+        sh("mount", *(["-t", fstype] if fstype else []), "-o", "nodev,nosuid", loop, mnt)
+        try:
+            yield mnt
+        finally:
+            sh("umount", mnt)
+    finally:
+        sh("losetup", "-d", loop)
+
+
 def partitions(path):
     """sfdisk's view of a disk: list of {start, size, type...} in bytes."""
     table = json.loads(sh("sfdisk", "--json", path))["partitiontable"]
@@ -234,17 +250,8 @@ def debian_root_fs():
                 "  APPEND root=LABEL=rootfs ro console=ttyS0,115200\n")})
             make_fs(out, root, size=640 * MiB, label="rootfs")
             shutil.rmtree(root)
-            mnt = os.path.join(work, "mnt")
-            os.mkdir(mnt)
-            loop = sh("losetup", "--find", "--show", out).strip()
-            try:
-                sh("mount", "-o", "nodev,nosuid", loop, mnt)
-                try:
-                    sh("extlinux", "--install", os.path.join(mnt, "boot", "extlinux"))
-                finally:
-                    sh("umount", mnt)
-            finally:
-                sh("losetup", "-d", loop)
+            with mounted(out, os.path.join(work, "mnt")) as mnt:
+                sh("extlinux", "--install", os.path.join(mnt, "boot", "extlinux"))
         finally:
             shutil.rmtree(work, ignore_errors=True)
 

@@ -141,18 +141,9 @@ def _btrfs_subvolume(d):
     path = imagebuild.make_fs(os.path.join(d, "root.btrfs"), None, "btrfs", 128 * MiB, label="btrroot")
     uuid = sh("blkid", "-p", "-o", "value", "-s", "UUID", path).strip()
     tree = _linux_root(d, f"UUID={uuid} / btrfs subvol=@ 0 0\n")
-    mnt = os.path.join(d, "mnt")
-    os.makedirs(mnt)
-    device = sh("losetup", "--find", "--show", path).strip()
-    try:
-        sh("mount", "-t", "btrfs", device, mnt)
-        try:
-            sh("btrfs", "-q", "subvolume", "create", os.path.join(mnt, "@"))
-            sh("cp", "-a", tree + "/.", os.path.join(mnt, "@"))
-        finally:
-            sh("umount", mnt)
-    finally:
-        sh("losetup", "-d", device)
+    with imagebuild.mounted(path, os.path.join(d, "mnt"), "btrfs") as mnt:
+        sh("btrfs", "-q", "subvolume", "create", os.path.join(mnt, "@"))
+        sh("cp", "-a", tree + "/.", os.path.join(mnt, "@"))
     return path
 
 
