@@ -38,6 +38,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from imaging_elements.journal import process_state  # noqa: E402
 from tests import imagebuild  # noqa: E402
 from tests.test_mount_support import MountRun  # noqa: E402
 
@@ -127,17 +128,9 @@ def run_guestmount(vmdk, env):
         with open(pid_file) as f:
             pid = int(f.read())
         subprocess.run(["guestunmount", mnt], env=env, check=True)
-        while os.path.exists(f"/proc/{pid}") and _state(pid) != "Z":
+        while os.path.exists(f"/proc/{pid}") and process_state(pid) != "Z":
             time.sleep(0.01)
         return time.perf_counter() - started
-
-
-def _state(pid):
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return None
 
 
 def main():

@@ -34,17 +34,28 @@ class UndoError(Exception):
     pass
 
 
-def process_start_time(pid):
-    """Start time of `pid` in clock ticks, or None if there is no such process."""
+def _stat_fields(pid):
+    """The fields of /proc/PID/stat after the command name, or None."""
     try:
         with open(f"/proc/{pid}/stat") as f:
             stat = f.read()
     except OSError:
         return None
     # The command name may hold spaces and parentheses: split after the last ')'.
-    fields = stat.rsplit(")", 1)[1].split()
-    if fields[0] == "Z":
-        return None  # dead, waiting only to be reaped by its parent
+    return stat.rsplit(")", 1)[1].split()
+
+
+def process_state(pid):
+    """The state letter of `pid` (R, S, Z, ...), or None if there is no such process."""
+    fields = _stat_fields(pid)
+    return fields[0] if fields else None
+
+
+def process_start_time(pid):
+    """Start time of `pid` in clock ticks, or None if there is no such process."""
+    fields = _stat_fields(pid)
+    if not fields or fields[0] == "Z":
+        return None  # gone, or dead and waiting only to be reaped by its parent
     return int(fields[19])
 
 

@@ -7,6 +7,7 @@ qemu-img), so the images are as real as a user's.
 import contextlib
 import json
 import os
+import random
 import subprocess
 
 MiB = 1024 * 1024
@@ -17,6 +18,15 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 def sh(*argv, **kwargs):
     return subprocess.run([str(a) for a in argv], check=True, stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True, **kwargs).stdout
+
+
+def random_file(path, mib, seed):
+    """`mib` MiB of seeded random bytes: data that does not compress."""
+    rng = random.Random(seed)
+    with open(path, "wb") as f:
+        for _ in range(mib):
+            f.write(rng.randbytes(MiB))
+    return path
 
 
 def write_tree(root, files):

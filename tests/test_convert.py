@@ -68,10 +68,7 @@ def setUpModule():
     fs = imagebuild.make_fs(os.path.join(FIXTURES, "fs.img"), tree, size=30 * MiB, label="rootfs")
     imagebuild.make_disk(os.path.join(FIXTURES, "disk.raw"), [{"image": fs, "bootable": True}])
     # A raw disk that takes a while to compress, for interrupting a conversion.
-    with open(os.path.join(FIXTURES, "random.raw"), "wb") as f:
-        rng = random.Random(7)
-        for _ in range(96):
-            f.write(rng.randbytes(MiB))
+    imagebuild.random_file(os.path.join(FIXTURES, "random.raw"), 96, seed=7)
 
 
 def tearDownModule():

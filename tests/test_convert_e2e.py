@@ -27,10 +27,7 @@ def setUpModule():
     disk = imagebuild.make_disk(os.path.join(FIXTURES, "disk.raw"), [{"image": fs, "bootable": True}])
     imagebuild.qemu_convert(disk, os.path.join(FIXTURES, "disk.vhdx"), "vhdx")
     imagebuild.qemu_convert(disk, os.path.join(FIXTURES, "disk.vmdk"), "vmdk", "subformat=streamOptimized")
-    with open(os.path.join(FIXTURES, "random.raw"), "wb") as f:
-        rng = random.Random(13)
-        for _ in range(96):
-            f.write(rng.randbytes(MiB))
+    imagebuild.random_file(os.path.join(FIXTURES, "random.raw"), 96, seed=13)
 
 
 def tearDownModule():

@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 
-from imaging_elements.journal import Journal, process_start_time
+from imaging_elements.journal import Journal, process_start_time, process_state
 from tests import base
 from tests.test_mount_support import image, test_elements
 
@@ -84,7 +84,7 @@ class FaultTest(base.TestCase):
 
     def assertGone(self, pid, start):
         deadline = time.monotonic() + 10
-        while process_start_time(pid) == start and _state(pid) != "Z":
+        while process_start_time(pid) == start and process_state(pid) != "Z":
             self.assertLess(time.monotonic(), deadline, f"process {pid} still runs")
             time.sleep(0.05)
 
@@ -125,14 +125,6 @@ class FaultTest(base.TestCase):
 
     def test_sigkill_then_cleanup_windows(self):
         self.check_sigkill_then_cleanup("windows")
-
-
-def _state(pid):
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return None
 
 
 def _fault_test(step, name):
