@@ -89,18 +89,20 @@ def run(argv, **kwargs):
     return result.stdout
 
 
-def losetup(path, offset=0, sizelimit=None, readonly=True):
+def losetup(path, offset=0, sizelimit=None, readonly=True, journal_=None):
     """Attach `path` (or a slice of it) to a free loop device: (device, journal id).
 
     Journal first: a free device is picked and journaled, then attached; if
     another process takes it in between, attaching fails and we try the next.
     So no moment exists where the device is attached but not journaled.
+    `journal_` is the hook's own journal unless given.
     """
+    record = journal_ or journal()
     backing = os.path.realpath(path)
     last = ""
     for _ in range(20):
         device = run(["losetup", "--find"]).strip()
-        entry = journal().add("detach", device=device, backing=backing)
+        entry = record.add("detach", device=device, backing=backing)
         argv = ["losetup", "--offset", str(offset)]
         argv += ["--sizelimit", str(sizelimit)] if sizelimit else []
         argv += ["--read-only"] if readonly else []
@@ -108,7 +110,7 @@ def losetup(path, offset=0, sizelimit=None, readonly=True):
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         if result.returncode == 0:
             return device, entry
-        journal().done(entry)
+        record.done(entry)
         last = result.stderr.strip()
         if "busy" not in last:
             break

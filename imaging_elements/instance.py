@@ -40,9 +40,10 @@ import subprocess
 import time
 import uuid
 
-from imaging_elements import bootdisk, disk, qemuimg
+from imaging_elements import bootdisk, disk, hooklib, qemuimg
 from imaging_elements import hooks as hooks_mod
 from imaging_elements.guest import Guest, GuestPathError
+from imaging_elements.journal import Journal
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LIB = os.path.join(ROOT, "lib")
@@ -738,22 +739,12 @@ class _Instance:
                             f"({'; '.join(tried) or 'no partitions'})")
 
     def _mount(self, export, entry, fstype, target, extra=()):
-        backing = os.path.realpath(export)
-        for _ in range(20):
-            device = subprocess.run(["losetup", "--find"], stdout=subprocess.PIPE, text=True).stdout.strip()
-            loop = self._add("detach", device=device, backing=backing)
-            result = subprocess.run(["losetup", "--offset", str(entry["start"]), "--sizelimit",
-                                     str(entry["size"]), device, export],
-                                    stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                    text=True)
-            if result.returncode == 0:
-                break
-            self.ids.remove(loop)
-            self.journal.done(loop)
-            if "busy" not in result.stderr:
-                raise InstanceError(f"cannot attach a loop device to {export}: {result.stderr.strip()}")
-        else:
-            raise InstanceError(f"cannot attach a loop device to {export}: all busy")
+        try:
+            device, loop = hooklib.losetup(export, entry["start"], entry["size"], readonly=False,
+                                           journal_=Journal(self.journal.path, scope=SCOPE))
+        except hooklib.HookFailure as exc:
+            raise InstanceError(str(exc)) from exc
+        self.ids.append(loop)
         mount = self._add("umount", path=os.path.realpath(target))
         options = ",".join(disk.mount_options(MOUNTABLE[fstype], True) + list(extra))
         result = subprocess.run(["mount", "-t", MOUNTABLE[fstype], "-o", options, device, target],

@@ -786,8 +786,10 @@ def remove_work_dir(work, warn, keep_logs=False):
             path = os.path.join(work, name)
             if name == "logs":
                 continue
-            shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) and not os.path.islink(path) \
-                else os.unlink(path)
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                os.unlink(path)
         warn(f"logs kept in {logs}")
         return
     shutil.rmtree(work, ignore_errors=True)
