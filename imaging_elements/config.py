@@ -72,6 +72,10 @@ SETTINGS = (
     Setting("elements_path", ("--elements-path",), "ELEMENTS_PATH",
             "directories to search for elements before the project's own (colon separated, "
             "the first wins)", metavar="DIRS"),
+    Setting("sandbox_limits", ("--sandbox-limit",), "IMG_SANDBOX_LIMITS",
+            "a bound of the sandbox that runs install.d hooks and break-point shells, NAME=VALUE: "
+            "memory, tmpfs, file-size (sizes), processes, cpu (seconds); comma separated or repeated; "
+            "defaults in docs/security.md", kind="append", metavar="NAME=VALUE"),
     Setting("env", ("-e", "--env"), None,
             "set IMG_NAME=VALUE for the hooks (an element's option); may be repeated",
             kind="append", metavar="NAME=VALUE"),
@@ -87,6 +91,17 @@ EXIT_CODES = (
     (130, "interrupted (Ctrl-C)"),
     (143, "terminated (SIGTERM)"),
 )
+
+# A variable is secret when its name (any case) holds one of these words, or ends
+# in KEY (a key given by value).  Secret values are hidden in logs and never
+# given to code that runs from the image, unless a hook declares it (needs-secret).
+SECRET_NAME = re.compile(r"PASSPHRASE|PASSWORD|PASSWD|SECRET|TOKEN|CREDENTIAL|KEY$", re.IGNORECASE)
+
+
+def is_secret_name(name):
+    """Whether the variable `name` holds a secret (see SECRET_NAME)."""
+    return bool(SECRET_NAME.search(name))
+
 
 SIZE = re.compile(r"^(\d+(?:\.\d+)?)\s*([KMGTP]?)(i?B?)$", re.IGNORECASE)
 

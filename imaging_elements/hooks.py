@@ -12,7 +12,7 @@ import sys
 
 HOOK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 CONTEXT_KEYS = ("disk-type", "platform", "source-type", "dest-type", "source-crypt", "dest-crypt")
-HEADER_KEYS = {"description", "requires", "optional", "verbs"} | {"accepts-" + k for k in CONTEXT_KEYS}
+HEADER_KEYS = {"description", "requires", "optional", "verbs", "needs-secret"} | {"accepts-" + k for k in CONTEXT_KEYS}
 VERBS = {"accepts", "required-capacity"}
 HEADER_LINES = 40
 ACCEPTS_TIMEOUT = 10
@@ -47,6 +47,12 @@ class Hook:
     @property
     def verbs(self):
         return set(self.header.get("verbs", "").split())
+
+    @property
+    def secrets(self):
+        """The secret variables this hook declares it needs inside the image (`needs-secret`),
+        named as `-e` names them: IMG_ is added when missing."""
+        return {n if n.startswith("IMG_") else "IMG_" + n for n in self.header.get("needs-secret", "").split()}
 
     def argv(self, verb="run"):
         # Python hooks run under the runner's own interpreter, so they see

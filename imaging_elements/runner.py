@@ -10,7 +10,6 @@ import contextlib
 import fcntl
 import json
 import os
-import re
 import selectors
 import shutil
 import signal
@@ -28,7 +27,6 @@ LIB = os.path.join(ROOT, "lib")
 BIN = os.path.join(ROOT, "bin")
 SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 OUTPUT_TAIL = 20
-SECRET_NAME = re.compile(r"PASSPHRASE|PASSWORD|SECRET|TOKEN")
 
 
 class Phase:
@@ -83,6 +81,10 @@ class Process:
         self.output_tmp = None
         self.breaks = set(filter(None, (args.breaks or "").replace(" ", "").split(",")))
         self.phases = self._selected_phases()
+        try:
+            self.sandbox_limits = sandbox.parse_limits(args.sandbox_limits)
+        except ValueError as exc:
+            raise ProcessFailure(2, f"--sandbox-limit: {exc}") from exc
 
     # -- the whole story -------------------------------------------------------
     def run(self):
@@ -524,9 +526,9 @@ class Process:
         env["IMG_STATUS_FD"] = str(status_write)
         try:
             if phase.where == "chroot":
-                argv = sandbox.hook_argv(self.env["IMG_MOUNT_POINT"], hook,
+                argv = sandbox.hook_argv(self.env["IMG_MOUNT_POINT"], hook, limits=self.sandbox_limits,
                                          writable=self.env.get("IMG_MOUNT_WRITABLE") == "1")
-                env = sandbox.inside_environment(env)
+                env = sandbox.inside_environment(env, hook.secrets)
             else:
                 argv = hook.argv("run")
             process = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
@@ -554,7 +556,9 @@ class Process:
             if validator:
                 self.results.append({"hook": hook.name, "result": "ok", "description": description})
             return
-        reason = report["fail"] or (f"exit {process.returncode}"
+        exit_text = sandbox.exit_reason(process.returncode, self.sandbox_limits) if phase.where == "chroot" \
+            else f"exit {process.returncode}"
+        reason = report["fail"] or (exit_text
                                     + (": " + " | ".join(tail) if tail else ""))
         if validator and hook.optional:
             self.monitor.event("hook-end", phase=phase.name, hook=hook.name, element=hook.element,
@@ -606,7 +610,7 @@ class Process:
     def _redact(self, text):
         """Hide the values of secret variables in anything we log."""
         for name, value in self.env.items():
-            if value and len(value) >= 4 and SECRET_NAME.search(name):
+            if value and len(value) >= 4 and config.is_secret_name(name):
                 text = text.replace(value, "***")
         return text
 
@@ -688,7 +692,7 @@ class Process:
         argv = ["bash", "--norc", "--noprofile", "-i"]
         if phase is not None and phase.where == "chroot":
             env = sandbox.inside_environment(env)
-            argv = sandbox.wrap(self.env["IMG_MOUNT_POINT"], argv, interactive=True,
+            argv = sandbox.wrap(self.env["IMG_MOUNT_POINT"], argv, interactive=True, limits=self.sandbox_limits,
                                 writable=self.env.get("IMG_MOUNT_WRITABLE") == "1")
         self.monitor.event("log", level="INFO",
                            message=f"break point {point}: a shell; exit 0 to go on, exit 1 to stop")

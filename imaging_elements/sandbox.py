@@ -121,11 +121,34 @@ def wrap(root, argv, binds=(), writable=True, interactive=False, limits=None):
     return [sys.executable, "-I", os.path.abspath(__file__), json.dumps(spec)]
 
 
-def hook_argv(root, hook, verb="run", writable=True):
+def hook_argv(root, hook, verb="run", writable=True, limits=None):
     """Run `hook` inside the image: its file is bound at /run/img/hooks/NAME."""
     inside = f"{INSIDE}/hooks/{hook.name}"
     # The guest's own interpreter runs it, chosen by the shebang.
-    return wrap(root, [inside, verb], binds=[(hook.path, inside)], writable=writable)
+    return wrap(root, [inside, verb], binds=[(hook.path, inside)], writable=writable, limits=limits)
+
+
+def parse_limits(items):
+    """["memory=512M,processes=100", "cpu=60"] (or one such string) -> LIMITS with those changed."""
+    from imaging_elements import config  # not at the top: the launcher runs stdlib only
+    limits = dict(LIMITS)
+    if isinstance(items, str):
+        items = [items]
+    for item in ",".join(items or ()).split(","):
+        if not item.strip():
+            continue
+        name, sep, value = item.strip().partition("=")
+        key = name.strip().replace("-", "_")
+        if not sep or key not in LIMITS:
+            raise ValueError(f"{item.strip()!r}: use NAME=VALUE with NAME one of "
+                             + ", ".join(k.replace("_", "-") for k in LIMITS))
+        number = config.parse_size(value) if key in ("memory", "file_size", "tmpfs") else \
+            int(value) if value.strip().isdigit() else -1
+        if number <= 0:
+            raise ValueError(f"{item.strip()!r}: {value!r} is not a positive "
+                             + ("size" if key in ("memory", "file_size", "tmpfs") else "whole number"))
+        limits[key] = number
+    return limits
 
 
 def inside_environment(env, allowed_secrets=()):
@@ -141,13 +164,14 @@ def inside_environment(env, allowed_secrets=()):
             if not config.is_secret_name(name) or name in allowed_secrets}
 
 
-def exit_reason(returncode):
+def exit_reason(returncode, limits=None):
     """Text for a sandboxed command's exit status: which bound stopped it, if one did."""
+    limits = limits or LIMITS
     if returncode in BOUND_EXITS:
         what = BOUND_EXITS[returncode]
         if what == "sandbox setup":
             return "the sandbox could not be set up (see the output)"
-        limit = LIMITS[BOUND_TEXT[what]]
+        limit = limits[BOUND_TEXT[what]]
         shown = f"{limit // MiB} MiB" if what in ("memory", "file size") else \
             f"{limit} s" if what == "CPU time" else str(limit)
         return f"killed: the sandbox's {what} bound ({shown}) was hit"
@@ -271,29 +295,57 @@ class _MountAttr(ctypes.Structure):
 OPEN_TREE_CLONE, OPEN_TREE_CLOEXEC, AT_RECURSIVE, AT_EMPTY_PATH = 1, 0o2000000, 0x8000, 0x1000
 MOUNT_ATTR_RDONLY, MOUNT_ATTR_NOSUID, MOUNT_ATTR_NODEV, MOUNT_ATTR_IDMAP = 0x1, 0x2, 0x4, 0x100000
 MOVE_MOUNT_F_EMPTY_PATH = 0x4
+MS_NOSUID, MS_NODEV, MS_BIND, MS_REC, MS_PRIVATE = 0x2, 0x4, 0x1000, 0x4000, 0x40000
 AT_FDCWD = -100
 
 
 def _idmap_root(root, userns, writable):
-    """Mount an idmapped (through `userns`), nodev, nosuid clone of `root` over `root`."""
+    """An fd on an idmapped (through `userns`), nodev, nosuid detached clone of the tree at `root`."""
     tree = _syscall("open_tree", ctypes.c_int(AT_FDCWD), root.encode(),
                     ctypes.c_uint(OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC | AT_RECURSIVE))
+    attr = _MountAttr(MOUNT_ATTR_IDMAP | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV
+                      | (0 if writable else MOUNT_ATTR_RDONLY), 0, 0, userns)
     try:
-        attr = _MountAttr(MOUNT_ATTR_IDMAP | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV
-                          | (0 if writable else MOUNT_ATTR_RDONLY), 0, 0, userns)
-        try:
-            _syscall("mount_setattr", ctypes.c_int(tree), b"", ctypes.c_uint(AT_EMPTY_PATH | AT_RECURSIVE),
-                     ctypes.byref(attr), ctypes.c_size_t(ctypes.sizeof(attr)))
-        except OSError as exc:
-            fstypes = sorted({line.split()[2] for line in open("/proc/self/mounts")
-                              if line.split()[1] == root or line.split()[1].startswith(root + "/")})
-            raise SandboxError(f"the image's filesystems ({', '.join(fstypes)}) cannot be mapped to "
-                               f"the sandbox's unprivileged user ({exc.strerror}); hooks cannot run "
-                               "inside this image") from exc
-        _syscall("move_mount", ctypes.c_int(tree), b"", ctypes.c_int(AT_FDCWD), root.encode(),
-                 ctypes.c_uint(MOVE_MOUNT_F_EMPTY_PATH))
-    finally:
+        _syscall("mount_setattr", ctypes.c_int(tree), b"", ctypes.c_uint(AT_EMPTY_PATH | AT_RECURSIVE),
+                 ctypes.byref(attr), ctypes.c_size_t(ctypes.sizeof(attr)))
+    except OSError as exc:
         os.close(tree)
+        with open("/proc/self/mounts") as mounts:
+            fstypes = sorted({line.split()[2] for line in mounts
+                              if line.split()[1] == root or line.split()[1].startswith(root + "/")})
+        raise SandboxError(f"the image's filesystems ({', '.join(fstypes)}) cannot be mapped to "
+                           f"the sandbox's unprivileged user ({exc.strerror}); hooks cannot run "
+                           "inside this image") from exc
+    return tree
+
+
+STAGE = "/run"  # in the launcher's own mount namespace only: a tmpfs bwrap's uid can walk
+
+
+def _stage(spec, outer):
+    """Put the idmapped image root and the binds where bwrap, an unprivileged host uid, can
+    reach them (the work directory is 0700): binds on a tmpfs over STAGE.  Returns the
+    spec with those paths."""
+    tree = _idmap_root(spec["root"], outer, spec["writable"])
+    sources = [os.open(host, os.O_PATH | os.O_CLOEXEC) for host, _ in spec["binds"]]
+    _syscall("mount", b"tmpfs", STAGE.encode(), b"tmpfs", ctypes.c_ulong(MS_NODEV | MS_NOSUID),
+             b"mode=0755,size=1m")
+    staged = dict(spec, root=f"{STAGE}/root", binds=[])
+    os.mkdir(staged["root"])
+    _syscall("move_mount", ctypes.c_int(tree), b"", ctypes.c_int(AT_FDCWD), staged["root"].encode(),
+             ctypes.c_uint(MOVE_MOUNT_F_EMPTY_PATH))
+    os.close(tree)
+    for number, (fd, (_, inside)) in enumerate(zip(sources, spec["binds"])):
+        target = f"{STAGE}/bind{number}"
+        if os.path.isdir(f"/proc/self/fd/{fd}"):
+            os.mkdir(target)
+        else:
+            open(target, "w").close()
+        _syscall("mount", f"/proc/self/fd/{fd}".encode(), target.encode(), None,
+                 ctypes.c_ulong(MS_BIND | MS_REC), None)
+        os.close(fd)
+        staged["binds"].append((target, inside))
+    return staged
 
 
 def _seccomp_filter():
@@ -414,37 +466,36 @@ def _launch(spec):
             # Our own mount namespace: the idmapped mount is seen by nobody else and
             # goes away with us, whatever happens.
             _unshare(CLONE_NEWNS)
-            _syscall("mount", b"none", b"/", None, ctypes.c_ulong(0x40000 | 0x4000), None)  # MS_PRIVATE|MS_REC
+            _syscall("mount", b"none", b"/", None, ctypes.c_ulong(MS_PRIVATE | MS_REC), None)
             outer, inner = _user_namespaces()
-            _idmap_root(spec["root"], outer, spec["writable"])
+            staged = _stage(spec, outer)
             seccomp_r, seccomp_w = os.pipe()
             os.write(seccomp_w, _seccomp_filter())
             os.close(seccomp_w)
         except (OSError, SandboxError) as exc:
             sys.stderr.write(f"sandbox: {exc}\n")
             return 245
-        argv = _bwrap_argv(spec, outer, inner, seccomp_r)
+        argv = _bwrap_argv(staged, outer, inner, seccomp_r)
+        fds = (outer, inner, seccomp_r)
         # bwrap itself runs as the unprivileged host uid that OUTER maps to the guest's root.
-        process = subprocess.Popen(argv, pass_fds=(outer, inner, seccomp_r), user=SANDBOX_UID,
-                                   group=SANDBOX_UID, extra_groups=[])
-        for fd in (outer, inner, seccomp_r):
+        process = subprocess.Popen(argv, pass_fds=fds, user=SANDBOX_UID, group=SANDBOX_UID,
+                                   extra_groups=[])
+        for fd in fds:
             os.close(fd)
         signal.signal(signal.SIGTERM, lambda *_: process.send_signal(signal.SIGTERM))
-        while True:
-            try:
-                code = process.wait()
-                break
-            except KeyboardInterrupt:
-                continue
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # the terminal's Ctrl-C goes to bwrap too
+        _, status, usage = os.wait4(process.pid, 0)
+        code = os.waitstatus_to_exitcode(status)
         if code == 0:
             return 0
         if memory and _read_key(memory, "memory.oom_control", "oom_kill"):
             return 241
         if pids and _read_key(pids, "pids.events", "max"):
             return 242
-        if code == 128 + signal.SIGXCPU:
+        if code in (128 + signal.SIGXCPU, -signal.SIGXCPU) and \
+                usage.ru_utime + usage.ru_stime >= limits["cpu"] * 0.9:
             return 243
-        if code == 128 + signal.SIGXFSZ:
+        if code in (128 + signal.SIGXFSZ, -signal.SIGXFSZ):
             return 244
         return min(code, EXIT_GUEST_HIGH) if code > 0 else 128 - code
     finally:
