@@ -142,8 +142,11 @@ def parse_limits(items):
         if not sep or key not in LIMITS:
             raise ValueError(f"{item.strip()!r}: use NAME=VALUE with NAME one of "
                              + ", ".join(k.replace("_", "-") for k in LIMITS))
-        number = config.parse_size(value) if key in ("memory", "file_size", "tmpfs") else \
-            int(value) if value.strip().isdigit() else -1
+        try:
+            number = config.parse_size(value) if key in ("memory", "file_size", "tmpfs") else \
+                int(value) if value.strip().isdigit() else -1
+        except ValueError:
+            number = -1
         if number <= 0:
             raise ValueError(f"{item.strip()!r}: {value!r} is not a positive "
                              + ("size" if key in ("memory", "file_size", "tmpfs") else "whole number"))
@@ -421,12 +424,18 @@ def _read_key(path, name, key):
     return 0
 
 
-def _set_rlimits(limits):
+def _set_rlimits(limits, memory_cgroup, pids_cgroup):
+    """Per-process bounds, inherited by the guest, which cannot raise them.  Where a cgroup
+    bounds the whole tree, its rlimit is only a backstop (the cgroup counts what it stopped)."""
     import resource
-    for which, value in ((resource.RLIMIT_NPROC, limits["processes"]), (resource.RLIMIT_CORE, 0),
-                         (resource.RLIMIT_CPU, limits["cpu"]),
-                         (resource.RLIMIT_FSIZE, limits["file_size"])):
-        resource.setrlimit(which, (value, value))
+    soft = {resource.RLIMIT_NPROC: limits["processes"] * (2 if pids_cgroup else 1),
+            resource.RLIMIT_CORE: 0, resource.RLIMIT_CPU: limits["cpu"],
+            resource.RLIMIT_FSIZE: limits["file_size"]}
+    if not memory_cgroup:
+        soft[resource.RLIMIT_AS] = limits["memory"]
+    for which, value in soft.items():
+        # CPU: SIGXCPU at the soft limit, SIGKILL 5 s later for a guest that ignores it.
+        resource.setrlimit(which, (value, value + 5 if which == resource.RLIMIT_CPU else value))
 
 
 def _bwrap_argv(spec, outer, inner, seccomp):
@@ -459,10 +468,7 @@ def _launch(spec):
     pids = _cgroup("pids", tag, {"pids.max": limits["processes"]})
     try:
         try:
-            _set_rlimits(limits)
-            if not memory:
-                import resource
-                resource.setrlimit(resource.RLIMIT_AS, (limits["memory"], limits["memory"]))
+            _set_rlimits(limits, memory, pids)
             # Our own mount namespace: the idmapped mount is seen by nobody else and
             # goes away with us, whatever happens.
             _unshare(CLONE_NEWNS)
@@ -483,19 +489,19 @@ def _launch(spec):
         for fd in fds:
             os.close(fd)
         signal.signal(signal.SIGTERM, lambda *_: process.send_signal(signal.SIGTERM))
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # the terminal's Ctrl-C goes to bwrap too
-        _, status, usage = os.wait4(process.pid, 0)
-        code = os.waitstatus_to_exitcode(status)
+        signal.signal(signal.SIGINT, lambda *_: None)  # the terminal's Ctrl-C reaches bwrap too; not SIG_IGN, which exec keeps
+        code = process.wait()
         if code == 0:
             return 0
         if memory and _read_key(memory, "memory.oom_control", "oom_kill"):
             return 241
         if pids and _read_key(pids, "pids.events", "max"):
             return 242
-        if code in (128 + signal.SIGXCPU, -signal.SIGXCPU) and \
-                usage.ru_utime + usage.ru_stime >= limits["cpu"] * 0.9:
+        # CPU time and file size are told by the signal that the rlimit sends: a guest may
+        # fake them, to no gain (it fails either way).  The cgroups' counters cannot be faked.
+        if code == 128 + signal.SIGXCPU:
             return 243
-        if code in (128 + signal.SIGXFSZ, -signal.SIGXFSZ):
+        if code == 128 + signal.SIGXFSZ:
             return 244
         return min(code, EXIT_GUEST_HIGH) if code > 0 else 128 - code
     finally:
