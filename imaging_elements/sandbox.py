@@ -484,12 +484,15 @@ def _launch(spec):
         argv = _bwrap_argv(staged, outer, inner, seccomp_r)
         fds = (outer, inner, seccomp_r)
         # bwrap itself runs as the unprivileged host uid that OUTER maps to the guest's root.
-        process = subprocess.Popen(argv, pass_fds=fds, user=SANDBOX_UID, group=SANDBOX_UID,
+        # close_fds=False: what the caller handed us (its status pipe) goes on to the guest.
+        for fd in fds:
+            os.set_inheritable(fd, True)
+        process = subprocess.Popen(argv, close_fds=False, user=SANDBOX_UID, group=SANDBOX_UID,
                                    extra_groups=[])
         for fd in fds:
             os.close(fd)
         signal.signal(signal.SIGTERM, lambda *_: process.send_signal(signal.SIGTERM))
-        signal.signal(signal.SIGINT, lambda *_: None)  # the terminal's Ctrl-C reaches bwrap too; not SIG_IGN, which exec keeps
+        signal.signal(signal.SIGINT, lambda *_: None)  # Ctrl-C reaches bwrap too (not SIG_IGN: exec keeps it)
         code = process.wait()
         if code == 0:
             return 0

@@ -49,7 +49,8 @@ class HostileGuest(base.TestCase):
             f.write(f"# {name}: test element\n")
 
     def guest_tree(self, extra=None):
-        """A root with busybox as /bin/sh and its applets, util-linux setpriv, bash, and `extra`."""
+        """A root with busybox as /bin/sh and its applets, util-linux setpriv, bash, and `extra`
+        ({path: function that makes it})."""
         root = self.path("root")
         if os.path.isdir(root):
             return root
@@ -67,7 +68,7 @@ class HostileGuest(base.TestCase):
         for path, content in (extra or {}).items():
             full = os.path.join(root, path)
             os.makedirs(os.path.dirname(full), exist_ok=True)
-            content(full) if callable(content) else open(full, "w").write(content)
+            content(full)
         return root
 
     def attack(self, script, *options, header="", tree=None, check=None, timeout=300):
@@ -207,13 +208,13 @@ class HostileGuest(base.TestCase):
 
     def test_fork_bomb_is_bounded_and_named(self):
         script = "i=0\nwhile [ $i -lt 400 ]; do sleep 100 & i=$((i+1)); done\necho PROBE forks $i\n"
-        result, probes, events = self.attack(script, "--sandbox-limit", "processes=64", check=1)
+        _, probes, events = self.attack(script, "--sandbox-limit", "processes=64", check=1)
         self.assertNotIn("forks", probes)
         self.assertIn("killed: the sandbox's processes bound (64) was hit", self.failure(events)["reason"])
 
     def test_memory_hog_is_bounded_and_named(self):
         script = "set -e\ndd if=/dev/zero of=/dev/null bs=400M count=1\necho PROBE hog done\n"
-        result, probes, events = self.attack(script, "--sandbox-limit", "memory=128M", check=1)
+        _, probes, events = self.attack(script, "--sandbox-limit", "memory=128M", check=1)
         self.assertNotIn("hog", probes)
         self.assertIn("killed: the sandbox's memory bound (128 MiB) was hit", self.failure(events)["reason"])
 
