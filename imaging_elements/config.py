@@ -92,10 +92,11 @@ EXIT_CODES = (
     (143, "terminated (SIGTERM)"),
 )
 
-# A variable is secret when its name (any case) holds one of these words, or ends
-# in KEY (a key given by value).  Secret values are hidden in logs and never
-# given to code that runs from the image, unless a hook declares it (needs-secret).
-SECRET_NAME = re.compile(r"PASSPHRASE|PASSWORD|PASSWD|SECRET|TOKEN|CREDENTIAL|KEY$", re.IGNORECASE)
+# A variable is secret when its name (any case) holds one of these words
+# (KEY too: a key or a key file's path, both kept from the guest).  Secret values
+# are hidden in logs and never given to code that runs from the image, unless
+# a chroot hook declares it (needs-secret).
+SECRET_NAME = re.compile(r"PASSPHRASE|PASSWORD|PASSWD|SECRET|TOKEN|CREDENTIAL|KEY", re.IGNORECASE)
 
 
 def is_secret_name(name):

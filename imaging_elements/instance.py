@@ -40,7 +40,7 @@ import subprocess
 import time
 import uuid
 
-from imaging_elements import bootdisk, disk, hooklib, qemuimg
+from imaging_elements import bootdisk, config, disk, hooklib, qemuimg
 from imaging_elements import hooks as hooks_mod
 from imaging_elements.guest import Guest, GuestPathError
 from imaging_elements.journal import Journal
@@ -69,7 +69,6 @@ HOST_ONLY = {"IMG_JOURNAL", "IMG_JOURNAL_SCOPE", "IMG_STATUS_FD", "IMG_LIB", "IM
              "IMG_WORK_DIR", "IMG_SCRATCH_DIR", "IMG_MOUNT_POINT", "IMG_IMAGE", "IMG_INPUT",
              "IMG_OUTPUT", "IMG_KERNEL", "IMG_RAMDISK", "IMG_CONVERT_OUTPUT", "IMG_DISK",
              "IMG_ELEMENT_DIR"}
-SECRET = re.compile(r"PASSPHRASE|PASSWORD|SECRET|TOKEN|KEY")
 
 # Console lines that mean the guest will never reach the agent.
 FATAL = [
@@ -120,7 +119,7 @@ def _number(env, name, default, kind=int):
 def guest_environment(env):
     """The IMG_* variables the hooks see inside the guest: no host paths, no secrets."""
     inside = {name: value for name, value in env.items()
-              if name.startswith("IMG_") and name not in HOST_ONLY and not SECRET.search(name)
+              if name.startswith("IMG_") and name not in HOST_ONLY and not config.is_secret_name(name)
               and "\n" not in value}
     inside.update(IMG_PHASE="instance-validate.d", IMG_INSTANCE="1", IMG_LIB=f"{GUEST_DIR}/lib",
                   IMG_STATUS_FD="3", IMG_HOST_HOSTNAME=socket.gethostname(),
