@@ -187,6 +187,20 @@ class HostileGuest(base.TestCase):
         _, probes, _ = self.attack(script, check=0)
         self.assertHeld(probes, "unshare-r", "unshare-user-mount", "unshare-mount", "unshare-net", "host-unshare")
 
+    def test_seccomp_refuses_kernel_attack_surface(self):
+        if not shutil.which("gcc") or not os.path.exists("/usr/lib/x86_64-linux-gnu/libc.a"):
+            self.skipTest("needs gcc and libc6-dev to build the static probe")
+
+        def build(path):
+            imagebuild.sh("gcc", "-static", "-O1", "-o", path, os.path.join(imagebuild.HERE, "images",
+                                                                             "syscall-probe.c"))
+        tree = self.guest_tree({"opt/syscall-probe": build})
+        _, probes, _ = self.attack("/opt/syscall-probe\n", tree=tree, check=0)
+        names = ("keyctl", "add_key", "ptrace", "unshare-user", "clone-newuser", "clone3", "setns", "io_uring",
+                 "bpf", "userfaultfd", "open_tree", "fsopen", "int80")
+        self.assertEqual(sorted(names), sorted(probes))
+        self.assertHeld(probes, *names)
+
     def test_nothing_can_be_mounted(self):
         script = (probe("tmpfs", "mount -t tmpfs none /mnt")
                   + probe("proc", "mount -t proc proc /mnt")
