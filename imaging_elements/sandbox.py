@@ -377,7 +377,9 @@ def _cgroup(controller, name, settings):
         with open("/proc/self/cgroup") as f:
             own = next(line.rstrip("\n").split(":", 2)[2] for line in f
                        if controller in line.split(":", 2)[1].split(","))
-        path = os.path.join(base + own, name)
+        parent = base + own
+        _remove_stale_cgroups(parent)
+        path = os.path.join(parent, name)
         os.mkdir(path)
     except (OSError, StopIteration):
         return None
@@ -389,6 +391,17 @@ def _cgroup(controller, name, settings):
         _remove_cgroup(path)
         return None
     return path
+
+
+def _remove_stale_cgroups(parent):
+    """Empty groups of launchers that were killed (SIGKILL leaves them)."""
+    for entry in os.listdir(parent):
+        pid = entry.removeprefix("imaging-sandbox-")
+        if pid != entry and pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
+            try:
+                os.rmdir(os.path.join(parent, entry))
+            except OSError:
+                pass  # still in use, or another launcher got there first
 
 
 def _remove_cgroup(path):
