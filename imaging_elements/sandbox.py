@@ -112,9 +112,9 @@ def wrap(root, argv, binds=(), writable=True, interactive=False, limits=None):
                            "not found on PATH: apt-get install bubblewrap")
     if not os.path.isdir(root):
         raise SandboxError(f"{root}: the image is not mounted (no mount.d hook mounted it)")
-    binds = [(LIB, f"{INSIDE}/lib"), (os.path.dirname(PACKAGE), f"{INSIDE}/python")] + list(binds)
-    for host, _ in binds:
+    for host in (LIB, PACKAGE):
         _check_readable(host)
+    binds = [(LIB, f"{INSIDE}/lib"), (PACKAGE, f"{INSIDE}/python/imaging_elements")] + list(binds)
     spec = {"root": root, "argv": list(argv), "binds": binds, "writable": bool(writable),
             "interactive": bool(interactive), "limits": dict(LIMITS, **(limits or {}))}
     # -I: the environment (meant for the guest) cannot steer the launcher.
@@ -185,13 +185,11 @@ def exit_reason(returncode, limits=None):
     return f"exit {returncode}"
 
 
-def _check_readable(path):
-    """The guest runs as an unprivileged host uid: what is bound in must be world-readable."""
-    st = os.stat(path)
-    need = 0o005 if os.path.isdir(path) or st.st_mode & 0o111 else 0o004
-    if st.st_mode & need != need:
-        raise SandboxError(f"{path}: must be readable (and executable) by others to be used "
-                           f"inside the sandbox, which runs as an unprivileged user: chmod o+rx")
+def _check_readable(directory):
+    """The guest runs as an unprivileged host uid: a directory bound in must be world-readable."""
+    if os.stat(directory).st_mode & 0o005 != 0o005:
+        raise SandboxError(f"{directory}: must be readable by others to be used inside the sandbox, "
+                           "which runs as an unprivileged user: chmod -R o+rX")
 
 
 # -- the launcher (runs as root on the host, then becomes bubblewrap's parent) -------
@@ -330,9 +328,9 @@ def _stage(spec, outer):
     reach them (the work directory is 0700): binds on a tmpfs over STAGE.  Returns the
     spec with those paths."""
     tree = _idmap_root(spec["root"], outer, spec["writable"])
-    sources = [os.open(host, os.O_PATH | os.O_CLOEXEC) for host, _ in spec["binds"]]
+    sources = [os.open(host, os.O_RDONLY | os.O_CLOEXEC) for host, _ in spec["binds"]]
     _syscall("mount", b"tmpfs", STAGE.encode(), b"tmpfs", ctypes.c_ulong(MS_NODEV | MS_NOSUID),
-             b"mode=0755,size=1m")
+             b"mode=0755,size=16m")
     staged = dict(spec, root=f"{STAGE}/root", binds=[])
     os.mkdir(staged["root"])
     _syscall("move_mount", ctypes.c_int(tree), b"", ctypes.c_int(AT_FDCWD), staged["root"].encode(),
@@ -342,10 +340,14 @@ def _stage(spec, outer):
         target = f"{STAGE}/bind{number}"
         if os.path.isdir(f"/proc/self/fd/{fd}"):
             os.mkdir(target)
+            _syscall("mount", f"/proc/self/fd/{fd}".encode(), target.encode(), None,
+                     ctypes.c_ulong(MS_BIND | MS_REC), None)
         else:
-            open(target, "w").close()
-        _syscall("mount", f"/proc/self/fd/{fd}".encode(), target.encode(), None,
-                 ctypes.c_ulong(MS_BIND | MS_REC), None)
+            # A file (the hook) is copied: a snapshot the guest can read and run, whatever
+            # its mode on the host, and no later change of the host file reaches in.
+            with open(f"/proc/self/fd/{fd}", "rb") as src, open(target, "wb") as dst:
+                shutil.copyfileobj(src, dst)
+            os.chmod(target, 0o555)
         os.close(fd)
         staged["binds"].append((target, inside))
     return staged

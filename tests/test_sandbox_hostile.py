@@ -38,13 +38,13 @@ class HostileGuest(base.TestCase):
         self.element("copy", {"convert.d/10-copy": COPY})
 
     # -- helpers ---------------------------------------------------------------
-    def element(self, name, files):
+    def element(self, name, files, mode=0o755):
         for rel, text in files.items():
             full = os.path.join(self.elements, name, rel)
             os.makedirs(os.path.dirname(full), exist_ok=True)
             with open(full, "w") as f:
                 f.write(text)
-            os.chmod(full, 0o755)
+            os.chmod(full, mode)
         with open(os.path.join(self.elements, name, "README.md"), "w") as f:
             f.write(f"# {name}: test element\n")
 
@@ -71,10 +71,10 @@ class HostileGuest(base.TestCase):
             content(full)
         return root
 
-    def attack(self, script, *options, header="", tree=None, check=None, timeout=300):
+    def attack(self, script, *options, header="", tree=None, check=None, timeout=300, mode=0o755):
         """Run `script` as an install.d hook; (CompletedProcess, {probe: [words]}, events)."""
         image = imagebuild.make_fs(self.path("guest.img"), tree or self.guest_tree(), size=64 * imagebuild.MiB)
-        self.element("attack", {"install.d/50-attack": SH + header + script})
+        self.element("attack", {"install.d/50-attack": SH + header + script}, mode=mode)
         self.output = self.path("out.img")
         result = self.run_bin("euca-image-process", "--status-file", self.path("events.jsonl"),
                               "-i", image, "-t", "partition", "-o", self.output, *options,
@@ -261,7 +261,8 @@ class HostileGuest(base.TestCase):
                   "chmod 0 /etc/hello && cat /etc/hello > /dev/null\n"
                   "/opt/host/bin/bash -c 'echo PROBE bash $BASH_VERSION'\n"
                   "echo PROBE whoami $(id -u):$(id -g)\n")
-        _, probes, _ = self.attack(script, check=0)
+        # A hook only root may read on the host still runs: the guest gets a copy.
+        _, probes, _ = self.attack(script, check=0, mode=0o700)
         self.assertEqual(["0:0"], probes["whoami"])
         self.assertIn("bash", probes)
         stats = {path: debugfs_stat(self.output, path) for path in ("/etc/hello", "/home/user/file", "/usr-tool")}
