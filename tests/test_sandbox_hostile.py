@@ -14,7 +14,7 @@ import shutil
 import stat
 import subprocess
 
-from tests import base, imagebuild
+from tests import base, guestimages, imagebuild
 
 SH = "#!/bin/sh\n"
 COPY = "#!/bin/bash\ncp --sparse=always \"$IMG_IMAGE\" \"$IMG_CONVERT_OUTPUT\"\n"
@@ -253,6 +253,16 @@ class HostileGuest(base.TestCase):
         result = self.run_bin("euca-image-process", "-i", "/nonexistent", "--sandbox-limit", "memory=lots",
                               "mounters", env={"ELEMENTS_PATH": self.elements}, check=2)
         self.assertIn("--sandbox-limit: 'memory=lots'", result.stderr)
+
+    def test_a_filesystem_that_cannot_be_idmapped_is_refused(self):
+        # ntfs-3g (FUSE) cannot be idmapped: no chroot hook rather than one as host root.
+        image = guestimages.make_ntfs(self.path("windows.img"), guestimages.windows_tree(self.path("win")))
+        self.element("attack", {"install.d/50-attack": SH + "echo PROBE ran\n"})
+        result = self.run_bin("euca-image-process", "-i", image, "-t", "partition", "-o", self.path("out.img"),
+                              "mounters", "attack", "copy", env={"ELEMENTS_PATH": self.elements}, check=1)
+        self.assertIn("cannot be mapped to the sandbox's unprivileged user", result.stderr)
+        self.assertIn("(fuse", result.stderr)
+        self.assertNotIn("PROBE ran", result.stderr)
 
     def test_the_hook_still_does_its_work(self):
         script = ("set -e\necho hello > /etc/hello\nmkdir -p /home/user\necho mine > /home/user/file\n"
