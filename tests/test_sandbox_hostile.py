@@ -10,9 +10,13 @@ reads those lines from the event stream and checks the host afterwards too.
 import hashlib
 import json
 import os
+import pty
+import select
 import shutil
 import stat
 import subprocess
+import sys
+import time
 
 from tests import base, guestimages, imagebuild
 
@@ -63,6 +67,7 @@ class HostileGuest(base.TestCase):
                 os.symlink("busybox", os.path.join(root, "bin", applet))
         for binary in ("/usr/bin/setpriv", "/bin/bash"):
             copy_with_libs(binary, root, "/opt/host" + binary)
+        shutil.copy("/bin/bash", os.path.join(root, "bin", "bash"))  # what a break point's shell runs
         for directory in ("proc", "dev", "tmp", "run", "mnt", "etc", "home"):
             os.makedirs(os.path.join(root, directory), exist_ok=True)
         for path, content in (extra or {}).items():
@@ -264,6 +269,28 @@ class HostileGuest(base.TestCase):
         self.assertIn("(fuse", result.stderr)
         self.assertNotIn("PROBE ran", result.stderr)
 
+    def test_break_point_shell_is_in_the_same_sandbox(self):
+        image = imagebuild.make_fs(self.path("guest.img"), self.guest_tree(), size=64 * imagebuild.MiB)
+        self.element("attack", {"install.d/50-attack": SH + "true\n"})
+        pid, fd = pty.fork()
+        if pid == 0:
+            os.environ.update(ELEMENTS_PATH=self.elements, TMPDIR=self.tmp)
+            os.execv(sys.executable, [sys.executable, os.path.join(base.BIN, "euca-image-process"),
+                                      "-i", image, "-t", "partition", "-o", self.path("out.img"),
+                                      "-e", "DB_PASSWORD=hunter2hunter2", "--break", "before-install",
+                                      "mounters", "attack", "copy"])
+        output = read_until(fd, b"before-install] ")
+        self.assertIn(b"[euca-image-process before-install]", output)
+        os.write(fd, b"mount -o remount,bind,rw /run/img/python 2>/dev/null && echo RE''MOUNTED; "
+                     b"echo SECRET=${#IMG_DB_PASSWORD} UID=$(id -u) HOST=$(hostname); grep CapEff /proc/self/status; "
+                     b"exit 0\n")
+        output = read_until(fd, None).decode(errors="replace")
+        _, status = os.waitpid(pid, 0)
+        self.assertEqual(0, os.waitstatus_to_exitcode(status), output)
+        self.assertIn("SECRET=0 UID=0 HOST=imaging-sandbox", output)
+        self.assertNotIn("REMOUNTED", output)
+        self.assertRegex(output, r"CapEff:\s+00000000000000ff")
+
     def test_the_hook_still_does_its_work(self):
         script = ("set -e\necho hello > /etc/hello\nmkdir -p /home/user\necho mine > /home/user/file\n"
                   "chown 1000:1000 /home/user /home/user/file\nchmod 0640 /home/user/file\n"
@@ -279,6 +306,22 @@ class HostileGuest(base.TestCase):
         self.assertEqual((0, 0, 0o100000), stats["/etc/hello"])
         self.assertEqual((1000, 1000, 0o100640), stats["/home/user/file"])
         self.assertEqual((0, 0, 0o104755), stats["/usr-tool"])
+
+
+def read_until(fd, marker, timeout=60):
+    """What a pty says until `marker` (None: until it closes)."""
+    data, deadline = b"", time.monotonic() + timeout
+    while time.monotonic() < deadline and (marker is None or marker not in data):
+        ready, _, _ = select.select([fd], [], [], 0.5)
+        if ready:
+            try:
+                chunk = os.read(fd, 4096)
+            except OSError:
+                break
+            if not chunk:
+                break
+            data += chunk
+    return data
 
 
 def copy_with_libs(binary, root, dest):
