@@ -27,6 +27,7 @@ docs/security.md for the properties and what enforces each one.  In short:
 import ctypes
 import json
 import os
+import platform
 import shutil
 import signal
 import struct
@@ -38,6 +39,10 @@ PACKAGE = os.path.dirname(os.path.abspath(__file__))
 INSIDE = "/run/img"
 HOSTNAME = "imaging-sandbox"
 GUEST_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+# Variables that name host paths: not given to the guest.
+HOST_PATHS = ("IMG_JOURNAL", "IMG_WORK_DIR", "IMG_SCRATCH_DIR", "IMG_ELEMENT_DIR", "TMPDIR", "IMG_IMAGE",
+              "IMG_INPUT", "IMG_OUTPUT", "IMG_KERNEL", "IMG_RAMDISK", "IMG_CONVERT_OUTPUT", "IMG_DISK")
 
 # Host uids and gids SANDBOX_UID..SANDBOX_UID+65535 are the guest's 0..65535:
 # a range no host account uses (far above any /etc/subuid allocation).
@@ -107,6 +112,9 @@ def wrap(root, argv, binds=(), writable=True, interactive=False, limits=None):
     binds: (host path, path inside) pairs bound read-only.  limits: overrides
     of LIMITS.  Checks what can be checked before anything runs.
     """
+    if platform.machine() != "x86_64":
+        raise SandboxError(f"hooks inside the image need an x86_64 host (its system call filter "
+                           f"is x86_64's), not {platform.machine()}")
     if not shutil.which("bwrap"):
         raise SandboxError("running hooks inside the image needs bubblewrap (bwrap), "
                            "not found on PATH: apt-get install bubblewrap")
@@ -160,8 +168,8 @@ def inside_environment(env, allowed_secrets=()):
     from imaging_elements import config  # not at the top: the launcher runs stdlib only
     env = dict(env, IMG_LIB=f"{INSIDE}/lib", PYTHONPATH=f"{INSIDE}/python",
                IMG_MOUNT_POINT="/", IMG_PYTHON="python3", PATH=GUEST_PATH)
-    # Host-side paths mean nothing in there.
-    for name in ("IMG_JOURNAL", "IMG_WORK_DIR", "IMG_SCRATCH_DIR", "IMG_ELEMENT_DIR", "TMPDIR"):
+    # Host-side paths mean nothing in there, and tell the guest about the host.
+    for name in HOST_PATHS:
         env.pop(name, None)
     return {name: value for name, value in env.items()
             if not config.is_secret_name(name) or name in allowed_secrets}

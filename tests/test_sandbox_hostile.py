@@ -215,15 +215,16 @@ class HostileGuest(base.TestCase):
         _, probes, _ = self.attack(script, check=0)
         self.assertHeld(probes, "tmpfs", "proc", "bind", "sysfs", "pivot")
 
-    def test_secrets_reach_the_guest_only_when_declared(self):
+    def test_secrets_and_host_paths_reach_the_guest_only_when_declared(self):
         script = ("echo PROBE password ${#IMG_DB_PASSWORD}\necho PROBE token ${#IMG_API_TOKEN}\n"
-                  "echo PROBE env $(env | grep -c -e hunter2 -e tok3n)\n")
+                  "echo PROBE env $(env | grep -c -e hunter2 -e tok3n)\n"
+                  "echo PROBE host-paths $(env | grep -c -e /tmp/ -e euca-image-process)\n")
         options = ("-e", "DB_PASSWORD=hunter2hunter2", "-e", "API_TOKEN=tok3ntok3n")
         _, probes, _ = self.attack(script, *options, check=0)
-        self.assertEqual({"password": ["0"], "token": ["0"], "env": ["0"]}, probes)
+        self.assertEqual({"password": ["0"], "token": ["0"], "env": ["0"], "host-paths": ["0"]}, probes)
         # Declared by the element: that one secret, and no other, goes in.
         _, probes, _ = self.attack(script, *options, header="#@ needs-secret: DB_PASSWORD\n", check=0)
-        self.assertEqual({"password": ["14"], "token": ["0"], "env": ["1"]}, probes)
+        self.assertEqual({"password": ["14"], "token": ["0"], "env": ["1"], "host-paths": ["0"]}, probes)
 
     def test_fork_bomb_is_bounded_and_named(self):
         script = "i=0\nwhile [ $i -lt 400 ]; do sleep 100 & i=$((i+1)); done\necho PROBE forks $i\n"
