@@ -556,10 +556,11 @@ class Process:
             if validator:
                 self.results.append({"hook": hook.name, "result": "ok", "description": description})
             return
-        exit_text = sandbox.exit_reason(process.returncode, self.sandbox_limits) if phase.where == "chroot" \
+        sandboxed = phase.where == "chroot"  # a bound the sandbox saw wins over what the guest says
+        exit_text = sandbox.exit_reason(process.returncode, self.sandbox_limits) if sandboxed \
             else f"exit {process.returncode}"
-        reason = report["fail"] or (exit_text
-                                    + (": " + " | ".join(tail) if tail else ""))
+        reason = (not (sandboxed and process.returncode in sandbox.BOUND_EXITS) and report["fail"]) \
+            or (exit_text + (": " + " | ".join(tail) if tail else ""))
         if validator and hook.optional:
             self.monitor.event("hook-end", phase=phase.name, hook=hook.name, element=hook.element,
                                result="warning", duration=duration, reason=reason, optional=True)

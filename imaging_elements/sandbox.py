@@ -181,7 +181,7 @@ def exit_reason(returncode, limits=None):
     if returncode in BOUND_EXITS:
         what = BOUND_EXITS[returncode]
         if what == "sandbox setup":
-            return "the sandbox could not be set up (see the output)"
+            return "the sandbox could not be set up"
         limit = limits[BOUND_TEXT[what]]
         shown = f"{limit // MiB} MiB" if what in ("memory", "file size") else \
             f"{limit} s" if what == "CPU time" else str(limit)
@@ -323,8 +323,8 @@ def _idmap_root(root, userns, writable):
             fstypes = sorted({line.split()[2] for line in mounts
                               if line.split()[1] == root or line.split()[1].startswith(root + "/")})
         raise SandboxError(f"the image's filesystems ({', '.join(fstypes)}) cannot be mapped to "
-                           f"the sandbox's unprivileged user ({exc.strerror}); hooks cannot run "
-                           "inside this image") from exc
+                           f"the sandbox's unprivileged user ({exc.strerror}): no hook can run inside "
+                           "this image (that needs ext2/3/4, xfs or btrfs, not FUSE)") from exc
     return tree
 
 
@@ -416,7 +416,7 @@ def _remove_stale_cgroups(parent):
 
 def _remove_cgroup(path):
     """Kill what is left in it (nothing, normally: the PID namespace died with bwrap), then remove it."""
-    for _ in range(100):
+    for _ in range(500):
         try:
             with open(os.path.join(path, "cgroup.procs")) as f:
                 pids = [int(p) for p in f.read().split() if int(p) != os.getpid()]
@@ -432,7 +432,7 @@ def _remove_cgroup(path):
             return
         except OSError:
             import time
-            time.sleep(0.05)
+            time.sleep(0.01)  # its last processes are still being reaped
 
 
 def _read_key(path, name, key):
