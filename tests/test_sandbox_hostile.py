@@ -201,7 +201,8 @@ class HostileGuest(base.TestCase):
                                                                              "syscall-probe.c"))
         tree = self.guest_tree({"opt/syscall-probe": build})
         _, probes, _ = self.attack("/opt/syscall-probe\n", tree=tree, check=0)
-        names = ("keyctl", "add_key", "ptrace", "unshare-user", "clone-newuser", "clone3", "setns", "io_uring",
+        names = ("keyctl", "add_key", "ptrace", "unshare-user", "clone-newuser", "clone3", "setns",
+                 "setns-inherited", "io_uring",
                  "bpf", "userfaultfd", "open_tree", "fsopen", "int80")
         self.assertEqual(sorted(names), sorted(probes))
         self.assertHeld(probes, *names)

@@ -42,6 +42,11 @@ int main(void) {
     report("clone-newuser", syscall(SYS_clone, CLONE_NEWUSER | SIGCHLD, 0, 0, 0, 0));
     report("clone3", syscall(435, clone_args, 88));
     report("setns", syscall(SYS_setns, open("/proc/self/ns/uts", 0), 0));
+    long inherited = -1;  /* any namespace fd the sandbox's setup left open */
+    for (int fd = 3; fd < 64; fd++)
+        if (syscall(SYS_setns, fd, 0) == 0)
+            inherited = 0;
+    report("setns-inherited", inherited);
     report("io_uring", syscall(425, 1, buf));
     report("bpf", syscall(SYS_bpf, 0 /* MAP_CREATE */, buf, 72));
     report("userfaultfd", syscall(SYS_userfaultfd, 0));
