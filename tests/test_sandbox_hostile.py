@@ -147,6 +147,14 @@ class HostileGuest(base.TestCase):
         self.assertHeld(probes, "see", "kill", "kill-all", "nsenter")
         self.assertIsNone(victim.poll())
 
+    def test_network_is_loopback_only(self):
+        script = ("echo PROBE interfaces $(tail -n +3 /proc/net/dev | cut -d: -f1)\n"
+                  + probe("connect", "nc -w 2 1.1.1.1 80 </dev/null")
+                  + probe("abstract-socket", "sh -c 'test -n \"$(grep -F @ /proc/net/unix)\"'"))
+        _, probes, _ = self.attack(script, check=0)
+        self.assertEqual(["lo"], probes["interfaces"])
+        self.assertHeld(probes, "connect", "abstract-socket")
+
     def test_device_nodes_in_the_image_are_unusable(self):
         # A host loop device holding a marker, and nodes for it and /dev/mem shipped in the image.
         disk = self.path("hostdisk")
