@@ -5,23 +5,24 @@ docs/security.md for the properties and what enforces each one.  In short:
 
 * The runner starts this file as a small launcher (`wrap()`): stdlib only, run
   with `python -I`, so nothing of the hook environment steers it.
-* The launcher makes a private mount namespace (its mounts vanish with it),
-  two user namespaces (OUTER maps 0-65535 to the unprivileged host uids
-  SANDBOX_UID..+65535; INNER is a child of OUTER with the identity map), and an
-  idmapped clone of the image root (through OUTER) mounted over the image
-  root, so the guest's root owns the image's root files while being host uid
-  SANDBOX_UID.
-* bubblewrap enters OUTER (`--userns`), builds the sandbox (mount, PID, IPC,
-  UTS, network, cgroup namespaces; private /dev, /proc, size-limited /tmp and
-  /run; read-only binds), then switches to INNER (`--userns2`): the mounts and
-  the PID namespace belong to OUTER, so the guest can change none of them,
-  whatever capabilities it holds in INNER.  Its capability bounding set is the
-  few needed to own files (FILE_CAPS), a seccomp filter refuses namespace,
-  mount, key, BPF, module and tracing calls, and no_new_privs is set.
+* The launcher, as host root, makes two user namespaces (OUTER maps 0-65535 to
+  the unprivileged host ids SANDBOX_UID..+65535; INNER is a child of OUTER with
+  the identity map) and, in a mount namespace of its own (its mounts vanish
+  with it), stages on a tmpfs over /run: an idmapped (through OUTER), nodev,
+  nosuid clone of the image root, so that the guest's root owns the image's
+  root files while being host uid SANDBOX_UID; binds of lib/ and the package;
+  a copy of the hook.
+* bubblewrap, started as host uid SANDBOX_UID, enters OUTER (`--userns`),
+  builds the sandbox from the staged tree (mount, PID, IPC, UTS, network,
+  cgroup namespaces; private /dev, /proc, size-limited /tmp and /run), then
+  switches to INNER (`--userns2`): the mounts and the PID namespace belong to
+  OUTER, so the guest can change none of them.  Its capabilities are the few
+  needed to own files (FILE_CAPS), in INNER only; a seccomp filter refuses
+  namespace, mount, key, BPF, module and tracing calls; no_new_privs is set.
 * Bounds: a memory and a pids cgroup (v1, under the caller's own) when the
-  controllers are there, and rlimits (processes, address space, CPU time, file
-  size, no core dumps) always.  A bound that was hit is told by the exit code
-  (`exit_reason()`).
+  controllers are there, and rlimits (processes, address space without the
+  memory cgroup, CPU time, file size, no core dumps).  A bound that was hit is
+  told by the launcher's exit status (`exit_reason()`).
 """
 
 import ctypes
