@@ -18,6 +18,7 @@ import subprocess
 import sys
 import time
 
+from imaging_elements import config, sandbox
 from tests import base, guestimages, imagebuild
 
 SH = "#!/bin/sh\n"
@@ -318,6 +319,42 @@ class HostileGuest(base.TestCase):
         self.assertEqual((0, 0, 0o100000), stats["/etc/hello"])
         self.assertEqual((1000, 1000, 0o100640), stats["/home/user/file"])
         self.assertEqual((0, 0, 0o104755), stats["/usr-tool"])
+
+
+class SandboxSettings(base.TestCase):
+    """The small functions the runner calls: limits, exit reasons, the secret rule."""
+
+    def test_limits_parse_and_refuse_clearly(self):
+        limits = sandbox.parse_limits(["memory=512M,processes=100", "cpu=60", "file-size=1G"])
+        self.assertEqual((512 * imagebuild.MiB, 100, 60, 1024 * imagebuild.MiB),
+                         (limits["memory"], limits["processes"], limits["cpu"], limits["file_size"]))
+        self.assertEqual(sandbox.LIMITS["tmpfs"], sandbox.parse_limits("memory=1G")["tmpfs"])
+        for bad, message in (("memory", "use NAME=VALUE"), ("disk=1G", "use NAME=VALUE"),
+                             ("processes=-3", "not a positive whole number"), ("tmpfs=0", "not a positive size")):
+            with self.assertRaises(ValueError) as caught:
+                sandbox.parse_limits([bad])
+            self.assertIn(message, str(caught.exception))
+
+    def test_exit_reasons_name_the_bound(self):
+        limits = sandbox.parse_limits("memory=256M,processes=50,cpu=9")
+        self.assertEqual("killed: the sandbox's memory bound (256 MiB) was hit", sandbox.exit_reason(241, limits))
+        self.assertEqual("killed: the sandbox's processes bound (50) was hit", sandbox.exit_reason(242, limits))
+        self.assertEqual("killed: the sandbox's CPU time bound (9 s) was hit", sandbox.exit_reason(243, limits))
+        self.assertEqual("exit 3", sandbox.exit_reason(3, limits))
+        self.assertEqual("exit 240 or more", sandbox.exit_reason(240, limits))
+
+    def test_one_secret_rule(self):
+        for name in ("IMG_DB_PASSWORD", "IMG_API_TOKEN", "IMG_CRYPT_PASSPHRASE", "IMG_AWS_SECRET", "IMG_API_KEY",
+                     "IMG_CRYPT_KEY_FILE", "img_passwd", "IMG_CREDENTIALS"):
+            self.assertTrue(config.is_secret_name(name), name)
+        for name in ("IMG_IMAGE", "IMG_PLATFORM", "IMG_SIZE", "IMG_OUTPUT_CRYPT"):
+            self.assertFalse(config.is_secret_name(name), name)
+        env = sandbox.inside_environment({"IMG_DB_PASSWORD": "x", "IMG_API_TOKEN": "y", "IMG_INPUT": "/srv/u.img",
+                                          "IMG_PLATFORM": "linux"}, {"IMG_DB_PASSWORD"})
+        self.assertEqual("x", env["IMG_DB_PASSWORD"])
+        self.assertNotIn("IMG_API_TOKEN", env)
+        self.assertNotIn("IMG_INPUT", env)
+        self.assertEqual("linux", env["IMG_PLATFORM"])
 
 
 def read_until(fd, marker, timeout=60):
