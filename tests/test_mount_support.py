@@ -402,8 +402,9 @@ time.sleep(120)
 
 def test_elements(directory):
     """Elements `show-tree` (validate.d) and `hold-mount` (mount.d, last) under `directory`."""
-    for element, phase, name, text in (("show-tree", "validate.d", "50-show-tree", SHOW_TREE),
-                                       ("hold-mount", "mount.d", "99-hold-mount", HOLD)):
+    for element, phase, name, text, option in (
+            ("show-tree", "validate.d", "50-show-tree", SHOW_TREE, "SHOW_OUT"),
+            ("hold-mount", "mount.d", "99-hold-mount", HOLD, "HOLD_READY")):
         path = os.path.join(directory, element, phase, name)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with open(path, "w") as f:
@@ -411,4 +412,6 @@ def test_elements(directory):
         os.chmod(path, 0o755)
         with open(os.path.join(directory, element, "README.md"), "w") as f:
             f.write(f"# {element}: a test element of tests/test_mount*.py\n")
+        with open(os.path.join(directory, element, "element-options.yaml"), "w") as f:
+            f.write(f"{option}: {{type: path, description: the file the test reads}}\n")
     return directory
