@@ -547,28 +547,68 @@ def _mount_ntfs(device, target, write):
     return ids
 
 
-def _mount_fat_copy(disk, entry, target):
+# The FAT copy lives on its own small ext4 filesystem in the scratch space,
+# whose size is the cap on the whole copy: a hostile FAT whose directory
+# entries share one cluster chain (or loop) names far more bytes and files
+# than it holds, and the kernel stops the copy at ENOSPC.
+FAT_COPY_FACTOR = 2          # times the FAT's size: room for ext4's own blocks and small files
+FAT_COPY_SLACK = 16 * 1024 * 1024
+
+
+def fat_copy_limit(fat_size, scratch_free):
+    """The most bytes a copy of a FAT of `fat_size` bytes may take."""
+    return min(FAT_COPY_FACTOR * fat_size + FAT_COPY_SLACK, scratch_free)
+
+
+def _mount_fat_copy(disk, entry, target, limit=None):
     """The mtools route: this kernel has no vfat, and the FUSE FAT drivers
     Debian ships are not reliable, so copy the (small) FAT filesystem out with
-    mcopy and bind the copy read-only at `target`.  Changes are not written
-    back, so a writable process gets a warning."""
+    mcopy onto a capped filesystem and bind the copy read-only at `target`.
+    Changes are not written back, so a writable process gets a warning."""
     journal = hooklib.journal()
-    copy = os.path.join(os.environ["IMG_SCRATCH_DIR"], f"fat-{entry['index']}-{uuidlib.uuid4().hex[:8]}")
-    ids = [journal.add("remove", path=copy)]
-    os.makedirs(copy)
+    scratch = os.environ["IMG_SCRATCH_DIR"]
+    if limit is None:
+        stat = os.statvfs(scratch)
+        limit = fat_copy_limit(entry["size"], stat.f_bavail * stat.f_frsize)
+    if limit < 1024 * 1024:
+        raise DiskError(f"{describe_fs(entry)}: no room to copy it out: {limit} bytes free in {scratch}")
+    name = f"fat-{entry['index']}-{uuidlib.uuid4().hex[:8]}"
+    store, copy = os.path.join(scratch, name + ".ext4"), os.path.join(scratch, name)
+    ids = [journal.add("remove", path=store), journal.add("remove", path=copy)]
+    with open(store, "wb") as f:
+        f.truncate(limit)
+    # 1 KiB blocks: FAT clusters can be 512 bytes; one inode per 1 KiB of FAT
+    # at most, which also ends a directory loop.
+    inodes = max(1024, min(entry["size"] // 1024, limit // 2048))
+    _run(["mkfs.ext4", "-q", "-F", "-b", "1024", "-N", str(inodes), "-m", "0", "-O", "^has_journal",
+          "-E", "lazy_itable_init=1,nodiscard", store], f"{describe_fs(entry)}: mkfs.ext4 for its copy")
+    try:
+        device, loop_id = hooklib.losetup(store, readonly=False)
+    except hooklib.HookFailure as exc:
+        raise DiskError(str(exc)) from exc
+    ids.append(loop_id)
+    ids.append(hooklib.mount(device, copy, "ext4", ("rw", "nodev", "nosuid", "noexec")))
+    tree = os.path.join(copy, "fat")  # not the copy's root, which holds lost+found
+    os.mkdir(tree)
     env = dict(os.environ, MTOOLS_SKIP_CHECK="1", MTOOLSRC="/dev/null")
-    # No file of a FAT can be larger than the FAT itself: a hostile one with
-    # cross-linked clusters must not fill the scratch space with one file.
-    limit = entry["size"]
-    # `::/` copies the root directory's contents, hidden files included.
-    _run(["mcopy", "-s", "-p", "-m", "-n", "-Q", "-i", f"{disk}@@{entry['start']}", "::/", copy + "/"],
-         f"{describe_fs(entry)}: mcopy", env=env,
-         preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)))
+    # No file of a FAT can be larger than the FAT itself.
+    file_limit = entry["size"]
+    try:
+        # `::/` copies the root directory's contents, hidden files included.
+        _run(["mcopy", "-s", "-p", "-m", "-n", "-Q", "-i", f"{disk}@@{entry['start']}", "::/", tree + "/"],
+             f"{describe_fs(entry)}: mcopy", env=env,
+             preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (file_limit, file_limit)))
+    except DiskError as exc:
+        if "No space left on device" in str(exc):
+            raise DiskError(f"{describe_fs(entry)}: its files add up to more than {limit} bytes "
+                            f"(the cap for a {entry['size']}-byte FAT): cross-linked or looping "
+                            "directory entries; not copied") from None
+        raise
     fault("fat-copy")
     if writable():
         hooklib.warn(f"{describe_fs(entry)} is FAT: it is mounted as a read-only copy, "
                      "changes to it are not written to the image")
-    ids.append(hooklib.mount(copy, target, None, ("bind", "ro", "nodev", "nosuid")))
+    ids.append(hooklib.mount(tree, target, None, ("bind", "ro", "nodev", "nosuid")))
     return ids
 
 

@@ -324,6 +324,26 @@ class BadInputTest(MountTestCase):
     def test_fstab_but_no_init(self):
         self.assertFails(image("no-init"), "raw", "has /etc/fstab but no init")
 
+    def test_cross_linked_fat_is_capped_in_total(self):
+        # 41 directory entries share one 14 MiB chain: 600 MB to copy from a 16 MiB FAT.
+        path = image("fat-bomb")
+        run = self.mount(path, "raw", expect_ok=False)
+        limit = disk.fat_copy_limit(16 * MiB, 1 << 62)
+        self.assertIn(f"partition 1 (vfat, LABEL=EFI): its files add up to more than {limit} bytes "
+                      f"(the cap for a {16 * MiB}-byte FAT): cross-linked or looping directory entries",
+                      run.failure)
+        scratch = run.env["IMG_SCRATCH_DIR"]
+        # The copy is on a filesystem in a file of the scratch space: that file is all it took.
+        stores = [os.path.join(scratch, n) for n in os.listdir(scratch) if n.endswith(".ext4")]
+        self.assertEqual(1, len(stores))
+        self.assertLessEqual(os.stat(stores[0]).st_blocks * 512, limit)
+        self.assertEqual([], run.unwind())
+        self.assertEqual([], os.listdir(scratch))
+
+    def test_fat_copy_limit(self):
+        self.assertEqual(2 * 100 * MiB + 16 * MiB, disk.fat_copy_limit(100 * MiB, 1 << 40))
+        self.assertEqual(50 * MiB, disk.fat_copy_limit(100 * MiB, 50 * MiB))
+
     def test_lvm_is_reported_as_unsupported(self):
         if not shutil.which("pvcreate"):
             self.skipTest("pvcreate (lvm2) is not installed: cannot build the LVM test image")
