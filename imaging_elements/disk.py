@@ -32,7 +32,7 @@ import sys
 import time
 import uuid as uuidlib
 
-from imaging_elements import hooklib
+from imaging_elements import fstab, hooklib
 from imaging_elements.guest import Guest, GuestPathError, detect_platform
 
 KERNEL_FS = ("ext2", "ext3", "ext4", "xfs", "btrfs", "squashfs")
@@ -42,11 +42,6 @@ QEMU_DRIVERS = {"vmdk": "vmdk", "qcow2": "qcow2", "vhd": "vpc", "vhdx": "vhdx"}
 # dos partition types that only contain other partitions.
 EXTENDED = {"5", "f", "85"}
 INITS = ("/sbin/init", "/usr/sbin/init", "/lib/systemd/systemd", "/usr/lib/systemd/systemd")
-# fstab filesystems that are never a partition of the image.
-VIRTUAL_FS = {"proc", "sysfs", "tmpfs", "devpts", "devtmpfs", "swap", "none", "nfs", "nfs4",
-              "cifs", "smbfs", "9p", "virtiofs", "efivarfs", "securityfs", "debugfs",
-              "cgroup", "cgroup2", "hugetlbfs", "mqueue", "configfs", "fusectl", "pstore",
-              "binfmt_misc", "ramfs", "autofs"}
 READY_TIMEOUT = 30  # seconds for a FUSE daemon to show its mount
 
 
@@ -631,73 +626,18 @@ def classify_root(root):
 
 
 def read_fstab(root):
-    """(spec, guest mount point, fstype, options) from the guest's /etc/fstab."""
+    """The entries of the guest's /etc/fstab (imaging_elements.fstab.Entry); none, with
+    a warning, when it cannot be read."""
     try:
-        lines = Guest(root).read_lines("/etc/fstab")
-    except GuestPathError as exc:
+        entries, _ = fstab.read(Guest(root))
+    except (GuestPathError, fstab.FstabError) as exc:
         hooklib.warn(f"cannot read the guest's /etc/fstab: {exc}")
         return []
-    entries = []
-    for line in lines:
-        fields = line.split("#", 1)[0].split()
-        if len(fields) < 2:
-            continue
-        fields = [_unescape(f) for f in fields] + ["auto", "defaults"][len(fields) - 2:]
-        entries.append((fields[0], fields[1], fields[2], fields[3].split(",")))
     return entries
 
 
-def _unescape(field):
-    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
-
-
-DEV_NAME = re.compile(r"^/dev/(?:(?:[shv]|xv)d([a-z]+)(\d*)|nvme0n1(?:p(\d+))?|mmcblk0(?:p(\d+))?)$")
-BY_LINK = {"by-uuid": "uuid", "by-label": "label", "by-partuuid": "partuuid", "by-partlabel": "partlabel"}
-
-
-class Unsupported(DiskError):
-    pass
-
-
-def resolve_spec(spec, entries):
-    """The entry of the image that an fstab device names, or None.
-
-    Raises Unsupported for LVM names: those need device-mapper.
-    """
-    key = value = None
-    for prefix in ("UUID", "LABEL", "PARTUUID", "PARTLABEL"):
-        if spec.startswith(prefix + "="):
-            key, value = prefix.lower(), spec[len(prefix) + 1:].strip('"')
-    match = re.match(r"^/dev/disk/(by-[a-z]+)/(.+)$", spec)
-    if match and match.group(1) in BY_LINK:
-        key, value = BY_LINK[match.group(1)], _unescape(match.group(2).replace("\\x", "\\"))
-    if key:
-        for entry in entries:
-            have = entry.get(key)
-            if have is not None and (have == value if key in ("label", "partlabel")
-                                     else have.lower() == value.lower()):
-                return entry
-        return None
-    if spec.startswith("/dev/mapper/") or re.match(r"^/dev/[^/]+/[^/]+$", spec) and \
-            not spec.startswith(("/dev/disk/", "/dev/md/")):
-        raise Unsupported(f"{spec} is an LVM (device-mapper) name: logical volumes inside "
-                          "images are not supported"
-                          + ("" if dm_available() else " (and this host has no device-mapper)"))
-    match = DEV_NAME.match(spec)
-    if not match:
-        return None
-    letters, number, nvme, mmc = match.groups()
-    if letters is not None and letters != "a":
-        return None  # another disk of the guest, not this image
-    number = number or nvme or mmc
-    whole = [e for e in entries if e["index"] == 0]
-    if whole:  # a bare filesystem: it is the guest's first disk or its first partition
-        return whole[0] if number in ("", None, "1") else None
-    return next((e for e in entries if number and e["index"] == int(number)), None)
-
-
-def _is_device_spec(spec):
-    return spec.startswith(("UUID=", "LABEL=", "PARTUUID=", "PARTLABEL=", "/dev/"))
+def _unsupported(exc):
+    return str(exc) + ("" if dm_available() else " (and this host has no device-mapper)")
 
 
 # -- the mounter step --------------------------------------------------------------
@@ -772,18 +712,24 @@ def _take_root(entry, kind, subvol):
 def mount_fstab(disk, entries, fstypes, mount_point, write, report):
     """Mount the guest's fstab entries whose filesystem is one of `fstypes`."""
     planned = []
-    for spec, where, fstype, options in read_fstab(mount_point):
-        if not where.startswith("/") or fstype in VIRTUAL_FS or "bind" in options:
+    for line in read_fstab(mount_point):
+        where = line.mountpoint
+        if line.virtual or line.network or line.swap or line.bind:
+            continue
+        if line.relative:
+            if report:
+                hooklib.warn(f"{display_name()}: fstab line {line.lineno} ({line.spec} on {where}): "
+                             "the mount point is not an absolute path; not mounted")
             continue
         try:
-            entry = resolve_spec(spec, entries)
-        except Unsupported as exc:
-            raise DiskError(f"{display_name()}: fstab entry for {where}: {exc}") from None
+            entry, reason = fstab.resolve(line.spec, entries)
+        except fstab.Unsupported as exc:
+            raise DiskError(f"{display_name()}: fstab entry for {where}: {_unsupported(exc)}") from None
         if entry is None:
-            if report and _is_device_spec(spec):
-                hooklib.warn(f"{display_name()}: fstab entry {spec} for {where} matches no "
-                             "filesystem of the image; not mounted")
+            if report and fstab.is_device(line.spec):
+                hooklib.warn(f"{display_name()}: fstab entry for {where}: {reason}; not mounted")
             continue
+        options = line.options
         if entry["fstype"] == "LVM2_member":
             raise DiskError(f"{display_name()}: fstab entry for {where}: {describe_fs(entry)} is "
                             "an LVM physical volume: LVM inside images is not supported")
@@ -867,15 +813,15 @@ def check():
     if classify_root(mount_point) == "fstab":
         raise DiskError(f"{name}: the root ({describe_fs(root)}) has /etc/fstab but no init "
                         f"({', '.join(INITS)}), even with the guest's fstab mounted")
-    for spec, where, fstype, options in (read_fstab(mount_point) if root["fstype"] != "ntfs" else []):
-        if fstype in VIRTUAL_FS or where == "/":
+    for line in (read_fstab(mount_point) if root["fstype"] != "ntfs" else []):
+        if line.virtual or line.network or line.mountpoint == "/":
             continue
         try:
-            entry = resolve_spec(spec, entries)
-        except Unsupported:
+            entry, _ = fstab.resolve(line.spec, entries)
+        except fstab.Unsupported:
             continue
         if entry and entry["fstype"] in FUSE_FS and entry["mountpoint"] is None:
-            hooklib.warn(f"{name}: {where} ({describe_fs(entry)}) is not mounted: add the "
+            hooklib.warn(f"{name}: {line.mountpoint} ({describe_fs(entry)}) is not mounted: add the "
                          f"{FUSE_FS[entry['fstype']]} element")
     mounted = ", ".join(f"{e['mountpoint']} ({describe_fs(e)})" for e in entries if e["mountpoint"])
     hooklib.describe(f"{name}: mounted {mounted}")

@@ -123,11 +123,18 @@ class TestLinuxChecks(LinuxTreeCase):
         self.assertEqual(1, status)
         self.assertEqual(["/etc/fstab: line 2 (/dev/sdb1 on /data): /dev/sdb1 is on a disk other than the "
                           "first; this image is one disk; line 3 (/dev/sda2 on /srv): /dev/sda2: this image "
-                          "has no partition 2; line 4 (/dev/mapper/vg-home on /home): /dev/mapper/vg-home: "
-                          "LVM or device-mapper volumes are not supported; line 6 (LABEL=rootfs on "
+                          "has no partition 2; line 4 (/dev/mapper/vg-home on /home): /dev/mapper/vg-home is "
+                          "an LVM (device-mapper) name: logical volumes inside images are not supported; "
+                          "line 6 (LABEL=rootfs on "
                           "/missing): the mount point /missing does not exist in the image"], said["fail"])
         self.assertEqual(["/etc/fstab line 5 (LABEL=nosuch on /opt): LABEL=nosuch matches no filesystem of "
                           "this image (its LABELs: rootfs) (the entry is nofail/noauto)"], said["warn"])
+
+    def test_fstab_relative_mount_point_is_a_warning(self):
+        self.tree(fstab="LABEL=rootfs / ext4 defaults 0 1\nLABEL=rootfs data ext4 defaults 0 2\n")
+        said = self.check("20-linux-fstab")
+        self.assertEqual(["/etc/fstab line 2 (LABEL=rootfs on data): the mount point is not an absolute "
+                          "path; the guest will not mount it"], said["warn"])
 
     def test_fstab_without_root_entry_or_missing(self):
         self.tree(fstab="LABEL=rootfs /boot ext4 defaults 0 0\n")
