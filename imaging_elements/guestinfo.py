@@ -8,6 +8,7 @@ The inspection report follows libguestfs' `virt-inspector` field names
 (name, distro, product_name, major_version, ...); see docs/validators.md.
 """
 
+import errno
 import fnmatch
 import json
 import os
@@ -304,7 +305,10 @@ KERNEL_LINE = {
 
 
 def boot_configs(g):
-    """[{path, kind, kernels: [guest paths as written], cmdlines: [...]}] of the configs found."""
+    """[{path, kind, kernels: [guest paths as written], cmdlines: [...]}] of the configs found.
+
+    A config that is there but cannot be read (too large, not a regular file,
+    a link out of the image) is listed with `error`, the reason, and no kernels."""
     candidates = list(BOOT_CONFIGS)
     for vendor in g.listdir("/boot/efi/EFI"):
         candidates.append((f"/boot/efi/EFI/{vendor}/grub.cfg", "grub2"))
@@ -312,7 +316,9 @@ def boot_configs(g):
     for path, kind in candidates:
         try:
             text = g.read_text(path)
-        except GuestPathError:
+        except GuestPathError as exc:
+            if exc.errno not in (errno.ENOENT, errno.ENOTDIR):
+                configs.append({"path": path, "kind": kind, "kernels": [], "cmdlines": [], "error": exc.reason})
             continue
         found = KERNEL_LINE[kind].findall(text)
         cmdlines = [rest for _, rest in found]

@@ -162,7 +162,7 @@ class TestLinuxChecks(LinuxTreeCase):
         self.assertEqual("/etc/fstab is not a text file (it holds binary data)", self.fails("20-linux-fstab"))
         with open(os.path.join(self.root, "etc", "fstab"), "wb") as f:
             f.truncate(3 << 30)
-        self.assertEqual("/etc/fstab: file too large (3221225472 bytes, the limit is 1048576)",
+        self.assertEqual("/etc/fstab: too large to read (3221225472 bytes, the limit is 1048576)",
                          self.fails("20-linux-fstab"))
 
     def test_fstab_partition_image(self):
@@ -236,6 +236,13 @@ class TestLinuxChecks(LinuxTreeCase):
         self.tree(extra={"boot/grub/grub.cfg": grub.replace("/boot/vmlinuz-6.0-gone", f"(hd0,msdos1)/vmlinuz-{KERNEL}")})
         self.assertEqual([f"grub2: /boot/grub/grub.cfg boots /boot/vmlinuz-{KERNEL}"],
                          self.check("35-linux-bootloader")["describe"])
+
+    def test_bootloader_config_too_large_to_read(self):
+        self.tree()
+        with open(os.path.join(self.root, "boot", "extlinux", "extlinux.conf"), "wb") as f:
+            f.truncate(1 << 30)  # sparse: 1 GiB that is never read
+        self.assertEqual("/boot/extlinux/extlinux.conf: too large to read (1073741824 bytes, the limit is "
+                         "1048576)", self.fails("35-linux-bootloader"))
 
     def test_bootloader_bls_entries(self):
         self.tree(remove=["boot/extlinux"], extra={
