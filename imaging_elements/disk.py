@@ -536,7 +536,7 @@ def _mount_ntfs(device, target, write):
     ids.append(_last_id(journal))
     if not _wait_mounted(target, process):
         with open(log, errors="replace") as f:
-            lines = [l.strip() for l in f if l.strip()]
+            lines = [line.strip() for line in f if line.strip()]
         raise DiskError(f"ntfs-3g cannot mount it: {' '.join(lines[-3:]) or 'no mount appeared'}")
     fault("ntfs")
     return ids

@@ -564,7 +564,8 @@ def persistent_net_rules(g):
             except GuestPathError:
                 continue
             if info.get("HWADDR"):
-                pins.append(f"{path} pins {info.get('DEVICE') or path.rsplit('ifcfg-', 1)[1]} to HWADDR {info['HWADDR']}")
+                device = info.get("DEVICE") or path.rsplit("ifcfg-", 1)[1]
+                pins.append(f"{path} pins {device} to HWADDR {info['HWADDR']}")
     return pins
 
 
@@ -660,7 +661,8 @@ def osinfo_id(release):
     if distro == "ubuntu":
         return f"ubuntu{major}.{minor:02d}"
     if distro in ("rhel", "centos", "rocky", "alma", "oraclelinux"):
-        return f"{'almalinux' if distro == 'alma' else distro}{major}" + (f".{minor}" if distro != "centos" or major < 8 else "")
+        name = "almalinux" if distro == "alma" else distro
+        return f"{name}{major}" + (f".{minor}" if distro != "centos" or major < 8 else "")
     return f"{distro}{major}.{minor}" if major else distro
 
 

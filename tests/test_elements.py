@@ -188,7 +188,7 @@ class ElementInfoTest(base.TestCase):
 
     def test_list_shows_description_and_location(self):
         out = self.info().stdout
-        line = [l for l in out.splitlines() if l.startswith("a ")][0]
+        line = [text for text in out.splitlines() if text.startswith("a ")][0]
         self.assertIn("first element", line)
         self.assertIn(os.path.join(self.tmp, "a"), line)
 

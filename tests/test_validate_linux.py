@@ -233,7 +233,8 @@ class TestLinuxChecks(LinuxTreeCase):
         self.assertEqual("/boot/grub/grub.cfg points at /boot/vmlinuz-6.0-gone, not a kernel in the image",
                          self.fails("35-linux-bootloader"))
         # A separate /boot: grub's paths are relative to it.
-        self.tree(extra={"boot/grub/grub.cfg": grub.replace("/boot/vmlinuz-6.0-gone", f"(hd0,msdos1)/vmlinuz-{KERNEL}")})
+        self.tree(extra={"boot/grub/grub.cfg": grub.replace("/boot/vmlinuz-6.0-gone",
+                                                             f"(hd0,msdos1)/vmlinuz-{KERNEL}")})
         self.assertEqual([f"grub2: /boot/grub/grub.cfg boots /boot/vmlinuz-{KERNEL}"],
                          self.check("35-linux-bootloader")["describe"])
 
@@ -247,7 +248,8 @@ class TestLinuxChecks(LinuxTreeCase):
     def test_bootloader_bls_entries(self):
         self.tree(remove=["boot/extlinux"], extra={
             "boot/grub2/grub.cfg": "insmod blscfg\nblscfg\n",
-            "boot/loader/entries/abc-6.1.conf": f"title Linux\nlinux /vmlinuz-{KERNEL}\noptions root=LABEL=rootfs console=ttyS0\n"})
+            "boot/loader/entries/abc-6.1.conf":
+                f"title Linux\nlinux /vmlinuz-{KERNEL}\noptions root=LABEL=rootfs console=ttyS0\n"})
         self.assertEqual([f"grub2: /boot/grub2/grub.cfg boots /boot/vmlinuz-{KERNEL}"],
                          self.check("35-linux-bootloader")["describe"])
         self.assertIn("console=ttyS0", self.check("62-linux-serial-console")["describe"][0])
@@ -304,7 +306,8 @@ class TestLinuxChecks(LinuxTreeCase):
 
     def test_network_configurations(self):
         cases = {
-            "netplan": ({"etc/netplan/50-cloud.yaml": "network:\n  version: 2\n  ethernets:\n    ens3:\n      dhcp4: true\n"},
+            "netplan": ({"etc/netplan/50-cloud.yaml":
+                         "network:\n  version: 2\n  ethernets:\n    ens3:\n      dhcp4: true\n"},
                         "DHCP on ens3 (netplan /etc/netplan/50-cloud.yaml)"),
             "ifcfg": ({"etc/sysconfig/network-scripts/ifcfg-eth0": 'DEVICE=eth0\nBOOTPROTO="dhcp"\nONBOOT=yes\n'},
                       "DHCP on eth0 (ifcfg /etc/sysconfig/network-scripts/ifcfg-eth0)"),
@@ -339,9 +342,10 @@ class TestLinuxChecks(LinuxTreeCase):
 
     def test_persistent_net_rules(self):
         self.tree(extra={"etc/udev/rules.d/70-persistent-net.rules":
-                         '# generated\nSUBSYSTEM=="net", ACTION=="add", DRIVERS=="?*", ATTR{address}=="52:54:00:12:34:56", '
-                         'ATTR{type}=="1", KERNEL=="eth*", NAME="eth0"\n',
-                         "etc/sysconfig/network-scripts/ifcfg-eth0": "DEVICE=eth0\nBOOTPROTO=dhcp\nHWADDR=52:54:00:12:34:56\n"})
+                         '# generated\nSUBSYSTEM=="net", ACTION=="add", DRIVERS=="?*", '
+                         'ATTR{address}=="52:54:00:12:34:56", ATTR{type}=="1", KERNEL=="eth*", NAME="eth0"\n',
+                         "etc/sysconfig/network-scripts/ifcfg-eth0":
+                         "DEVICE=eth0\nBOOTPROTO=dhcp\nHWADDR=52:54:00:12:34:56\n"})
         self.assertEqual("interface names pinned to MAC addresses: /etc/udev/rules.d/70-persistent-net.rules pins "
                          "eth0 to MAC 52:54:00:12:34:56; /etc/sysconfig/network-scripts/ifcfg-eth0 pins eth0 to HWADDR "
                          "52:54:00:12:34:56 (on a new instance the first NIC gets another name)",
@@ -428,7 +432,8 @@ class TestLinuxImages(base.TestCase):
                          self.failed(self.image(remove=[f"boot/vmlinuz-{KERNEL}"]), "30-linux-kernel"))
 
     def test_static_ip_only(self):
-        image = self.image(extra={"etc/network/interfaces": "auto eth0\niface eth0 inet static\n  address 192.0.2.10/24\n"},
+        image = self.image(extra={"etc/network/interfaces":
+                                  "auto eth0\niface eth0 inet static\n  address 192.0.2.10/24\n"},
                            remove=["usr/bin/cloud-init"])
         self.assertIn("no DHCP on the first network interface: eth0 is static (ifupdown /etc/network/interfaces "
                       "(address 192.0.2.10/24))", self.failed(image, "50-linux-network"))
@@ -449,7 +454,8 @@ class TestLinuxImages(base.TestCase):
         self.assertNotIn("40-linux-init", events)
 
     def test_init_symlink_escaping_the_image(self):
-        image = self.image(extra={"sbin/init": ("symlink", "../../../../../../../../usr/bin/env")}, remove=["sbin/init"])
+        image = self.image(extra={"sbin/init": ("symlink", "../../../../../../../../usr/bin/env")},
+                           remove=["sbin/init"])
         self.assertEqual("no init the kernel can run: /sbin/init -> ../../../../../../../../usr/bin/env: no such "
                          "file or directory (/usr/bin/env); /lib/systemd/systemd is there, but nothing starts it "
                          "(no working /sbin/init, no init= on the kernel command line)",
