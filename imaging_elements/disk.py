@@ -13,7 +13,8 @@ The pieces the mounter elements (elements/mount-*) are made of:
   ntfs-3g (FUSE), or, for FAT, copied out with mtools and bound read-only;
 * `mount_step()`: find the guest's root and mount the guest's own fstab
   entries beneath it, resolving UUID=, LABEL=, PARTUUID=, PARTLABEL= and
-  /dev names against the image's partitions, never the host's devices.
+  /dev names against the image's partitions, never the host's devices
+  (imaging_elements.fstab, shared with the validators).
 
 The mounter hooks share their state in `$IMG_WORK_DIR/filesystems.json`
 (see docs/mounters.md).  Every loop device, mount and daemon is in the cleanup
@@ -663,7 +664,7 @@ def find_root(disk, entries, fstypes, mount_point, write):
             continue
         kind, subvol = classify_root(mount_point), None
         if kind is None and entry["fstype"] == "btrfs":
-            subvol = _btrfs_root_subvolume(mount_point)
+            subvol = btrfs_root_subvolume(mount_point)
             if subvol:
                 undo(ids)
                 ids = mount_fs(disk, entry, mount_point, write, [f"subvol={subvol}"])
@@ -682,13 +683,16 @@ def find_root(disk, entries, fstypes, mount_point, write):
     return None
 
 
-def _btrfs_root_subvolume(mount_point):
+def btrfs_root_subvolume(mount_point):
     """A top-level btrfs subvolume (e.g. `@`) holding the root, or None."""
     for name in sorted(os.listdir(mount_point)):
         path = os.path.join(mount_point, name)
         if not os.path.islink(path) and os.path.isdir(path) and classify_root(path):
             return name
     return None
+
+
+_btrfs_root_subvolume = btrfs_root_subvolume  # instance.py's old name: drop when it calls the public one
 
 
 def _take_root(entry, kind, subvol):
