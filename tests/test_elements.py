@@ -180,7 +180,8 @@ class ElementInfoTest(base.TestCase):
     def setUp(self):
         super().setUp()
         make(self.tmp, "a", deps=["b"], readme="# a: first element\n\nMore text.\n",
-             options="COLOUR: {type: choice, choices: [red, blue], default: red, description: the colour}\n")
+             options=declare(COLOUR={"type": "choice", "choices": ["red", "blue"], "default": "red",
+                                     "description": "the colour"}))
         make(self.tmp, "b", provides=["virt"])
 
     def info(self, *args, check=0):
@@ -219,7 +220,7 @@ class ElementInfoTest(base.TestCase):
         self.assertEqual("    -e COLOUR=<red|blue> (default red)  the colour", lines[index + 1])
 
     def test_bad_options_file_exits_2(self):
-        make(self.tmp, "b", options="X: {type: nope, description: x}\n")
+        make(self.tmp, "b", options=declare(X={"type": "nope", "description": "x"}))
         result = self.info("b", check=2)
         self.assertIn(os.path.join(self.tmp, "b", elements.OPTIONS_FILE), result.stderr)
 
@@ -235,16 +236,21 @@ class ElementInfoTest(base.TestCase):
                 self.assertTrue(element.description, f"{element.path}/README.md has no description")
 
 
-OPTIONS = """\
-COUNT: {type: int, min: 1, default: 3, description: how many}
-MODE: {type: choice, choices: [fast, slow], description: the mode}
-LIMIT: {type: size, description: the most bytes}
-STRICT: {type: bool, default: no, description: be strict}
-KEY_FILE: {type: path, must-exist: true, description: the key}
-REPORT: {type: path, description: where to write}
-NOTE: {type: string, description: free text}
-RATIO: {type: number, description: a ratio}
-"""
+OPTIONS = json.dumps({
+    "COUNT": {"type": "int", "min": 1, "default": 3, "description": "how many"},
+    "MODE": {"type": "choice", "choices": ["fast", "slow"], "description": "the mode"},
+    "LIMIT": {"type": "size", "description": "the most bytes"},
+    "STRICT": {"type": "bool", "default": False, "description": "be strict"},
+    "KEY_FILE": {"type": "path", "must-exist": True, "description": "the key"},
+    "REPORT": {"type": "path", "description": "where to write"},
+    "NOTE": {"type": "string", "description": "free text"},
+    "RATIO": {"type": "number", "description": "a ratio"},
+})
+
+
+def declare(**options):
+    """element-options.json text: NAME={type: ..., description: ...}."""
+    return json.dumps(options)
 
 
 class OptionsTest(base.TestCase):
@@ -306,7 +312,7 @@ class OptionsTest(base.TestCase):
         self.assertIn("option SIZE of element (core): 'big' is not a size", self.problems(SIZE="big")[0])
 
     def test_option_of_an_unselected_element_is_unknown(self):
-        make(self.tmp, "c", options="ONLY_C: {type: string, description: c's}\n")
+        make(self.tmp, "c", options=declare(ONLY_C={"type": "string", "description": "c's"}))
         library = elements.find_elements(self.tmp)
         self.assertRaises(elements.OptionError, elements.check_options, elements.resolve(["a"], library),
                           {"ONLY_C": "x"})
@@ -314,30 +320,33 @@ class OptionsTest(base.TestCase):
                                                                      {"ONLY_C": "x"}))
 
     def test_two_elements_must_declare_alike(self):
-        make(self.tmp, "c", options="COUNT: {type: string, description: not a number here}\n")
+        make(self.tmp, "c", options=declare(COUNT={"type": "string", "description": "not a number here"}))
         library = elements.find_elements(self.tmp)
         with self.assertRaises(elements.OptionError) as caught:
             elements.check_options(elements.resolve(["a", "c"], library), {})
         self.assertEqual("option COUNT is declared differently by a and c", str(caught.exception))
-        make(self.tmp, "d", options="MODE: {type: choice, choices: [fast, slow], description: same}\n")
+        make(self.tmp, "d", options=declare(MODE={"type": "choice", "choices": ["fast", "slow"],
+                                                  "description": "same"}))
         library = elements.find_elements(self.tmp)
         self.assertEqual("fast", elements.check_options(elements.resolve(["a", "d"], library),
                                                         {"MODE": "fast"})["IMG_MODE"])
 
     def test_bad_declarations_name_the_file(self):
+        x = {"description": "x"}
         cases = {
-            "- a list\n": "must map option names",
-            "lower: {type: string, description: x}\n": "option lower: a name is upper-case",
-            "IMG_X: {type: string, description: x}\n": "option IMG_X: a name is upper-case",
-            "WORK_DIR: {type: path, description: x}\n": "IMG_WORK_DIR is set by the runner",
-            "X: {type: float, description: x}\n": "type 'float' is not one of",
-            "X: {type: string}\n": "needs a description",
-            "X: {type: string, description: x, colour: red}\n": "unknown keys colour",
-            "X: {type: choice, description: x}\n": "choices (a list) go with type choice",
-            "X: {type: string, choices: [a], description: x}\n": "choices (a list) go with type choice",
-            "X: {type: int, default: many, description: x}\n": "default 'many' is not an integer",
-            "X: {type: string, min: 1, description: x}\n": "min is a number",
-            "X: [unclosed\n": "cannot read",
+            '["a list"]': "must map option names",
+            declare(lower={"type": "string", **x}): "option lower: a name is upper-case",
+            declare(IMG_X={"type": "string", **x}): "option IMG_X: a name is upper-case",
+            declare(WORK_DIR={"type": "path", **x}): "IMG_WORK_DIR is set by the runner",
+            declare(X={"type": "float", **x}): "type 'float' is not one of",
+            declare(X={"type": "string"}): "needs a description",
+            declare(X={"type": "string", "colour": "red", **x}): "unknown keys colour",
+            declare(X={"type": "choice", **x}): "choices (a list) go with type choice",
+            declare(X={"type": "string", "choices": ["a"], **x}): "choices (a list) go with type choice",
+            declare(X={"type": "int", "default": "many", **x}): "default 'many' is not an integer",
+            declare(X={"type": "string", "min": 1, **x}): "min is a number",
+            declare(X="int"): "must be a mapping",
+            '{"X": {"type": ': "cannot read",
         }
         for text, message in cases.items():
             path = make(self.tmp, "bad", options=text)
@@ -364,7 +373,7 @@ class StockOptionsTest(base.TestCase):
             declared = elements.declared_options(elements.resolve([element.name], library))
             for directory, _, files in os.walk(element.path):
                 for name in files:
-                    if name.endswith((".md", ".yaml")):
+                    if name.endswith((".md", ".json")):
                         continue
                     with open(os.path.join(directory, name), errors="replace") as f:
                         text = f.read()
@@ -380,3 +389,9 @@ class StockOptionsTest(base.TestCase):
         selected = elements.resolve(["max-size"], library)
         self.assertEqual("1099511627776", elements.check_options(selected, {})["IMG_MAX_SIZE"])
         self.assertRaises(elements.OptionError, elements.check_options, selected, {"MAX_SIZE": "big"})
+
+    def test_numbers_must_be_finite(self):
+        option = elements.Option("X", "e", "number", "x")
+        for value in ("nan", "inf", "-inf"):
+            self.assertRaises(ValueError, option.check, value)
+        self.assertEqual("0.5", option.check("0.5"))

@@ -456,6 +456,6 @@ def test_elements(directory):
         os.chmod(path, 0o755)
         with open(os.path.join(directory, element, "README.md"), "w") as f:
             f.write(f"# {element}: a test element of tests/test_mount*.py\n")
-        with open(os.path.join(directory, element, "element-options.yaml"), "w") as f:
-            f.write(f"{option}: {{type: path, description: the file the test reads}}\n")
+        with open(os.path.join(directory, element, "element-options.json"), "w") as f:
+            json.dump({option: {"type": "path", "description": "the file the test reads"}}, f)
     return directory

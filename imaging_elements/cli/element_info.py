@@ -2,6 +2,7 @@
 
 import argparse
 import json
+import os
 import sys
 
 from imaging_elements import elements
@@ -21,7 +22,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     warnings = []
     try:
-        library = elements.find_elements(args.elements_path, warn=warnings.append)
+        path = args.elements_path if args.elements_path is not None else os.environ.get("ELEMENTS_PATH", "")
+        library = elements.find_elements(path, warn=warnings.append)
         chosen = (elements.resolve(args.names, library) if args.expand_dependencies or args.env
                   else [library[n] if n in library else _missing(n) for n in args.names]
                   if args.names else sorted(library.values(), key=lambda e: e.name))
