@@ -390,6 +390,18 @@ class StockOptionsTest(base.TestCase):
         self.assertEqual("1099511627776", elements.check_options(selected, {})["IMG_MAX_SIZE"])
         self.assertRaises(elements.OptionError, elements.check_options, selected, {"MAX_SIZE": "big"})
 
+    def test_the_python_example_in_the_docs_runs(self):
+        import contextlib
+        import io
+        import re
+        with open(os.path.join(base.ROOT, "docs", "writing-elements.md")) as f:
+            text = f.read()
+        code = re.search(r"From Python.*?```python\n(.*?)```", text, re.S).group(1)
+        namespace, out = {}, io.StringIO()
+        with contextlib.redirect_stdout(out):
+            exec(compile(code, "docs/writing-elements.md", "exec"), namespace)
+        self.assertEqual("1G", namespace["env"]["IMG_MIN_FREE_SPACE"])
+
     def test_numbers_must_be_finite(self):
         option = elements.Option("X", "e", "number", "x")
         for value in ("nan", "inf", "-inf"):
