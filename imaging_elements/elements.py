@@ -231,6 +231,8 @@ class Option:
     def check(self, value):
         """The value as hooks will see it; ValueError with the reason when it is bad."""
         value = str(value)
+        if "\0" in value:
+            raise ValueError("holds a NUL byte, which no environment variable can")
         if self.kind == "bool":
             if value.lower() not in BOOL_WORDS:
                 raise ValueError(f"{value!r} is not yes or no")

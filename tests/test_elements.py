@@ -300,6 +300,10 @@ class OptionsTest(base.TestCase):
             "option RATIO of element a: 'x' is not a number",
             "option REPORT of element a: an empty path"], problems)
 
+    def test_nul_byte(self):
+        self.assertEqual(["option NOTE of element a: holds a NUL byte, which no environment variable can"],
+                         self.problems(NOTE="a\0b"))
+
     def test_minimum(self):
         self.assertEqual(["option COUNT of element a: 0 is less than 1"], self.problems(COUNT="0"))
 
