@@ -20,21 +20,21 @@ import sys
 from imaging_elements.guest import Guest, GuestPathError
 
 
-def linux_guest():
-    """The guest mounted at $IMG_MOUNT_POINT, case-sensitive."""
-    return Guest(os.environ.get("IMG_MOUNT_POINT"))
+def linux_guest(root):
+    """The guest mounted at `root` ($IMG_MOUNT_POINT in a hook), case-sensitive."""
+    return Guest(root)
 
 
-def windows_guest():
-    """The guest mounted at $IMG_MOUNT_POINT, looked up case-insensitively as Windows does."""
-    return Guest(os.environ.get("IMG_MOUNT_POINT"), nocase=True)
+def windows_guest(root):
+    """The guest mounted at `root`, looked up case-insensitively as Windows does."""
+    return Guest(root, nocase=True)
+
 
 # ---------------------------------------------------------------------------
 # filesystems.json: the mounters' view of the image's filesystems
 
-def load_filesystems(work_dir=None):
-    """The list the mounters wrote to $IMG_WORK_DIR/filesystems.json ([] if none)."""
-    work_dir = work_dir or os.environ.get("IMG_WORK_DIR")
+def load_filesystems(work_dir):
+    """The list the mounters wrote to WORK_DIR/filesystems.json ([] if none)."""
     if not work_dir:
         return []
     try:
@@ -47,10 +47,11 @@ def load_filesystems(work_dir=None):
     return [fs for fs in data if isinstance(fs, dict)]
 
 
-def is_partition_image(filesystems=()):
-    """A bare filesystem (AMI) image rather than a whole disk (the mounters give it index 0)."""
-    return ("partition" in (os.environ.get("IMG_IMAGE_TYPE"), os.environ.get("IMG_DISK_TYPE"))
-            or any(fs.get("index") == 0 for fs in filesystems))
+def is_partition_image(filesystems, *types):
+    """A bare filesystem (AMI) image rather than a whole disk: one of `types` (a hook
+    passes $IMG_IMAGE_TYPE and $IMG_DISK_TYPE) is `partition`, or the mounters gave
+    a filesystem index 0."""
+    return "partition" in types or any(fs.get("index") == 0 for fs in filesystems)
 
 
 def describe_fs(fs):
@@ -793,7 +794,7 @@ def inspect(root, platform=None, filesystems=None):
     """The inspection report as a dict (virt-inspector's fields where they exist)."""
     from imaging_elements.guest import detect_platform
     platform = platform if platform in ("linux", "windows") else detect_platform(root)
-    filesystems = load_filesystems() if filesystems is None else filesystems
+    filesystems = filesystems or []
     report = {"name": platform, "arch": None, "distro": None, "product_name": None,
               "product_variant": None, "major_version": None, "minor_version": None,
               "hostname": None, "osinfo": None, "package_format": None,
@@ -886,10 +887,11 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if not args.root:
         parser.error("no image root: give --root or set IMG_MOUNT_POINT")
-    filesystems = None
     if args.filesystems:
         with open(args.filesystems) as f:
             filesystems = json.load(f)
+    else:
+        filesystems = load_filesystems(os.environ.get("IMG_WORK_DIR"))
     report = inspect(args.root, args.platform, filesystems)
     print(json.dumps(report, indent=2) if args.json else format_report(report))
     return 0
