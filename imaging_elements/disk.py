@@ -13,7 +13,8 @@ The pieces the mounter elements (elements/mount-*) are made of:
   ntfs-3g (FUSE), or, for FAT, copied out with mtools and bound read-only;
 * `mount_step()`: find the guest's root and mount the guest's own fstab
   entries beneath it, resolving UUID=, LABEL=, PARTUUID=, PARTLABEL= and
-  /dev names against the image's partitions, never the host's devices.
+  /dev names against the image's partitions, never the host's devices
+  (imaging_elements.fstab, shared with the validators).
 
 The mounter hooks share their state in `$IMG_WORK_DIR/filesystems.json`
 (see docs/mounters.md).  Every loop device, mount and daemon is in the cleanup
@@ -32,7 +33,7 @@ import sys
 import time
 import uuid as uuidlib
 
-from imaging_elements import hooklib
+from imaging_elements import fstab, hooklib
 from imaging_elements.guest import Guest, GuestPathError, detect_platform
 
 KERNEL_FS = ("ext2", "ext3", "ext4", "xfs", "btrfs", "squashfs")
@@ -42,11 +43,6 @@ QEMU_DRIVERS = {"vmdk": "vmdk", "qcow2": "qcow2", "vhd": "vpc", "vhdx": "vhdx"}
 # dos partition types that only contain other partitions.
 EXTENDED = {"5", "f", "85"}
 INITS = ("/sbin/init", "/usr/sbin/init", "/lib/systemd/systemd", "/usr/lib/systemd/systemd")
-# fstab filesystems that are never a partition of the image.
-VIRTUAL_FS = {"proc", "sysfs", "tmpfs", "devpts", "devtmpfs", "swap", "none", "nfs", "nfs4",
-              "cifs", "smbfs", "9p", "virtiofs", "efivarfs", "securityfs", "debugfs",
-              "cgroup", "cgroup2", "hugetlbfs", "mqueue", "configfs", "fusectl", "pstore",
-              "binfmt_misc", "ramfs", "autofs"}
 READY_TIMEOUT = 30  # seconds for a FUSE daemon to show its mount
 
 
@@ -541,34 +537,74 @@ def _mount_ntfs(device, target, write):
     ids.append(_last_id(journal))
     if not _wait_mounted(target, process):
         with open(log, errors="replace") as f:
-            lines = [l.strip() for l in f if l.strip()]
+            lines = [line.strip() for line in f if line.strip()]
         raise DiskError(f"ntfs-3g cannot mount it: {' '.join(lines[-3:]) or 'no mount appeared'}")
     fault("ntfs")
     return ids
 
 
-def _mount_fat_copy(disk, entry, target):
+# The FAT copy lives on its own small ext4 filesystem in the scratch space,
+# whose size is the cap on the whole copy: a hostile FAT whose directory
+# entries share one cluster chain (or loop) names far more bytes and files
+# than it holds, and the kernel stops the copy at ENOSPC.
+FAT_COPY_FACTOR = 2          # times the FAT's size: room for ext4's own blocks and small files
+FAT_COPY_SLACK = 16 * 1024 * 1024
+
+
+def fat_copy_limit(fat_size, scratch_free):
+    """The most bytes a copy of a FAT of `fat_size` bytes may take."""
+    return min(FAT_COPY_FACTOR * fat_size + FAT_COPY_SLACK, scratch_free)
+
+
+def _mount_fat_copy(disk, entry, target, limit=None):
     """The mtools route: this kernel has no vfat, and the FUSE FAT drivers
     Debian ships are not reliable, so copy the (small) FAT filesystem out with
-    mcopy and bind the copy read-only at `target`.  Changes are not written
-    back, so a writable process gets a warning."""
+    mcopy onto a capped filesystem and bind the copy read-only at `target`.
+    Changes are not written back, so a writable process gets a warning."""
     journal = hooklib.journal()
-    copy = os.path.join(os.environ["IMG_SCRATCH_DIR"], f"fat-{entry['index']}-{uuidlib.uuid4().hex[:8]}")
-    ids = [journal.add("remove", path=copy)]
-    os.makedirs(copy)
+    scratch = os.environ["IMG_SCRATCH_DIR"]
+    if limit is None:
+        stat = os.statvfs(scratch)
+        limit = fat_copy_limit(entry["size"], stat.f_bavail * stat.f_frsize)
+    if limit < 1024 * 1024:
+        raise DiskError(f"{describe_fs(entry)}: no room to copy it out: {limit} bytes free in {scratch}")
+    name = f"fat-{entry['index']}-{uuidlib.uuid4().hex[:8]}"
+    store, copy = os.path.join(scratch, name + ".ext4"), os.path.join(scratch, name)
+    ids = [journal.add("remove", path=store), journal.add("remove", path=copy)]
+    with open(store, "wb") as f:
+        f.truncate(limit)
+    # 1 KiB blocks: FAT clusters can be 512 bytes; one inode per 1 KiB of FAT
+    # at most, which also ends a directory loop.
+    inodes = max(1024, min(entry["size"] // 1024, limit // 2048))
+    _run(["mkfs.ext4", "-q", "-F", "-b", "1024", "-N", str(inodes), "-m", "0", "-O", "^has_journal",
+          "-E", "lazy_itable_init=1,nodiscard", store], f"{describe_fs(entry)}: mkfs.ext4 for its copy")
+    try:
+        device, loop_id = hooklib.losetup(store, readonly=False)
+    except hooklib.HookFailure as exc:
+        raise DiskError(str(exc)) from exc
+    ids.append(loop_id)
+    ids.append(hooklib.mount(device, copy, "ext4", ("rw", "nodev", "nosuid", "noexec")))
+    tree = os.path.join(copy, "fat")  # not the copy's root, which holds lost+found
+    os.mkdir(tree)
     env = dict(os.environ, MTOOLS_SKIP_CHECK="1", MTOOLSRC="/dev/null")
-    # No file of a FAT can be larger than the FAT itself: a hostile one with
-    # cross-linked clusters must not fill the scratch space with one file.
-    limit = entry["size"]
-    # `::/` copies the root directory's contents, hidden files included.
-    _run(["mcopy", "-s", "-p", "-m", "-n", "-Q", "-i", f"{disk}@@{entry['start']}", "::/", copy + "/"],
-         f"{describe_fs(entry)}: mcopy", env=env,
-         preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)))
+    # No file of a FAT can be larger than the FAT itself.
+    file_limit = entry["size"]
+    try:
+        # `::/` copies the root directory's contents, hidden files included.
+        _run(["mcopy", "-s", "-p", "-m", "-n", "-Q", "-i", f"{disk}@@{entry['start']}", "::/", tree + "/"],
+             f"{describe_fs(entry)}: mcopy", env=env,
+             preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (file_limit, file_limit)))
+    except DiskError as exc:
+        if "No space left on device" in str(exc):
+            raise DiskError(f"{describe_fs(entry)}: its files add up to more than {limit} bytes "
+                            f"(the cap for a {entry['size']}-byte FAT): cross-linked or looping "
+                            "directory entries; not copied") from None
+        raise
     fault("fat-copy")
     if writable():
         hooklib.warn(f"{describe_fs(entry)} is FAT: it is mounted as a read-only copy, "
                      "changes to it are not written to the image")
-    ids.append(hooklib.mount(copy, target, None, ("bind", "ro", "nodev", "nosuid")))
+    ids.append(hooklib.mount(tree, target, None, ("bind", "ro", "nodev", "nosuid")))
     return ids
 
 
@@ -591,73 +627,18 @@ def classify_root(root):
 
 
 def read_fstab(root):
-    """(spec, guest mount point, fstype, options) from the guest's /etc/fstab."""
+    """The entries of the guest's /etc/fstab (imaging_elements.fstab.Entry); none, with
+    a warning, when it cannot be read."""
     try:
-        lines = Guest(root).read_lines("/etc/fstab")
-    except GuestPathError as exc:
+        entries, _ = fstab.read(Guest(root))
+    except (GuestPathError, fstab.FstabError) as exc:
         hooklib.warn(f"cannot read the guest's /etc/fstab: {exc}")
         return []
-    entries = []
-    for line in lines:
-        fields = line.split("#", 1)[0].split()
-        if len(fields) < 2:
-            continue
-        fields = [_unescape(f) for f in fields] + ["auto", "defaults"][len(fields) - 2:]
-        entries.append((fields[0], fields[1], fields[2], fields[3].split(",")))
     return entries
 
 
-def _unescape(field):
-    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
-
-
-DEV_NAME = re.compile(r"^/dev/(?:(?:[shv]|xv)d([a-z]+)(\d*)|nvme0n1(?:p(\d+))?|mmcblk0(?:p(\d+))?)$")
-BY_LINK = {"by-uuid": "uuid", "by-label": "label", "by-partuuid": "partuuid", "by-partlabel": "partlabel"}
-
-
-class Unsupported(DiskError):
-    pass
-
-
-def resolve_spec(spec, entries):
-    """The entry of the image that an fstab device names, or None.
-
-    Raises Unsupported for LVM names: those need device-mapper.
-    """
-    key = value = None
-    for prefix in ("UUID", "LABEL", "PARTUUID", "PARTLABEL"):
-        if spec.startswith(prefix + "="):
-            key, value = prefix.lower(), spec[len(prefix) + 1:].strip('"')
-    match = re.match(r"^/dev/disk/(by-[a-z]+)/(.+)$", spec)
-    if match and match.group(1) in BY_LINK:
-        key, value = BY_LINK[match.group(1)], _unescape(match.group(2).replace("\\x", "\\"))
-    if key:
-        for entry in entries:
-            have = entry.get(key)
-            if have is not None and (have == value if key in ("label", "partlabel")
-                                     else have.lower() == value.lower()):
-                return entry
-        return None
-    if spec.startswith("/dev/mapper/") or re.match(r"^/dev/[^/]+/[^/]+$", spec) and \
-            not spec.startswith(("/dev/disk/", "/dev/md/")):
-        raise Unsupported(f"{spec} is an LVM (device-mapper) name: logical volumes inside "
-                          "images are not supported"
-                          + ("" if dm_available() else " (and this host has no device-mapper)"))
-    match = DEV_NAME.match(spec)
-    if not match:
-        return None
-    letters, number, nvme, mmc = match.groups()
-    if letters is not None and letters != "a":
-        return None  # another disk of the guest, not this image
-    number = number or nvme or mmc
-    whole = [e for e in entries if e["index"] == 0]
-    if whole:  # a bare filesystem: it is the guest's first disk or its first partition
-        return whole[0] if number in ("", None, "1") else None
-    return next((e for e in entries if number and e["index"] == int(number)), None)
-
-
-def _is_device_spec(spec):
-    return spec.startswith(("UUID=", "LABEL=", "PARTUUID=", "PARTLABEL=", "/dev/"))
+def _unsupported(exc):
+    return str(exc) + ("" if dm_available() else " (and this host has no device-mapper)")
 
 
 # -- the mounter step --------------------------------------------------------------
@@ -683,7 +664,7 @@ def find_root(disk, entries, fstypes, mount_point, write):
             continue
         kind, subvol = classify_root(mount_point), None
         if kind is None and entry["fstype"] == "btrfs":
-            subvol = _btrfs_root_subvolume(mount_point)
+            subvol = btrfs_root_subvolume(mount_point)
             if subvol:
                 undo(ids)
                 ids = mount_fs(disk, entry, mount_point, write, [f"subvol={subvol}"])
@@ -702,13 +683,16 @@ def find_root(disk, entries, fstypes, mount_point, write):
     return None
 
 
-def _btrfs_root_subvolume(mount_point):
+def btrfs_root_subvolume(mount_point):
     """A top-level btrfs subvolume (e.g. `@`) holding the root, or None."""
     for name in sorted(os.listdir(mount_point)):
         path = os.path.join(mount_point, name)
         if not os.path.islink(path) and os.path.isdir(path) and classify_root(path):
             return name
     return None
+
+
+_btrfs_root_subvolume = btrfs_root_subvolume  # instance.py's old name: drop when it calls the public one
 
 
 def _take_root(entry, kind, subvol):
@@ -732,18 +716,24 @@ def _take_root(entry, kind, subvol):
 def mount_fstab(disk, entries, fstypes, mount_point, write, report):
     """Mount the guest's fstab entries whose filesystem is one of `fstypes`."""
     planned = []
-    for spec, where, fstype, options in read_fstab(mount_point):
-        if not where.startswith("/") or fstype in VIRTUAL_FS or "bind" in options:
+    for line in read_fstab(mount_point):
+        where = line.mountpoint
+        if line.virtual or line.network or line.swap or line.bind:
+            continue
+        if line.relative:
+            if report:
+                hooklib.warn(f"{display_name()}: fstab line {line.lineno} ({line.spec} on {where}): "
+                             "the mount point is not an absolute path; not mounted")
             continue
         try:
-            entry = resolve_spec(spec, entries)
-        except Unsupported as exc:
-            raise DiskError(f"{display_name()}: fstab entry for {where}: {exc}") from None
+            entry, reason = fstab.resolve(line.spec, entries)
+        except fstab.Unsupported as exc:
+            raise DiskError(f"{display_name()}: fstab entry for {where}: {_unsupported(exc)}") from None
         if entry is None:
-            if report and _is_device_spec(spec):
-                hooklib.warn(f"{display_name()}: fstab entry {spec} for {where} matches no "
-                             "filesystem of the image; not mounted")
+            if report and fstab.is_device(line.spec):
+                hooklib.warn(f"{display_name()}: fstab entry for {where}: {reason}; not mounted")
             continue
+        options = line.options
         if entry["fstype"] == "LVM2_member":
             raise DiskError(f"{display_name()}: fstab entry for {where}: {describe_fs(entry)} is "
                             "an LVM physical volume: LVM inside images is not supported")
@@ -827,15 +817,15 @@ def check():
     if classify_root(mount_point) == "fstab":
         raise DiskError(f"{name}: the root ({describe_fs(root)}) has /etc/fstab but no init "
                         f"({', '.join(INITS)}), even with the guest's fstab mounted")
-    for spec, where, fstype, options in (read_fstab(mount_point) if root["fstype"] != "ntfs" else []):
-        if fstype in VIRTUAL_FS or where == "/":
+    for line in (read_fstab(mount_point) if root["fstype"] != "ntfs" else []):
+        if line.virtual or line.network or line.mountpoint == "/":
             continue
         try:
-            entry = resolve_spec(spec, entries)
-        except Unsupported:
+            entry, _ = fstab.resolve(line.spec, entries)
+        except fstab.Unsupported:
             continue
         if entry and entry["fstype"] in FUSE_FS and entry["mountpoint"] is None:
-            hooklib.warn(f"{name}: {where} ({describe_fs(entry)}) is not mounted: add the "
+            hooklib.warn(f"{name}: {line.mountpoint} ({describe_fs(entry)}) is not mounted: add the "
                          f"{FUSE_FS[entry['fstype']]} element")
     mounted = ", ".join(f"{e['mountpoint']} ({describe_fs(e)})" for e in entries if e["mountpoint"])
     hooklib.describe(f"{name}: mounted {mounted}")

@@ -211,10 +211,10 @@ class Guest:
             size = os.fstat(f.fileno()).st_size
             if limit is not None and size > limit:
                 raise GuestPathError(errno.EFBIG, guest_path,
-                                     f"file too large ({size} bytes, the limit is {limit})")
+                                     f"too large to read ({size} bytes, the limit is {limit})")
             data = f.read(limit + 1 if limit is not None else -1)
         if limit is not None and len(data) > limit:  # grew while we read
-            raise GuestPathError(errno.EFBIG, guest_path, f"file too large (over {limit} bytes)")
+            raise GuestPathError(errno.EFBIG, guest_path, f"too large to read (over {limit} bytes)")
         return data
 
     def read_head(self, guest_path, size):

@@ -8,6 +8,7 @@ The inspection report follows libguestfs' `virt-inspector` field names
 (name, distro, product_name, major_version, ...); see docs/validators.md.
 """
 
+import errno
 import fnmatch
 import json
 import os
@@ -19,21 +20,21 @@ import sys
 from imaging_elements.guest import Guest, GuestPathError
 
 
-def linux_guest():
-    """The guest mounted at $IMG_MOUNT_POINT, case-sensitive."""
-    return Guest(os.environ.get("IMG_MOUNT_POINT"))
+def linux_guest(root):
+    """The guest mounted at `root` ($IMG_MOUNT_POINT in a hook), case-sensitive."""
+    return Guest(root)
 
 
-def windows_guest():
-    """The guest mounted at $IMG_MOUNT_POINT, looked up case-insensitively as Windows does."""
-    return Guest(os.environ.get("IMG_MOUNT_POINT"), nocase=True)
+def windows_guest(root):
+    """The guest mounted at `root`, looked up case-insensitively as Windows does."""
+    return Guest(root, nocase=True)
+
 
 # ---------------------------------------------------------------------------
 # filesystems.json: the mounters' view of the image's filesystems
 
-def load_filesystems(work_dir=None):
-    """The list the mounters wrote to $IMG_WORK_DIR/filesystems.json ([] if none)."""
-    work_dir = work_dir or os.environ.get("IMG_WORK_DIR")
+def load_filesystems(work_dir):
+    """The list the mounters wrote to WORK_DIR/filesystems.json ([] if none)."""
     if not work_dir:
         return []
     try:
@@ -46,10 +47,11 @@ def load_filesystems(work_dir=None):
     return [fs for fs in data if isinstance(fs, dict)]
 
 
-def is_partition_image(filesystems=()):
-    """A bare filesystem (AMI) image rather than a whole disk (the mounters give it index 0)."""
-    return ("partition" in (os.environ.get("IMG_IMAGE_TYPE"), os.environ.get("IMG_DISK_TYPE"))
-            or any(fs.get("index") == 0 for fs in filesystems))
+def is_partition_image(filesystems, *types):
+    """A bare filesystem (AMI) image rather than a whole disk: one of `types` (a hook
+    passes $IMG_IMAGE_TYPE and $IMG_DISK_TYPE) is `partition`, or the mounters gave
+    a filesystem index 0."""
+    return "partition" in types or any(fs.get("index") == 0 for fs in filesystems)
 
 
 def describe_fs(fs):
@@ -216,111 +218,7 @@ def check_expected_release(g, expect, release):
     return None
 
 
-# ---------------------------------------------------------------------------
-# fstab and device resolution
-
-VIRTUAL_FS = {"proc", "sysfs", "devpts", "tmpfs", "devtmpfs", "securityfs", "cgroup", "cgroup2",
-              "debugfs", "tracefs", "pstore", "efivarfs", "mqueue", "hugetlbfs", "configfs",
-              "fusectl", "binfmt_misc", "autofs", "rpc_pipefs", "nfsd", "usbfs", "shm", "none",
-              "bpf", "ramfs", "selinuxfs"}
-NETWORK_FS = {"nfs", "nfs4", "cifs", "smbfs", "smb3", "glusterfs", "ceph", "fuse.sshfs", "sshfs",
-              "davfs", "9p", "virtiofs", "afs", "lustre"}
-
-
-class FstabEntry:
-    def __init__(self, lineno, spec, mountpoint, fstype, options):
-        self.lineno, self.spec, self.mountpoint = lineno, spec, mountpoint
-        self.fstype, self.options = fstype, options
-
-    @property
-    def swap(self):
-        return self.fstype == "swap"
-
-    @property
-    def optional(self):
-        return "nofail" in self.options or "noauto" in self.options
-
-    def __repr__(self):
-        return f"{self.spec} {self.mountpoint} {self.fstype}"
-
-
-def _unescape(field):
-    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
-
-
-def parse_fstab(text):
-    """(entries, problems): problems are readable lines for entries we cannot parse."""
-    entries, problems = [], []
-    for lineno, line in enumerate(text.splitlines(), 1):
-        stripped = line.strip()
-        if not stripped or stripped.startswith("#"):
-            continue
-        fields = stripped.split()
-        if len(fields) < 2 or "\ufffd" in stripped or any(ord(c) < 32 and c != "\t" for c in stripped):
-            problems.append(f"line {lineno} is not an fstab entry: {stripped[:60]!r}")
-            continue
-        spec, mountpoint = _unescape(fields[0]), _unescape(fields[1])
-        fstype = fields[2] if len(fields) > 2 else "auto"
-        options = fields[3].split(",") if len(fields) > 3 else ["defaults"]
-        entries.append(FstabEntry(lineno, spec, mountpoint, fstype, options))
-    return entries, problems
-
-
-def _spec_value(spec):
-    key, _, value = spec.partition("=")
-    return key.upper(), value.strip("\"'")
-
-
-DISK_RE = re.compile(r"/dev/(?:[shv]d|xvd)([a-z])(\d*)$|/dev/nvme(\d+)n1(?:p(\d+))?$|/dev/mmcblk(\d+)(?:p(\d+))?$")
-
-
-def resolve_device(spec, filesystems, partition_image=False):
-    """(fs entry, None) when `spec` names a filesystem of this image, else (None, reason)."""
-    by = None
-    if "=" in spec and not spec.startswith("/"):
-        key, value = _spec_value(spec)
-        by = {"UUID": "uuid", "LABEL": "label", "PARTUUID": "partuuid", "PARTLABEL": "partlabel"}.get(key)
-        if by is None:
-            return None, f"{spec}: unknown device tag {key}="
-    else:
-        match = re.fullmatch(r"/dev/disk/by-(uuid|label|partuuid|partlabel)/(.+)", spec)
-        if match:
-            by = match.group(1)
-            value = re.sub(r"\\x([0-9a-fA-F]{2})", lambda m: chr(int(m.group(1), 16)), match.group(2))
-    if by:
-        fold = by in ("uuid", "partuuid")
-        for fs in filesystems:
-            have = fs.get(by)
-            if have and (have.lower() == value.lower() if fold else have == value):
-                return fs, None
-        known = sorted({str(fs.get(by)) for fs in filesystems if fs.get(by)})
-        return None, (f"{spec} matches no filesystem of this image "
-                      f"(its {by.upper()}s: {', '.join(known) if known else 'none'})")
-    if spec == "/dev/root":
-        roots = [fs for fs in filesystems if fs.get("root")]
-        return (roots[0], None) if roots else (None, "/dev/root: no root filesystem found")
-    match = DISK_RE.match(spec)
-    if match:
-        letter, number, nvme_disk, nvme_part, mmc_disk, mmc_part = match.groups()
-        disk = (ord(letter) - ord("a")) if letter else int(nvme_disk or mmc_disk or 0)
-        part = number or nvme_part or mmc_part
-        if disk != 0:
-            return None, f"{spec} is on a disk other than the first; this image is one disk"
-        if partition_image:
-            # An AMI's filesystem is the instance's /dev/sda1 (or xvda1/vda1).
-            if len(filesystems) == 1 and part in ("1", "", None):
-                return filesystems[0], None
-            return None, f"{spec}: a partition image has one filesystem, seen as partition 1"
-        if not part:
-            return None, f"{spec} is the whole disk, which holds a partition table, not a filesystem"
-        for fs in filesystems:
-            if str(fs.get("index")) == part:
-                return fs, None
-        return None, f"{spec}: this image has no partition {part}"
-    if spec.startswith("/dev/mapper/") or re.fullmatch(r"/dev/[^/]+/[^/]+", spec):
-        return None, f"{spec}: LVM or device-mapper volumes are not supported"
-    return None, f"{spec}: not a device this image can provide"
-
+# fstab and device resolution: imaging_elements.fstab
 
 # ---------------------------------------------------------------------------
 # kernels
@@ -408,7 +306,10 @@ KERNEL_LINE = {
 
 
 def boot_configs(g):
-    """[{path, kind, kernels: [guest paths as written], cmdlines: [...]}] of the configs found."""
+    """[{path, kind, kernels: [guest paths as written], cmdlines: [...]}] of the configs found.
+
+    A config that is there but cannot be read (too large, not a regular file,
+    a link out of the image) is listed with `error`, the reason, and no kernels."""
     candidates = list(BOOT_CONFIGS)
     for vendor in g.listdir("/boot/efi/EFI"):
         candidates.append((f"/boot/efi/EFI/{vendor}/grub.cfg", "grub2"))
@@ -416,7 +317,9 @@ def boot_configs(g):
     for path, kind in candidates:
         try:
             text = g.read_text(path)
-        except GuestPathError:
+        except GuestPathError as exc:
+            if exc.errno not in (errno.ENOENT, errno.ENOTDIR):
+                configs.append({"path": path, "kind": kind, "kernels": [], "cmdlines": [], "error": exc.reason})
             continue
         found = KERNEL_LINE[kind].findall(text)
         cmdlines = [rest for _, rest in found]
@@ -662,7 +565,8 @@ def persistent_net_rules(g):
             except GuestPathError:
                 continue
             if info.get("HWADDR"):
-                pins.append(f"{path} pins {info.get('DEVICE') or path.rsplit('ifcfg-', 1)[1]} to HWADDR {info['HWADDR']}")
+                device = info.get("DEVICE") or path.rsplit("ifcfg-", 1)[1]
+                pins.append(f"{path} pins {device} to HWADDR {info['HWADDR']}")
     return pins
 
 
@@ -758,7 +662,8 @@ def osinfo_id(release):
     if distro == "ubuntu":
         return f"ubuntu{major}.{minor:02d}"
     if distro in ("rhel", "centos", "rocky", "alma", "oraclelinux"):
-        return f"{'almalinux' if distro == 'alma' else distro}{major}" + (f".{minor}" if distro != "centos" or major < 8 else "")
+        name = "almalinux" if distro == "alma" else distro
+        return f"{name}{major}" + (f".{minor}" if distro != "centos" or major < 8 else "")
     return f"{distro}{major}.{minor}" if major else distro
 
 
@@ -889,7 +794,7 @@ def inspect(root, platform=None, filesystems=None):
     """The inspection report as a dict (virt-inspector's fields where they exist)."""
     from imaging_elements.guest import detect_platform
     platform = platform if platform in ("linux", "windows") else detect_platform(root)
-    filesystems = load_filesystems() if filesystems is None else filesystems
+    filesystems = filesystems or []
     report = {"name": platform, "arch": None, "distro": None, "product_name": None,
               "product_variant": None, "major_version": None, "minor_version": None,
               "hostname": None, "osinfo": None, "package_format": None,
@@ -982,10 +887,11 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if not args.root:
         parser.error("no image root: give --root or set IMG_MOUNT_POINT")
-    filesystems = None
     if args.filesystems:
         with open(args.filesystems) as f:
             filesystems = json.load(f)
+    else:
+        filesystems = load_filesystems(os.environ.get("IMG_WORK_DIR"))
     report = inspect(args.root, args.platform, filesystems)
     print(json.dumps(report, indent=2) if args.json else format_report(report))
     return 0

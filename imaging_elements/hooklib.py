@@ -192,3 +192,24 @@ def undoing(entry_id):
         yield entry_id
     finally:
         journal().undo(entry_id)
+
+
+def cli(argv=None):
+    """`python -m imaging_elements.hooklib losetup FILE [OFFSET [SIZELIMIT]]`: the
+    bash helpers' way to the same code (img_losetup), so both journal first."""
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] != "losetup" or not 2 <= len(argv) <= 4:
+        print("usage: python -m imaging_elements.hooklib losetup FILE [OFFSET [SIZELIMIT]]", file=sys.stderr)
+        return 2
+    try:
+        device, _ = losetup(argv[1], int(argv[2]) if len(argv) > 2 else 0,
+                            int(argv[3]) if len(argv) > 3 and argv[3] else None)
+    except (HookFailure, ValueError) as exc:
+        print(f"img_losetup: {exc}", file=sys.stderr)
+        return 1
+    print(device)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -205,7 +205,7 @@ class TestCommandLine(base.TestCase):
     def test_img_guest_read_limit(self):
         result = self.bash("img_guest_read /file 3")
         self.assertEqual(1, result.returncode)
-        self.assertIn("file too large (6 bytes, the limit is 3)", result.stderr)
+        self.assertIn("too large to read (6 bytes, the limit is 3)", result.stderr)
 
     def test_img_guest_path_and_exists(self):
         result = self.bash("img_guest_path /hostdir/hostdir/secret; img_guest_exists /etc/os-release && echo yes;"

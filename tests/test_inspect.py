@@ -64,7 +64,8 @@ class TestInspectLinux(base.TestCase):
         self.assertEqual(db_files, sorted(os.listdir(os.path.join(self.root, "var", "lib", "rpm"))))
 
     def test_apk_database(self):
-        linux_root(self.root, extra={"etc/os-release": "ID=alpine\nVERSION_ID=3.19.1\nPRETTY_NAME=\"Alpine Linux v3.19\"\n",
+        linux_root(self.root, extra={"etc/os-release":
+                                     "ID=alpine\nVERSION_ID=3.19.1\nPRETTY_NAME=\"Alpine Linux v3.19\"\n",
                                      "lib/apk/db/installed": "P:musl\nV:1\n\nP:busybox\nV:1\n\n"},
                    remove=["etc/debian_version"])
         report = guestinfo.inspect(self.root, "linux", [])

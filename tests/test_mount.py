@@ -129,12 +129,16 @@ class RawDiskTest(MountTestCase):
         path = copy("linux-dos", self.tmp)
         self._rewrite_fstab(path, "/dev/sda2 / ext4 defaults 0 1\n/dev/vda1 /boot ext4 defaults 0 2\n"
                                   "UUID=deadbeef-0000-4000-8000-000000000000 /data ext4 defaults 0 2\n"
-                                  "/dev/sdb1 /srv ext4 defaults 0 2\n")
+                                  "/dev/sdb1 /srv ext4 defaults 0 2\n/dev/sda1 relative/boot ext4 defaults 0 2\n")
         run = self.mount(path)
         self.assertEqual({"/", "/boot"}, set(run.mounts()))
         warnings = "\n".join(run.warnings)
-        self.assertIn("UUID=deadbeef-0000-4000-8000-000000000000 for /data matches no filesystem", warnings)
-        self.assertIn("/dev/sdb1 for /srv matches no filesystem", warnings)
+        self.assertIn("fstab entry for /data: UUID=deadbeef-0000-4000-8000-000000000000 matches no "
+                      "filesystem of this image", warnings)
+        self.assertIn("fstab entry for /srv: /dev/sdb1 is on a disk other than the first; this image is "
+                      "one disk; not mounted", warnings)
+        self.assertIn("fstab line 5 (/dev/sda1 on relative/boot): the mount point is not an absolute path; "
+                      "not mounted", warnings)
 
     def test_fstab_mount_point_symlink_stays_in_the_image(self):
         # A hostile guest: /boot is a symlink climbing out towards a host directory.
@@ -183,7 +187,7 @@ class PartitionImageTest(MountTestCase):
         self.assertEqual((0, 0, "ext4", "cloudimg-rootfs", "/", True),
                          (fs["index"], fs["start"], fs["fstype"], fs["label"], fs["mountpoint"], fs["root"]))
         # /dev/xvdb is the instance's ephemeral disk, not part of this image.
-        self.assertIn("/dev/xvdb for /mnt matches no filesystem of the image", "\n".join(run.warnings))
+        self.assertIn("fstab entry for /mnt: /dev/xvdb is on a disk other than the first", "\n".join(run.warnings))
 
     def test_xfs(self):
         run = self.mount(image("xfs-partition"))
@@ -324,6 +328,26 @@ class BadInputTest(MountTestCase):
     def test_fstab_but_no_init(self):
         self.assertFails(image("no-init"), "raw", "has /etc/fstab but no init")
 
+    def test_cross_linked_fat_is_capped_in_total(self):
+        # 41 directory entries share one 14 MiB chain: 600 MB to copy from a 16 MiB FAT.
+        path = image("fat-bomb")
+        run = self.mount(path, "raw", expect_ok=False)
+        limit = disk.fat_copy_limit(16 * MiB, 1 << 62)
+        self.assertIn(f"partition 1 (vfat, LABEL=EFI): its files add up to more than {limit} bytes "
+                      f"(the cap for a {16 * MiB}-byte FAT): cross-linked or looping directory entries",
+                      run.failure)
+        scratch = run.env["IMG_SCRATCH_DIR"]
+        # The copy is on a filesystem in a file of the scratch space: that file is all it took.
+        stores = [os.path.join(scratch, n) for n in os.listdir(scratch) if n.endswith(".ext4")]
+        self.assertEqual(1, len(stores))
+        self.assertLessEqual(os.stat(stores[0]).st_blocks * 512, limit)
+        self.assertEqual([], run.unwind())
+        self.assertEqual([], os.listdir(scratch))
+
+    def test_fat_copy_limit(self):
+        self.assertEqual(2 * 100 * MiB + 16 * MiB, disk.fat_copy_limit(100 * MiB, 1 << 40))
+        self.assertEqual(50 * MiB, disk.fat_copy_limit(100 * MiB, 50 * MiB))
+
     def test_lvm_is_reported_as_unsupported(self):
         if not shutil.which("pvcreate"):
             self.skipTest("pvcreate (lvm2) is not installed: cannot build the LVM test image")
@@ -420,34 +444,3 @@ class AcceptsTest(base.TestCase):
             self.assertTrue(hooks.static_accepts(fuse, {"disk-type": fmt}, os.environ["PATH"])[0])
         ok, reason = hooks.static_accepts(fuse, {"disk-type": "raw"}, os.environ["PATH"])
         self.assertEqual((False, "disk-type raw is not one of: vmdk qcow2 vhd vhdx"), (ok, reason))
-
-
-class ResolveSpecTest(base.TestCase):
-    """fstab names resolve against the image's own filesystems, never the host's."""
-
-    entries = [
-        {"index": 1, "uuid": "ABCD-1234", "label": "EFI", "partuuid": "0badc0de-01", "partlabel": None,
-         "fstype": "vfat"},
-        {"index": 2, "uuid": "0b0070b0-1111-4222-8333-444455556666", "label": "rootfs",
-         "partuuid": "0badc0de-02", "partlabel": "root", "fstype": "ext4"},
-    ]
-
-    def resolve(self, spec):
-        found = disk.resolve_spec(spec, self.entries)
-        return found and found["index"]
-
-    def test_names(self):
-        for spec, index in (("UUID=abcd-1234", 1), ("LABEL=rootfs", 2), ("LABEL=ROOTFS", None),
-                            ("PARTUUID=0BADC0DE-02", 2), ("PARTLABEL=root", 2),
-                            ("/dev/disk/by-uuid/0b0070b0-1111-4222-8333-444455556666", 2),
-                            ("/dev/disk/by-label/EFI", 1), ("/dev/sda1", 1), ("/dev/vda2", 2),
-                            ("/dev/xvda2", 2), ("/dev/nvme0n1p1", 1), ("/dev/sdb1", None),
-                            ("/dev/sda", None), ("UUID=00000000-0000-0000-0000-000000000000", None),
-                            ("tmpfs", None), ("server:/export", None)):
-            self.assertEqual(index, self.resolve(spec), spec)
-
-    def test_lvm_names_are_unsupported(self):
-        for spec in ("/dev/mapper/vg0-root", "/dev/vg0/root"):
-            with self.assertRaises(disk.Unsupported) as caught:
-                self.resolve(spec)
-            self.assertIn("logical volumes inside images are not supported", str(caught.exception))

@@ -51,8 +51,8 @@ class FaultTest(base.TestCase):
         self.assertEqual([], Journal(os.path.join(self.work, "journal.jsonl")).pending())
         real = os.path.realpath(self.work)
         with open("/proc/self/mountinfo") as f:
-            self.assertEqual([], [l for l in f if l.split()[4].startswith(real + "/")])
-        self.assertEqual([], [l for l in base._loops() if real in l])
+            self.assertEqual([], [line for line in f if line.split()[4].startswith(real + "/")])
+        self.assertEqual([], [line for line in base._loops() if real in line])
 
     def fault(self, step, name):
         result = subprocess.run(self.argv("-i", image(name), "-e", f"MOUNT_FAULT={step}", "mounters"),

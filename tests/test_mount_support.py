@@ -14,6 +14,7 @@ import ctypes
 import json
 import os
 import shutil
+import struct
 import subprocess
 import sys
 import tempfile
@@ -122,6 +123,48 @@ def _linux_gpt(d):
          "name": "EFI system", "uuid": ESP_PARTUUID},
         {"image": os.path.join(d, "root.xfs"), "name": "root"},
         {"image": os.path.join(d, "var.btrfs"), "name": "var"}], label="gpt")
+
+
+def cross_link_fat(path, copies):
+    """Make `copies` more root directory entries of a FAT12/16 image point at
+    the cluster chain (and size) of its first file, as a hostile image would:
+    the FAT then names `copies` times more bytes than it holds."""
+    with open(path, "r+b") as f:
+        boot = f.read(512)
+        sector, _, reserved, fats, root_entries = struct.unpack_from("<HBHBH", boot, 11)
+        fat_sectors = struct.unpack_from("<H", boot, 22)[0]
+        root = (reserved + fats * fat_sectors) * sector
+        f.seek(root)
+        table = bytearray(f.read(root_entries * 32))
+        slots = range(0, len(table), 32)
+        first = next(i for i in slots if table[i] not in (0, 0xE5) and not table[i + 11] & 0x08)
+        free = [i for i in slots if table[i] in (0, 0xE5)][:copies]
+        assert len(free) == copies, "not enough free root directory entries"
+        for n, i in enumerate(free):
+            table[i:i + 32] = f"X{n:07d}BIN".encode() + table[first + 11:first + 32]
+        f.seek(root)
+        f.write(table)
+
+
+def _fat_bomb(d):
+    """GPT disk: 1 = a 16 MiB FAT16 ESP whose 14 MiB file is named by 40 more
+    directory entries (about 600 MB to copy out), 2 = / (ext4) mounting it at /boot/efi."""
+    path = os.path.join(d, "esp.vfat")
+    with open(path, "wb") as f:
+        f.truncate(16 * MiB)
+    sh("mkfs.vfat", "-F", "16", "-n", "EFI", path)
+    big = os.path.join(d, "big.bin")
+    with open(big, "wb") as f:
+        f.write(os.urandom(14 * MiB))
+    sh("mcopy", "-i", path, big, "::/BIG.BIN", env=dict(os.environ, MTOOLS_SKIP_CHECK="1"))
+    cross_link_fat(path, 40)
+    fstab = f"LABEL=rootfs / ext4 defaults 0 1\nPARTUUID={ESP_PARTUUID} /boot/efi vfat umask=0077 0 1\n"
+    tree = _linux_root(d, fstab, extra={"boot/efi": ("dir",)})
+    imagebuild.make_fs(os.path.join(d, "root.ext4"), tree, "ext4", 32 * MiB, label="rootfs")
+    return imagebuild.make_disk(os.path.join(d, "fat-bomb.raw"), [
+        {"image": path, "type": "C12A7328-F81F-11D2-BA4B-00A0C93EC93B", "name": "EFI system",
+         "uuid": ESP_PARTUUID},
+        {"image": os.path.join(d, "root.ext4"), "name": "root"}], label="gpt")
 
 
 def _ami_ext4(d):
@@ -233,6 +276,7 @@ BUILDERS = {
     "lvm": _lvm,
     "no-root": _no_root,
     "no-init": _no_init,
+    "fat-bomb": _fat_bomb,
     "vmdk-stream": _format("linux-dos", "vmdk", "subformat=streamOptimized"),
     "vmdk-sparse": _format("linux-dos", "vmdk", "subformat=monolithicSparse"),
     "vmdk-flat": _format("linux-dos", "vmdk", "subformat=monolithicFlat"),
@@ -402,8 +446,9 @@ time.sleep(120)
 
 def test_elements(directory):
     """Elements `show-tree` (validate.d) and `hold-mount` (mount.d, last) under `directory`."""
-    for element, phase, name, text in (("show-tree", "validate.d", "50-show-tree", SHOW_TREE),
-                                       ("hold-mount", "mount.d", "99-hold-mount", HOLD)):
+    for element, phase, name, text, option in (
+            ("show-tree", "validate.d", "50-show-tree", SHOW_TREE, "SHOW_OUT"),
+            ("hold-mount", "mount.d", "99-hold-mount", HOLD, "HOLD_READY")):
         path = os.path.join(directory, element, phase, name)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with open(path, "w") as f:
@@ -411,4 +456,6 @@ def test_elements(directory):
         os.chmod(path, 0o755)
         with open(os.path.join(directory, element, "README.md"), "w") as f:
             f.write(f"# {element}: a test element of tests/test_mount*.py\n")
+        with open(os.path.join(directory, element, "element-options.json"), "w") as f:
+            json.dump({option: {"type": "path", "description": "the file the test reads"}}, f)
     return directory

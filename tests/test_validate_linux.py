@@ -123,11 +123,18 @@ class TestLinuxChecks(LinuxTreeCase):
         self.assertEqual(1, status)
         self.assertEqual(["/etc/fstab: line 2 (/dev/sdb1 on /data): /dev/sdb1 is on a disk other than the "
                           "first; this image is one disk; line 3 (/dev/sda2 on /srv): /dev/sda2: this image "
-                          "has no partition 2; line 4 (/dev/mapper/vg-home on /home): /dev/mapper/vg-home: "
-                          "LVM or device-mapper volumes are not supported; line 6 (LABEL=rootfs on "
+                          "has no partition 2; line 4 (/dev/mapper/vg-home on /home): /dev/mapper/vg-home is "
+                          "an LVM (device-mapper) name: logical volumes inside images are not supported; "
+                          "line 6 (LABEL=rootfs on "
                           "/missing): the mount point /missing does not exist in the image"], said["fail"])
         self.assertEqual(["/etc/fstab line 5 (LABEL=nosuch on /opt): LABEL=nosuch matches no filesystem of "
                           "this image (its LABELs: rootfs) (the entry is nofail/noauto)"], said["warn"])
+
+    def test_fstab_relative_mount_point_is_a_warning(self):
+        self.tree(fstab="LABEL=rootfs / ext4 defaults 0 1\nLABEL=rootfs data ext4 defaults 0 2\n")
+        said = self.check("20-linux-fstab")
+        self.assertEqual(["/etc/fstab line 2 (LABEL=rootfs on data): the mount point is not an absolute "
+                          "path; the guest will not mount it"], said["warn"])
 
     def test_fstab_without_root_entry_or_missing(self):
         self.tree(fstab="LABEL=rootfs /boot ext4 defaults 0 0\n")
@@ -155,7 +162,7 @@ class TestLinuxChecks(LinuxTreeCase):
         self.assertEqual("/etc/fstab is not a text file (it holds binary data)", self.fails("20-linux-fstab"))
         with open(os.path.join(self.root, "etc", "fstab"), "wb") as f:
             f.truncate(3 << 30)
-        self.assertEqual("/etc/fstab: file too large (3221225472 bytes, the limit is 1048576)",
+        self.assertEqual("/etc/fstab: too large to read (3221225472 bytes, the limit is 1048576)",
                          self.fails("20-linux-fstab"))
 
     def test_fstab_partition_image(self):
@@ -226,14 +233,23 @@ class TestLinuxChecks(LinuxTreeCase):
         self.assertEqual("/boot/grub/grub.cfg points at /boot/vmlinuz-6.0-gone, not a kernel in the image",
                          self.fails("35-linux-bootloader"))
         # A separate /boot: grub's paths are relative to it.
-        self.tree(extra={"boot/grub/grub.cfg": grub.replace("/boot/vmlinuz-6.0-gone", f"(hd0,msdos1)/vmlinuz-{KERNEL}")})
+        self.tree(extra={"boot/grub/grub.cfg": grub.replace("/boot/vmlinuz-6.0-gone",
+                                                             f"(hd0,msdos1)/vmlinuz-{KERNEL}")})
         self.assertEqual([f"grub2: /boot/grub/grub.cfg boots /boot/vmlinuz-{KERNEL}"],
                          self.check("35-linux-bootloader")["describe"])
+
+    def test_bootloader_config_too_large_to_read(self):
+        self.tree()
+        with open(os.path.join(self.root, "boot", "extlinux", "extlinux.conf"), "wb") as f:
+            f.truncate(1 << 30)  # sparse: 1 GiB that is never read
+        self.assertEqual("/boot/extlinux/extlinux.conf: too large to read (1073741824 bytes, the limit is "
+                         "1048576)", self.fails("35-linux-bootloader"))
 
     def test_bootloader_bls_entries(self):
         self.tree(remove=["boot/extlinux"], extra={
             "boot/grub2/grub.cfg": "insmod blscfg\nblscfg\n",
-            "boot/loader/entries/abc-6.1.conf": f"title Linux\nlinux /vmlinuz-{KERNEL}\noptions root=LABEL=rootfs console=ttyS0\n"})
+            "boot/loader/entries/abc-6.1.conf":
+                f"title Linux\nlinux /vmlinuz-{KERNEL}\noptions root=LABEL=rootfs console=ttyS0\n"})
         self.assertEqual([f"grub2: /boot/grub2/grub.cfg boots /boot/vmlinuz-{KERNEL}"],
                          self.check("35-linux-bootloader")["describe"])
         self.assertIn("console=ttyS0", self.check("62-linux-serial-console")["describe"][0])
@@ -290,7 +306,8 @@ class TestLinuxChecks(LinuxTreeCase):
 
     def test_network_configurations(self):
         cases = {
-            "netplan": ({"etc/netplan/50-cloud.yaml": "network:\n  version: 2\n  ethernets:\n    ens3:\n      dhcp4: true\n"},
+            "netplan": ({"etc/netplan/50-cloud.yaml":
+                         "network:\n  version: 2\n  ethernets:\n    ens3:\n      dhcp4: true\n"},
                         "DHCP on ens3 (netplan /etc/netplan/50-cloud.yaml)"),
             "ifcfg": ({"etc/sysconfig/network-scripts/ifcfg-eth0": 'DEVICE=eth0\nBOOTPROTO="dhcp"\nONBOOT=yes\n'},
                       "DHCP on eth0 (ifcfg /etc/sysconfig/network-scripts/ifcfg-eth0)"),
@@ -325,9 +342,10 @@ class TestLinuxChecks(LinuxTreeCase):
 
     def test_persistent_net_rules(self):
         self.tree(extra={"etc/udev/rules.d/70-persistent-net.rules":
-                         '# generated\nSUBSYSTEM=="net", ACTION=="add", DRIVERS=="?*", ATTR{address}=="52:54:00:12:34:56", '
-                         'ATTR{type}=="1", KERNEL=="eth*", NAME="eth0"\n',
-                         "etc/sysconfig/network-scripts/ifcfg-eth0": "DEVICE=eth0\nBOOTPROTO=dhcp\nHWADDR=52:54:00:12:34:56\n"})
+                         '# generated\nSUBSYSTEM=="net", ACTION=="add", DRIVERS=="?*", '
+                         'ATTR{address}=="52:54:00:12:34:56", ATTR{type}=="1", KERNEL=="eth*", NAME="eth0"\n',
+                         "etc/sysconfig/network-scripts/ifcfg-eth0":
+                         "DEVICE=eth0\nBOOTPROTO=dhcp\nHWADDR=52:54:00:12:34:56\n"})
         self.assertEqual("interface names pinned to MAC addresses: /etc/udev/rules.d/70-persistent-net.rules pins "
                          "eth0 to MAC 52:54:00:12:34:56; /etc/sysconfig/network-scripts/ifcfg-eth0 pins eth0 to HWADDR "
                          "52:54:00:12:34:56 (on a new instance the first NIC gets another name)",
@@ -414,7 +432,8 @@ class TestLinuxImages(base.TestCase):
                          self.failed(self.image(remove=[f"boot/vmlinuz-{KERNEL}"]), "30-linux-kernel"))
 
     def test_static_ip_only(self):
-        image = self.image(extra={"etc/network/interfaces": "auto eth0\niface eth0 inet static\n  address 192.0.2.10/24\n"},
+        image = self.image(extra={"etc/network/interfaces":
+                                  "auto eth0\niface eth0 inet static\n  address 192.0.2.10/24\n"},
                            remove=["usr/bin/cloud-init"])
         self.assertIn("no DHCP on the first network interface: eth0 is static (ifupdown /etc/network/interfaces "
                       "(address 192.0.2.10/24))", self.failed(image, "50-linux-network"))
@@ -435,7 +454,8 @@ class TestLinuxImages(base.TestCase):
         self.assertNotIn("40-linux-init", events)
 
     def test_init_symlink_escaping_the_image(self):
-        image = self.image(extra={"sbin/init": ("symlink", "../../../../../../../../usr/bin/env")}, remove=["sbin/init"])
+        image = self.image(extra={"sbin/init": ("symlink", "../../../../../../../../usr/bin/env")},
+                           remove=["sbin/init"])
         self.assertEqual("no init the kernel can run: /sbin/init -> ../../../../../../../../usr/bin/env: no such "
                          "file or directory (/usr/bin/env); /lib/systemd/systemd is there, but nothing starts it "
                          "(no working /sbin/init, no init= on the kernel command line)",

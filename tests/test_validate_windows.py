@@ -44,7 +44,8 @@ class TestWindowsChecks(base.TestCase):
 
     def test_good_tree_passes(self):
         windows_tree(self.root)
-        self.assertEqual(["registry hives present in /Windows/System32/config: SOFTWARE, SYSTEM, SAM, SECURITY, DEFAULT"],
+        self.assertEqual(["registry hives present in /Windows/System32/config: SOFTWARE, SYSTEM, SAM, SECURITY, "
+                          "DEFAULT"],
                          self.check("10-windows-hives")["describe"])
         self.assertEqual(["Windows: Windows Server 2019 Datacenter, version 10.0, build 17763, edition "
                           "ServerDatacenter (Server)"], self.check("20-windows-version")["describe"])

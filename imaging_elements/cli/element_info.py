@@ -2,6 +2,7 @@
 
 import argparse
 import json
+import os
 import sys
 
 from imaging_elements import elements
@@ -21,10 +22,12 @@ def main(argv=None):
     args = p.parse_args(argv)
     warnings = []
     try:
-        library = elements.find_elements(args.elements_path, warn=warnings.append)
+        path = args.elements_path if args.elements_path is not None else os.environ.get("ELEMENTS_PATH", "")
+        library = elements.find_elements(path, warn=warnings.append)
         chosen = (elements.resolve(args.names, library) if args.expand_dependencies or args.env
                   else [library[n] if n in library else _missing(n) for n in args.names]
                   if args.names else sorted(library.values(), key=lambda e: e.name))
+        options = {e.name: sorted(e.options.values(), key=lambda o: o.name) for e in chosen}
     except elements.ElementError as exc:
         print(f"element-info: error: {exc}", file=sys.stderr)
         return 2
@@ -37,7 +40,8 @@ def main(argv=None):
         print(f"export IMAGE_ELEMENT_PATHS={shlex.quote(paths)}")
     elif args.json:
         print(json.dumps([{"name": e.name, "path": e.path, "description": e.description,
-                           "deps": sorted(e.deps), "provides": sorted(e.provides)} for e in chosen],
+                           "deps": sorted(e.deps), "provides": sorted(e.provides),
+                           "options": [o.as_dict() for o in options[e.name]]} for e in chosen],
                          indent=2))
     elif args.expand_dependencies:
         print(" ".join(e.name for e in chosen))
@@ -45,7 +49,17 @@ def main(argv=None):
         width = max((len(e.name) for e in chosen), default=0)
         for e in chosen:
             print(f"{e.name:<{width}}  {e.description}  [{e.path}]")
+            for o in options[e.name]:
+                print(f"    -e {o.name}=<{_kind(o)}>{_default(o)}  {o.description}")
     return 0
+
+
+def _kind(option):
+    return "|".join(option.choices) if option.kind == "choice" else option.kind
+
+
+def _default(option):
+    return f" (default {option.default})" if option.default is not None else ""
 
 
 def _missing(name):
