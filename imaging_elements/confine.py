@@ -1,0 +1,223 @@
+"""Run a host tool (qemu-img, qemu-storage-daemon, qemu-system) confined to
+the files it is given.
+
+Images come from strangers, and a qemu block driver opens whatever the image
+names: a backing file, an external data file, VMDK extents.  Re-parsing the
+formats ourselves to refuse such names cannot keep up with qemu's parsers, so
+each tool that reads an untrusted image runs under bubblewrap where nothing
+else exists to be opened:
+
+* a mount namespace holding the runtime (/usr and the /lib links, read-only),
+  a private /dev (null, zero, urandom only), /proc, an empty /tmp, and exactly
+  the files given, each bound at a fixed name (read-only unless an output);
+* no network, IPC, PID or UTS sharing (`--unshare-all`), a new session;
+* a user namespace, no capabilities at all, no_new_privs, a clean environment;
+* the host uid 65534 (nobody) when it can read the inputs and write the
+  outputs; otherwise the files' owner (root) without any capability;
+* resource limits (address space, CPU time, processes, file size) with
+  defaults a real image never reaches, and a message saying which one was hit.
+"""
+
+import contextlib
+import os
+import resource
+import shutil
+import signal
+import subprocess
+from dataclasses import dataclass
+
+NOBODY = 65534
+GiB = 1 << 30
+# The directory the given files appear in, inside the sandbox.
+INSIDE = "/run/confine"
+
+
+class ConfineError(Exception):
+    """The sandbox could not be set up (bwrap missing, a file not found)."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Per-process bounds (setrlimit, inherited by the sandbox)."""
+    memory: int = 4 * GiB        # address space: qemu reserves thread stacks and caches
+    cpu: int | None = None       # seconds of CPU time; None: no bound (conversions of big disks)
+    processes: int = 512         # threads and processes of the sandbox's uid
+    file_size: int | None = None  # largest file it may write
+
+    def apply(self, as_nobody):
+        resource.setrlimit(resource.RLIMIT_AS, (self.memory, self.memory))
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+        if self.cpu:
+            # SIGXCPU at the soft limit (we name the bound), SIGKILL a second later.
+            resource.setrlimit(resource.RLIMIT_CPU, (self.cpu, self.cpu + 1))
+        if as_nobody:
+            # RLIMIT_NPROC counts every process of the uid: meaningful for nobody only.
+            resource.setrlimit(resource.RLIMIT_NPROC, (self.processes, self.processes))
+        if self.file_size:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (self.file_size, self.file_size))
+
+
+@dataclass(frozen=True)
+class File:
+    """A host file the tool may use, seen inside as INSIDE/name."""
+    host: str
+    name: str
+    write: bool = False
+
+    @property
+    def inside(self):
+        return f"{INSIDE}/{self.name}"
+
+
+def _runtime_binds():
+    binds = ["--ro-bind", "/usr", "/usr"]
+    for top in ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"):
+        if os.path.islink(top):
+            binds += ["--symlink", os.readlink(top), top]
+        elif os.path.isdir(top):
+            binds += ["--ro-bind", top, top]
+    if os.path.exists("/etc/ld.so.cache"):
+        binds += ["--ro-bind", "/etc/ld.so.cache", "/etc/ld.so.cache"]
+    return binds
+
+
+def _usable_by_nobody(st, write):
+    if st.st_uid == NOBODY:
+        return bool(st.st_mode & (0o200 if write else 0o400))
+    return bool(st.st_mode & (0o002 if write else 0o004))
+
+
+class Sandbox:
+    """The argv and the open file descriptors of one confined command.
+
+    Files are opened here (O_PATH) and bound from the descriptor, so the
+    sandbox gets the file that was checked even if the name changes later.
+    `fd_files`: host descriptors (e.g. an open /dev/fuse) passed in; each is
+    also given a regular file at /dev/fd/N, which is what a FUSE daemon is
+    told to use as its mount point (see disk.export_raw).
+    """
+
+    def __init__(self, argv, files=(), fd_files=(), devices=(), limits=Limits(), chdir=None):
+        bwrap = shutil.which("bwrap")
+        if not bwrap:
+            raise ConfineError("reading untrusted images needs bubblewrap (bwrap), not found on "
+                               "PATH: apt-get install bubblewrap")
+        self.limits = limits
+        self.fds = []
+        try:
+            binds, usable = [], True
+            for f in files:
+                flags = os.O_PATH | os.O_CLOEXEC
+                try:
+                    fd = os.open(f.host, flags)
+                except OSError as exc:
+                    raise ConfineError(f"{f.host}: cannot open: {exc.strerror}") from exc
+                self.fds.append(fd)
+                usable = usable and _usable_by_nobody(os.fstat(fd), f.write)
+                binds += ["--bind-fd" if f.write else "--ro-bind-fd", str(fd), f.inside]
+            for device in devices:
+                binds += ["--dev-bind", device, device]
+            for fd in fd_files:
+                # A regular file at /dev/fd/N: libfuse takes the number from the name.
+                binds += ["--ro-bind-data", str(self._empty()), f"/dev/fd/{fd}"]
+            self.pass_fds = tuple(self.fds) + tuple(fd_files)
+            self.as_nobody = usable
+            prefix = []
+            if usable:
+                prefix = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
+                          "--inh-caps=-all", "--bounding-set=-all"]
+            self.argv = prefix + [
+                bwrap, "--unshare-all", "--unshare-user", "--uid", str(NOBODY), "--gid", str(NOBODY),
+                "--cap-drop", "ALL", "--die-with-parent", "--new-session", "--clearenv",
+                "--setenv", "PATH", "/usr/bin:/bin", "--setenv", "LC_ALL", "C.UTF-8",
+                *_runtime_binds(),
+                "--tmpfs", "/dev", "--dev-bind", "/dev/null", "/dev/null",
+                "--dev-bind", "/dev/zero", "/dev/zero", "--dev-bind", "/dev/urandom", "/dev/urandom",
+                "--proc", "/proc", "--tmpfs", "/tmp", "--dir", INSIDE,
+                *binds, "--chdir", chdir or "/", "--", *argv]
+        except BaseException:
+            self.close()
+            raise
+
+    def _empty(self):
+        # --ro-bind-data copies from a descriptor into a new file: an empty pipe.
+        read, write = os.pipe()
+        os.close(write)
+        self.fds.append(read)
+        return read
+
+    def preexec(self):
+        self.limits.apply(self.as_nobody)
+
+    def close(self):
+        for fd in self.fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self.fds = []
+
+
+def run(argv, files=(), limits=Limits(), timeout=None, **kwargs):
+    """subprocess.run of `argv` confined to `files`; text output captured.
+    Returns the CompletedProcess with .limit_hit set (None or which bound)."""
+    box = Sandbox(argv, files, limits=limits)
+    timed_out = False
+    try:
+        with subprocess.Popen(box.argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, pass_fds=box.pass_fds,
+                              preexec_fn=box.preexec, start_new_session=True, **kwargs) as process:
+            box.close()
+            try:
+                stdout, stderr = process.communicate(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                timed_out = True
+                os.killpg(process.pid, signal.SIGKILL)
+                stdout, stderr = process.communicate()
+            except BaseException:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGKILL)
+                raise
+    finally:
+        box.close()
+    result = subprocess.CompletedProcess(argv, process.returncode, stdout, stderr)
+    result.limit_hit = limit_hit(process.returncode, stderr, limits, timeout if timed_out else None)
+    return result
+
+
+def popen(argv, files=(), fd_files=(), limits=Limits(), **kwargs):
+    """subprocess.Popen of `argv` confined to `files` (a daemon: the caller
+    journals it).  The Popen gets .limits for limit_hit()."""
+    box = Sandbox(argv, files, fd_files=fd_files, limits=limits)
+    try:
+        process = subprocess.Popen(box.argv, pass_fds=box.pass_fds, preexec_fn=box.preexec,
+                                   **kwargs)
+    finally:
+        box.close()
+    process.limits = limits
+    return process
+
+
+def signal_of(returncode):
+    """The signal that ended the confined tool, or None (bwrap exits 128+N for it)."""
+    if returncode is None or returncode == 0:
+        return None
+    if returncode < 0:
+        return -returncode
+    return returncode - 128 if 128 < returncode < 128 + 65 else None
+
+
+def limit_hit(returncode, stderr, limits, timeout=None):
+    """Which bound stopped the tool, in words, or None."""
+    if timeout is not None:
+        return f"it ran longer than the time limit of {timeout} s"
+    sig = signal_of(returncode)
+    if sig == signal.SIGXCPU or (sig == signal.SIGKILL and limits.cpu):
+        return f"it hit the CPU-time limit of {limits.cpu} s"
+    if sig == signal.SIGXFSZ:
+        return f"it hit the file-size limit of {limits.file_size} bytes"
+    text = stderr or ""
+    if returncode and ("annot allocate memory" in text or "failed to allocate" in text
+                       or "Out of memory" in text):
+        return f"it hit the memory limit of {limits.memory >> 20} MiB"
+    if returncode and "Resource temporarily unavailable" in text and "thread" in text.lower():
+        return f"it hit the limit of {limits.processes} processes"
+    return None
