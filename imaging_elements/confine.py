@@ -14,13 +14,12 @@ else exists to be opened:
 * a user namespace, no capabilities at all, no_new_privs, a clean environment;
 * the host uid 65534 (nobody) when it can read the inputs and write the
   outputs; otherwise the files' owner (root) without any capability;
-* resource limits (address space, CPU time, processes, file size) with
+* resource limits (prlimit: address space, CPU time, processes, file size) with
   defaults a real image never reaches, and a message saying which one was hit.
 """
 
 import contextlib
 import os
-import resource
 import shutil
 import signal
 import subprocess
@@ -44,25 +43,30 @@ class Limits:
     processes: int = 512         # threads and processes of the sandbox's uid
     file_size: int | None = None  # largest file it may write
 
-    def apply(self, as_nobody):
-        resource.setrlimit(resource.RLIMIT_AS, (self.memory, self.memory))
-        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    def argv(self, as_nobody):
+        """prlimit's arguments (no preexec_fn: callers may be threads)."""
+        argv = ["prlimit", f"--as={self.memory}", "--core=0"]
         if self.cpu:
             # SIGXCPU at the soft limit (we name the bound), SIGKILL a second later.
-            resource.setrlimit(resource.RLIMIT_CPU, (self.cpu, self.cpu + 1))
+            argv.append(f"--cpu={self.cpu}:{self.cpu + 1}")
         if as_nobody:
             # RLIMIT_NPROC counts every process of the uid: meaningful for nobody only.
-            resource.setrlimit(resource.RLIMIT_NPROC, (self.processes, self.processes))
+            argv.append(f"--nproc={self.processes}")
         if self.file_size:
-            resource.setrlimit(resource.RLIMIT_FSIZE, (self.file_size, self.file_size))
+            argv.append(f"--fsize={self.file_size}")
+        return argv + ["--"]
 
 
 @dataclass(frozen=True)
 class File:
-    """A host file the tool may use, seen inside as INSIDE/name."""
+    """A host file the tool may use, seen inside as INSIDE/name.
+
+    created: an output we made for this run; it is handed to the sandbox's
+    uid for the run (chown) and given back after (Sandbox.restore)."""
     host: str
     name: str
     write: bool = False
+    created: bool = False
 
     @property
     def inside(self):
@@ -81,10 +85,20 @@ def _runtime_binds():
     return binds
 
 
-def _usable_by_nobody(st, write):
-    if st.st_uid == NOBODY:
-        return bool(st.st_mode & (0o200 if write else 0o400))
-    return bool(st.st_mode & (0o002 if write else 0o004))
+def _usable_by_nobody(path, st, write):
+    """Whether uid nobody may open the file (bwrap resolves the bound path, so
+    every directory above it must let nobody through as well)."""
+    def allowed(st, bits):
+        return bool(st.st_mode & (bits << 6 if st.st_uid == NOBODY else bits))
+    if not allowed(st, 2 if write else 4):
+        return False
+    directory = os.path.dirname(os.path.realpath(path))
+    while True:
+        if not allowed(os.stat(directory), 1):
+            return False
+        if directory == "/":
+            return True
+        directory = os.path.dirname(directory)
 
 
 class Sandbox:
@@ -103,18 +117,23 @@ class Sandbox:
             raise ConfineError("reading untrusted images needs bubblewrap (bwrap), not found on "
                                "PATH: apt-get install bubblewrap")
         self.limits = limits
-        self.fds = []
+        self.fds, self.handed = [], []
         try:
-            binds, usable = [], True
+            binds, opened = [], []
             for f in files:
-                flags = os.O_PATH | os.O_CLOEXEC
                 try:
-                    fd = os.open(f.host, flags)
+                    fd = os.open(f.host, os.O_PATH | os.O_CLOEXEC)
                 except OSError as exc:
                     raise ConfineError(f"{f.host}: cannot open: {exc.strerror}") from exc
                 self.fds.append(fd)
-                usable = usable and _usable_by_nobody(os.fstat(fd), f.write)
+                opened.append((f, os.fstat(fd)))
                 binds += ["--bind-fd" if f.write else "--ro-bind-fd", str(fd), f.inside]
+            usable = all(_usable_by_nobody(f.host, st, f.write and not f.created) for f, st in opened)
+            if usable:
+                for f, st in opened:
+                    if f.created:
+                        os.chown(f.host, NOBODY, NOBODY)
+                        self.handed.append((f.host, st.st_uid, st.st_gid))
             for device in devices:
                 binds += ["--dev-bind", device, device]
             for fd in fd_files:
@@ -122,9 +141,9 @@ class Sandbox:
                 binds += ["--ro-bind-data", str(self._empty()), f"/dev/fd/{fd}"]
             self.pass_fds = tuple(self.fds) + tuple(fd_files)
             self.as_nobody = usable
-            prefix = []
+            prefix = limits.argv(usable)
             if usable:
-                prefix = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
+                prefix += ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
                           "--inh-caps=-all", "--bounding-set=-all"]
             self.argv = prefix + [
                 bwrap, "--unshare-all", "--unshare-user", "--uid", str(NOBODY), "--gid", str(NOBODY),
@@ -137,6 +156,7 @@ class Sandbox:
                 *binds, "--chdir", chdir or "/", "--", *argv]
         except BaseException:
             self.close()
+            self.restore()
             raise
 
     def _empty(self):
@@ -146,38 +166,47 @@ class Sandbox:
         self.fds.append(read)
         return read
 
-    def preexec(self):
-        self.limits.apply(self.as_nobody)
-
     def close(self):
+        """Close our copies of the descriptors (once the sandbox has them)."""
         for fd in self.fds:
             with contextlib.suppress(OSError):
                 os.close(fd)
         self.fds = []
 
+    def restore(self):
+        """Give the outputs back to their owner (after the tool has exited)."""
+        for path, uid, gid in self.handed:
+            with contextlib.suppress(FileNotFoundError):
+                os.chown(path, uid, gid)
+        self.handed = []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        self.restore()
+
 
 def run(argv, files=(), limits=Limits(), timeout=None, **kwargs):
     """subprocess.run of `argv` confined to `files`; text output captured.
     Returns the CompletedProcess with .limit_hit set (None or which bound)."""
-    box = Sandbox(argv, files, limits=limits)
     timed_out = False
-    try:
-        with subprocess.Popen(box.argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True, pass_fds=box.pass_fds,
-                              preexec_fn=box.preexec, start_new_session=True, **kwargs) as process:
-            box.close()
-            try:
-                stdout, stderr = process.communicate(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                timed_out = True
-                os.killpg(process.pid, signal.SIGKILL)
-                stdout, stderr = process.communicate()
-            except BaseException:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(process.pid, signal.SIGKILL)
-                raise
-    finally:
+    with Sandbox(argv, files, limits=limits) as box, \
+            subprocess.Popen(box.argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, pass_fds=box.pass_fds,
+                             start_new_session=True, **kwargs) as process:
         box.close()
+        try:
+            stdout, stderr = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            timed_out = True
+            os.killpg(process.pid, signal.SIGKILL)
+            stdout, stderr = process.communicate()
+        except BaseException:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            raise
     result = subprocess.CompletedProcess(argv, process.returncode, stdout, stderr)
     result.limit_hit = limit_hit(process.returncode, stderr, limits, timeout if timed_out else None)
     return result
@@ -186,12 +215,8 @@ def run(argv, files=(), limits=Limits(), timeout=None, **kwargs):
 def popen(argv, files=(), fd_files=(), limits=Limits(), **kwargs):
     """subprocess.Popen of `argv` confined to `files` (a daemon: the caller
     journals it).  The Popen gets .limits for limit_hit()."""
-    box = Sandbox(argv, files, fd_files=fd_files, limits=limits)
-    try:
-        process = subprocess.Popen(box.argv, pass_fds=box.pass_fds, preexec_fn=box.preexec,
-                                   **kwargs)
-    finally:
-        box.close()
+    with Sandbox(argv, files, fd_files=fd_files, limits=limits) as box:
+        process = subprocess.Popen(box.argv, pass_fds=box.pass_fds, **kwargs)
     process.limits = limits
     return process
 
