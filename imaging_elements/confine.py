@@ -111,7 +111,8 @@ class Sandbox:
     told to use as its mount point (see disk.export_raw).
     """
 
-    def __init__(self, argv, files=(), fd_files=(), devices=(), limits=Limits(), chdir=None):
+    def __init__(self, argv, files=(), fd_files=(), devices=(), limits=Limits(), chdir=None,
+                 daemon=False):
         bwrap = shutil.which("bwrap")
         if not bwrap:
             raise ConfineError("reading untrusted images needs bubblewrap (bwrap), not found on "
@@ -141,13 +142,17 @@ class Sandbox:
                 binds += ["--ro-bind-data", str(self._empty()), f"/dev/fd/{fd}"]
             self.pass_fds = tuple(self.fds) + tuple(fd_files)
             self.as_nobody = usable
+            # A tool dies with its caller, in its own session (no terminal to
+            # inject into).  A daemon outlives the hook that starts it: it is
+            # started in a session of its own and killed as a process group.
+            lifetime = [] if daemon else ["--die-with-parent", "--new-session"]
             prefix = limits.argv(usable)
             if usable:
                 prefix += ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
                           "--inh-caps=-all", "--bounding-set=-all"]
             self.argv = prefix + [
                 bwrap, "--unshare-all", "--unshare-user", "--uid", str(NOBODY), "--gid", str(NOBODY),
-                "--cap-drop", "ALL", "--die-with-parent", "--new-session", "--clearenv",
+                "--cap-drop", "ALL", *lifetime, "--clearenv",
                 "--setenv", "PATH", "/usr/bin:/bin", "--setenv", "LC_ALL", "C.UTF-8",
                 *_runtime_binds(),
                 "--tmpfs", "/dev", "--dev-bind", "/dev/null", "/dev/null",
@@ -212,11 +217,14 @@ def run(argv, files=(), limits=Limits(), timeout=None, **kwargs):
     return result
 
 
-def popen(argv, files=(), fd_files=(), limits=Limits(), **kwargs):
-    """subprocess.Popen of `argv` confined to `files` (a daemon: the caller
-    journals it).  The Popen gets .limits for limit_hit()."""
-    with Sandbox(argv, files, fd_files=fd_files, limits=limits) as box:
-        process = subprocess.Popen(box.argv, pass_fds=box.pass_fds, **kwargs)
+def spawn_daemon(argv, files=(), fd_files=(), limits=Limits(), **kwargs):
+    """subprocess.Popen of the daemon `argv` confined to `files`, leader of its
+    own process group: the caller journals ("kill", pid, group=True) at once.
+    No created outputs (their owner would be given back at once)."""
+    if any(f.created for f in files):
+        raise ValueError("a daemon's files must exist before it starts")
+    with Sandbox(argv, files, fd_files=fd_files, limits=limits, daemon=True) as box:
+        process = subprocess.Popen(box.argv, pass_fds=box.pass_fds, start_new_session=True, **kwargs)
     process.limits = limits
     return process
 

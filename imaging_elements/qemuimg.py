@@ -15,6 +15,7 @@ import json
 import os
 import re
 import signal
+import struct
 import subprocess
 import sys
 
@@ -45,11 +46,11 @@ class QemuImgError(Exception):
     """A conversion problem; the message names the file and the reason."""
 
 
-def _qemu_message(stderr, name, others=None):
+def qemu_message(stderr, name, others=None):
     """qemu-img's own reason, naming the user's file (not the sandbox's names)."""
     lines = []
     for line in stderr.splitlines():
-        line = re.sub(r"^qemu-img: ", "", line.strip())
+        line = re.sub(r"^qemu-(img|storage-daemon): ", "", line.strip())
         line = re.sub(r"Could not open '[^']*file\.filename=" + INSIDE_IMAGE + r"': ", "", line)
         for inside, host in (others or {}).items():
             line = line.replace(inside, host)
@@ -81,7 +82,7 @@ def run_confined(args, path, image_type, name=None, limits=INSPECT_LIMITS, timeo
             raise QemuImgError(f"{name}: qemu-img {args[0]} was killed by signal {sig} "
                                f"(a hostile or broken {image_type} image?)")
         raise QemuImgError(f"{name}: not a readable {image_type} image: "
-                           f"{_qemu_message(result.stderr, name)}")
+                           f"{qemu_message(result.stderr, name)}")
     return result
 
 
@@ -108,6 +109,9 @@ def check(path, image_type, name=None):
     """
     name = name or path
     path = os.path.abspath(path)
+    if image_type == "vhd" and _vhd_differencing(path):
+        raise QemuImgError(f"{name}: it is a differencing VHD (it needs its parent), which is "
+                           "not supported")
     args = ["info", "--output=json", "--image-opts", image_opts(image_type)]
     result = confine.run(["qemu-img", *args], [_image_file(path)], limits=INSPECT_LIMITS,
                          timeout=INSPECT_TIMEOUT)
@@ -133,6 +137,17 @@ def check(path, image_type, name=None):
     if "virtual-size" not in data:
         raise QemuImgError(f"{name}: qemu-img reports no virtual size")
     return data
+
+
+def _vhd_differencing(path):
+    """qemu opens a differencing VHD as if it were whole (holes where the parent's
+    data is) and does not say so: its footer's disk type (4) does."""
+    with open(path, "rb") as f:
+        head = f.read(512)
+        f.seek(max(os.fstat(f.fileno()).st_size - 512, 0))
+        footer = f.read(512)
+    footer = footer if footer.startswith(b"conectix") else head
+    return footer.startswith(b"conectix") and struct.unpack_from(">I", footer, 60)[0] == 4
 
 
 def _refuse(name, image_type, what, other):
@@ -275,7 +290,7 @@ def _run_with_progress(argv, files, name, source_type, dest, created, total, pro
             hit = confine.limit_hit(process.returncode, stderr, CONVERT_LIMITS)
             sig = confine.signal_of(process.returncode)
             reason = (hit or (f"killed by signal {sig}" if sig else None)
-                      or _qemu_message(stderr, name, {f"{confine.INSIDE}/{OUTPUT}": dest}))
+                      or qemu_message(stderr, name, {f"{confine.INSIDE}/{OUTPUT}": dest}))
             raise QemuImgError(f"{name}: cannot convert from {source_type} to {dest} "
                                f"(a damaged or truncated image?): {reason}")
         if progress and last < total:
