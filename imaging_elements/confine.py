@@ -248,9 +248,11 @@ def limit_hit(returncode, stderr, limits, timeout=None):
     if sig == signal.SIGXFSZ:
         return f"it hit the file-size limit of {limits.file_size} bytes"
     text = stderr or ""
+    memory = f"the memory limit of {limits.memory >> 20} MiB"
     if returncode and ("annot allocate memory" in text or "failed to allocate" in text
-                       or "Out of memory" in text):
-        return f"it hit the memory limit of {limits.memory >> 20} MiB"
+                       or "Could not allocate" in text or "Out of memory" in text):
+        return f"it hit {memory}"
     if returncode and "Resource temporarily unavailable" in text and "thread" in text.lower():
-        return f"it hit the limit of {limits.processes} processes"
+        # A thread's stack that does not fit looks the same as one thread too many.
+        return f"it hit {memory} or the limit of {limits.processes} processes"
     return None

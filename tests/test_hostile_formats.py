@@ -1,0 +1,266 @@
+"""Hostile container images that name host files (issue 10): each one through
+the README pipeline, through the mounters alone, and straight to a confined
+qemu-img with the early check skipped (the sandbox alone must hold).
+
+The "host" is a directory outside the upload directory with a secret file
+and a bootable-looking Linux disk; the upload directory also holds another
+user's upload.  Every case must fail with a message naming the user's file
+and the name it references, leave no output, and put no host byte anywhere.
+"""
+
+import os
+import shutil
+import struct
+import tempfile
+
+from imaging_elements import confine, qemuimg
+from tests import base, imagebuild
+
+MiB = imagebuild.MiB
+MARK = b"HOST-SECRET-0123456789abcdef\n"
+HOST = None
+
+
+def setUpModule():
+    global HOST
+    HOST = tempfile.mkdtemp(prefix="test-hostile-host-")
+    with open(os.path.join(HOST, "secret"), "wb") as f:
+        f.write(MARK * (4096 // len(MARK) + 1))
+    tree = imagebuild.linux_tree(os.path.join(HOST, "tree"), extra={"root/host-only": MARK})
+    fs = imagebuild.make_fs(os.path.join(HOST, "fs.img"), tree, size=24 * MiB, label="rootfs")
+    imagebuild.make_disk(os.path.join(HOST, "disk.raw"), [{"image": fs, "bootable": True}])
+    imagebuild.qemu_convert(os.path.join(HOST, "disk.raw"), os.path.join(HOST, "disk.vmdk"), "vmdk",
+                            "subformat=monolithicSparse")
+
+
+def tearDownModule():
+    shutil.rmtree(HOST, ignore_errors=True)
+
+
+def host(name):
+    return os.path.join(HOST, name)
+
+
+def descriptor(*extents, comments=0):
+    """A VMDK text descriptor with these extent lines (after `comments` bytes of comments)."""
+    padding = ("# padding\n" * (comments // 10 + 1)) if comments else ""
+    return ('# Disk DescriptorFile\nversion=1\nCID=12345678\nparentCID=ffffffff\n'
+            'createType="monolithicFlat"\n\n' + padding + "\n".join(extents) + "\n\n"
+            'ddb.adapterType = "ide"\n').encode()
+
+
+def disk_sectors():
+    return os.path.getsize(host("disk.raw")) // 512
+
+
+class HostileCase(base.TestCase):
+    needs_root = True
+
+    def setUp(self):
+        super().setUp()
+        self.upload = self.path("upload")
+        os.makedirs(self.upload)
+        with open(os.path.join(self.upload, "other-user.raw"), "wb") as f:
+            f.write(MARK * 256)
+
+    def write(self, name, data):
+        path = os.path.join(self.upload, name)
+        with open(path, "wb") as f:
+            f.write(data)
+        return path
+
+    # -- the hostile images -------------------------------------------------------
+
+    def sparse_vmdk_embedding(self, text):
+        """A sparse VMDK with capacity 0: qemu reads its embedded descriptor as a
+        whole descriptor file, extents and all."""
+        path = os.path.join(self.upload, "sparse.vmdk")
+        imagebuild.sh("qemu-img", "create", "-q", "-f", "vmdk", path, "1M")
+        with open(path, "r+b") as f:
+            head = f.read(512)
+            desc_offset, desc_size = struct.unpack_from("<QQ", head, 28)
+            self.assertGreaterEqual(desc_size * 512, len(text))
+            f.seek(12)
+            f.write(struct.pack("<Q", 0))  # capacity 0
+            f.seek(desc_offset * 512)
+            f.write(text.ljust(desc_size * 512, b"\0"))
+        return path
+
+    def qcow2_with_data_file(self):
+        """An external data file naming the host's secret (the name patched in, so
+        that creating the image does not touch the host file)."""
+        target = host("secret").encode()
+        dummy = os.path.join(self.upload, "d" * (len(target) - len(self.upload) - 1))
+        path = os.path.join(self.upload, "data.qcow2")
+        imagebuild.sh("qemu-img", "create", "-q", "-f", "qcow2", "-o", f"data_file={dummy},data_file_raw=on",
+                      path, "4K")
+        os.unlink(dummy)
+        with open(path, "rb") as f:
+            data = f.read()
+        self.assertEqual(len(dummy), len(target))
+        with open(path, "wb") as f:
+            f.write(data.replace(dummy.encode(), target))
+        return path
+
+    def cases(self):
+        """(name, path, type, the referenced name the message must show)."""
+        secret, disk = host("secret"), host("disk.raw")
+        n = disk_sectors()
+        return [
+            ("sparse vmdk, capacity 0, embedded descriptor",
+             self.sparse_vmdk_embedding(descriptor(f'RW {n} FLAT "{disk}" 0', f'RW 8 FLAT "{secret}" 0')),
+             "vmdk", disk),
+            ("flat extent with sector count +2",
+             self.write("plus.vmdk", descriptor(f'RW +{n} FLAT "{disk}" 0', f'RW +2 FLAT "{secret}" 0')),
+             "vmdk", disk),
+            ("extent after 64 KiB of comments",
+             self.write("late.vmdk", descriptor(f'RW {n} FLAT "{disk}" 0', comments=70000)), "vmdk", disk),
+            ("fields separated by vertical tabs",
+             self.write("vtab.vmdk", descriptor(f'RW\v{n}\vFLAT\v"{disk}"\v0')), "vmdk", disk),
+            ("extent naming another upload in the same directory",
+             self.write("same-dir.vmdk", descriptor('RW 512 FLAT "other-user.raw" 0')), "vmdk",
+             "other-user.raw"),
+            ("qcow2 with a backing file", self.qcow2_backing(disk), "qcow2", disk),
+            ("qcow2 with an external data file", self.qcow2_with_data_file(), "qcow2", secret),
+            ("vmdk with a parent disk", self.vmdk_child(), "vmdk", host("disk.vmdk")),
+        ]
+
+    def qcow2_backing(self, disk):
+        path = os.path.join(self.upload, "backing.qcow2")
+        imagebuild.sh("qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", disk, path)
+        return path
+
+    def vmdk_child(self):
+        path = os.path.join(self.upload, "child.vmdk")
+        imagebuild.sh("qemu-img", "create", "-q", "-f", "vmdk", "-F", "vmdk", "-b", host("disk.vmdk"), path)
+        return path
+
+    # -- checks -----------------------------------------------------------------------
+
+    def assertNoHostBytes(self, directory):
+        for root, _, names in os.walk(directory):
+            for name in names:
+                path = os.path.join(root, name)
+                if name == "other-user.raw" or not os.path.isfile(path) or os.path.islink(path):
+                    continue
+                with open(path, "rb") as f:
+                    self.assertNotIn(MARK, f.read(), f"{path} holds host bytes")
+
+
+class TestPipeline(HostileCase):
+    """The README's pipeline and the mounters alone: refused, named, nothing written."""
+
+    def test_readme_pipeline(self):
+        out_dir = self.path("out")
+        os.makedirs(out_dir)
+        for what, path, image_type, referenced in self.cases():
+            output = os.path.join(out_dir, "out.raw")
+            result = self.run_bin("euca-image-process", "-i", path, "-t", image_type, "-o", output,
+                                  "-T", "raw", "mounters", "validate-linux", "convert-qemu")
+            self.assertNotEqual(0, result.returncode, f"{what}: accepted\n{result.stderr}")
+            self.assertIn(path, result.stderr, what)
+            self.assertIn(repr(referenced), result.stderr, what)
+            self.assertIn("refusing", result.stderr, what)
+            self.assertNotIn("Traceback", result.stderr, what)
+            self.assertEqual([], os.listdir(out_dir), what)
+            self.assertNoHostBytes(self.tmp)
+
+    def test_mounters_only(self):
+        for what, path, image_type, referenced in self.cases():
+            result = self.run_bin("euca-image-process", "-i", path, "-t", image_type, "mounters")
+            self.assertNotEqual(0, result.returncode, f"{what}: accepted\n{result.stderr}")
+            self.assertIn(path, result.stderr, what)
+            self.assertIn(repr(referenced), result.stderr, what)
+            self.assertNotIn("Traceback", result.stderr, what)
+            self.assertNoHostBytes(self.tmp)
+
+
+class TestSandboxAlone(HostileCase):
+    """With the early check skipped, a confined qemu-img still cannot open a host
+    file or another upload: the conversion fails and no host byte is written."""
+
+    def test_convert_without_the_check(self):
+        for what, path, image_type, referenced in self.cases():
+            output = self.path("out.raw")
+            with self.assertRaises(qemuimg.QemuImgError, msg=what) as caught:
+                qemuimg.convert(path, image_type, output, "raw", virtual=MiB)
+            self.assertIn(path, str(caught.exception), what)
+            self.assertFalse(os.path.exists(output), what)
+            self.assertNoHostBytes(self.tmp)
+
+    def test_only_the_given_files_exist_inside(self):
+        image = confine.File(host("disk.raw"), "image")
+        result = confine.run(["sh", "-c", f"ls -A / {confine.INSIDE}; cat {host('secret')} /etc/shadow; "
+                                          "cat /proc/self/status; echo x > /usr/x"], [image])
+        self.assertIn("No such file", result.stderr)
+        self.assertNotIn(MARK.decode().strip(), result.stdout)
+        self.assertIn("image\n", result.stdout)
+        self.assertIn("CapEff:\t0000000000000000", result.stdout)
+        self.assertIn("CapBnd:\t0000000000000000", result.stdout)
+        self.assertIn("NoNewPrivs:\t1", result.stdout)
+        self.assertIn("Read-only file system", result.stderr)
+
+    def test_no_network(self):
+        result = confine.run(["sh", "-c", "cat /proc/net/dev"], [])
+        interfaces = [line.split(":")[0].strip() for line in result.stdout.splitlines()[2:]]
+        self.assertEqual(["lo"], interfaces)
+
+    def test_unprivileged_uid_where_the_files_allow(self):
+        """A world-readable input: the tool runs as host uid nobody."""
+        public = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, public)
+        os.chmod(public, 0o755)
+        shutil.copy(host("secret"), os.path.join(public, "image"))
+        os.chmod(os.path.join(public, "image"), 0o644)
+        with confine.Sandbox(["sleep", "0"], [confine.File(os.path.join(public, "image"), "image")]) as box:
+            self.assertTrue(box.as_nobody)
+            self.assertIn("--reuid=65534", box.argv)
+        os.chmod(host("secret"), 0o600)
+        with confine.Sandbox(["sleep", "0"], [confine.File(host("secret"), "image")]) as box:
+            self.assertFalse(box.as_nobody)  # root's file: root's uid, but no capability
+
+
+class TestLimits(base.TestCase):
+    """Each bound stops the tool with a message naming it."""
+
+    def test_cpu_time(self):
+        result = confine.run(["sh", "-c", "while :; do :; done"], [], limits=confine.Limits(cpu=1),
+                             timeout=30)
+        self.assertEqual("it hit the CPU-time limit of 1 s", result.limit_hit)
+
+    def test_wall_clock(self):
+        result = confine.run(["sleep", "30"], [], timeout=1)
+        self.assertEqual("it ran longer than the time limit of 1 s", result.limit_hit)
+
+    def test_memory(self):
+        """A 3 MiB qcow2 of 200 TiB wants large metadata caches: bounded, and said so."""
+        path = self.path("big.qcow2")
+        imagebuild.sh("qemu-img", "create", "-q", "-f", "qcow2", path, "200T")
+        result = confine.run(["qemu-img", "map", "--output=json", f"{confine.INSIDE}/image"],
+                             [confine.File(path, "image")], limits=confine.Limits(memory=64 * MiB))
+        self.assertNotEqual(0, result.returncode)
+        self.assertIn("it hit the memory limit of 64 MiB", result.limit_hit)
+        # The default bound is far from what it needs.
+        self.assertEqual(0, confine.run(["qemu-img", "map", "--output=json", f"{confine.INSIDE}/image"],
+                                        [confine.File(path, "image")]).returncode)
+
+    def test_file_size(self):
+        result = confine.run(["sh", "-c", f"head -c 2M /dev/zero > {confine.INSIDE}/out"],
+                             [confine.File(self._out(), "out", write=True, created=True)],
+                             limits=confine.Limits(file_size=MiB))
+        self.assertEqual(f"it hit the file-size limit of {MiB} bytes", result.limit_hit)
+
+    def _out(self):
+        path = self.path("out")
+        open(path, "wb").close()
+        return path
+
+    def test_outputs_are_given_back(self):
+        out = self._out()
+        result = confine.run(["sh", "-c", f"echo hi > {confine.INSIDE}/out"],
+                             [confine.File(out, "out", write=True, created=True)])
+        self.assertEqual(0, result.returncode, result.stderr)
+        self.assertEqual(0, os.stat(out).st_uid)
+        with open(out) as f:
+            self.assertEqual("hi\n", f.read())
+
