@@ -378,46 +378,62 @@ def export_raw(image, fmt, write=False, name=None):
     # In the work dir, not the scratch dir: the export is a view, not data we
     # wrote, and must not count against --scratch-limit.
     export = os.path.join(os.environ["IMG_WORK_DIR"], f"{fmt}-export-{uuidlib.uuid4().hex[:8]}.raw")
+    node = {"driver": QEMU_DRIVERS[fmt], "node-name": "disk0", "read-only": not write,
+            "file": {"driver": "file", "filename": f"{confine.INSIDE}/{qemuimg.IMAGE}",
+                     "read-only": not write}}
+    if fmt in ("qcow2", "vmdk"):
+        node["backing"] = None
+    files = [confine.File(os.path.abspath(image), qemuimg.IMAGE, write=write)]
+    fuse_export([node], files, export, write, name, fmt, journal.add)
+    fault("export")
+    return export
+
+
+def fuse_export(blockdevs, files, export, write, name, fmt, record):
+    """Serve the last of `blockdevs` (qemu --blockdev dicts naming `files` by
+    their sandbox paths) as the FUSE file `export`, by a confined
+    qemu-storage-daemon; returns the daemon's Popen.
+
+    We open /dev/fuse and mount it on the export file ourselves; the daemon
+    gets only that open descriptor, as the mount point /dev/fd/N (libfuse
+    takes it as "already mounted").  `record(action, **args)` journals: the
+    export's removal, its unmount and the daemon (in that order, each before
+    the resource exists).  The daemon's log is EXPORT.log.
+    """
     log = export + ".log"
-    journal.add("remove", path=export)
-    journal.add("remove", path=log)
+    record("remove", path=export)
+    record("remove", path=log)
     with open(export, "w"):
         pass  # a FUSE export mounts over an existing regular file
-    journal.add("umount", path=export)
+    record("umount", path=export)
     fuse = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
     try:
         # rootmode: a regular file; only root (user_id 0) may use it.
         _run(["mount", "-i", "-t", "fuse.qemu-storage-daemon", "-o",
               f"fd={fuse},rootmode=100000,user_id=0,group_id=0,nosuid,nodev,noexec",
               "qemu-storage-daemon", export], f"{name}: cannot mount the FUSE export", pass_fds=[fuse])
-        inside = f"{confine.INSIDE}/{qemuimg.IMAGE}"
-        node = {"driver": QEMU_DRIVERS[fmt], "node-name": "disk0", "file": "file0", "read-only": not write}
-        if fmt in ("qcow2", "vmdk"):
-            node["backing"] = None
-        argv = ["qemu-storage-daemon",
-                "--blockdev", json.dumps({"driver": "file", "node-name": "file0", "filename": inside,
-                                          "read-only": not write}),
-                "--blockdev", json.dumps(node),
-                "--export", json.dumps({"type": "fuse", "id": "export0", "node-name": "disk0",
-                                        "mountpoint": f"/dev/fd/{fuse}", "writable": write})]
-        files = [confine.File(os.path.abspath(image), qemuimg.IMAGE, write=write)]
+        argv = ["qemu-storage-daemon"]
+        for node in blockdevs:
+            argv += ["--blockdev", json.dumps(node)]
+        argv += ["--export", json.dumps({"type": "fuse", "id": "export0",
+                                         "node-name": blockdevs[-1]["node-name"],
+                                         "mountpoint": f"/dev/fd/{fuse}", "writable": write})]
         with open(log, "wb") as out:
             process = confine.spawn_daemon(argv, files, fd_files=[fuse], limits=EXPORT_LIMITS,
                                            stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
-        journal.add("kill", pid=process.pid, group=True)
+        record("kill", pid=process.pid, group=True)
     finally:
         os.close(fuse)  # the daemon has its copy: when it dies, the mount stops answering
     if not _wait_served(export, process):
         process.poll()
         with open(log, errors="replace") as f:
-            detail = qemuimg.qemu_message(" ".join(f.read().split()), name)
+            detail = qemuimg.qemu_message(" ".join(f.read(4096).split()), name)
         hit = confine.limit_hit(process.returncode, detail, EXPORT_LIMITS)
         if process.returncode is None:
             detail = f"no export after {READY_TIMEOUT} s. {detail}"
         raise DiskError(f"{name}: qemu cannot open it as {fmt}: "
                         f"{hit or detail or f'exit {process.returncode}'}")
-    fault("export")
-    return export
+    return process
 
 
 # -- loop devices and mounts ---------------------------------------------------

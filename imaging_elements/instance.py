@@ -40,7 +40,7 @@ import subprocess
 import time
 import uuid
 
-from imaging_elements import bootdisk, disk, hooklib, qemuimg
+from imaging_elements import bootdisk, confine, disk, hooklib, qemuimg
 from imaging_elements import hooks as hooks_mod
 from imaging_elements.guest import Guest, GuestPathError
 from imaging_elements.journal import Journal
@@ -620,9 +620,8 @@ class _Instance:
             if self.fmt == "raw":
                 self.size = os.path.getsize(self.image)
             else:
-                disk.check_container(self.image, self.type)
+                self.size = int(disk.check_container(self.image, self.type)["virtual-size"])
                 disk.qemu_check(self.image, self.type)
-                self.size = int(qemuimg.info(self.image, self.type)["virtual-size"])
         except (disk.DiskError, qemuimg.QemuImgError) as exc:
             raise InstanceError(str(exc)) from None
 
@@ -652,42 +651,43 @@ class _Instance:
         if result.returncode:
             raise InstanceError(f"{self.overlay}: qemu-img create failed: {result.stderr.strip()}")
 
-    def _blockdevs(self):
+    def _blockdevs(self, image=None, overlay=None):
+        """The base image (read-only) under the overlay; the paths default to the host's."""
         base = {"driver": self.fmt, "node-name": "base", "read-only": True,
-                "file": {"driver": "file", "filename": os.path.abspath(self.image), "read-only": True}}
+                "file": {"driver": "file", "filename": image or os.path.abspath(self.image),
+                         "read-only": True}}
         if self.fmt in ("qcow2", "vmdk"):
             base["backing"] = None
         top = {"driver": "qcow2", "node-name": "disk", "backing": "base",
-               "file": {"driver": "file", "filename": self.overlay}}
-        return [json.dumps(base), json.dumps(top)]
+               "file": {"driver": "file", "filename": overlay or self.overlay}}
+        return [base, top]
 
     # -- injection -------------------------------------------------------------------
     def _inject(self):
         """Write the agent into the overlay; returns the boot settings, or None for a
         guest the agent cannot start in (no systemd)."""
         export = os.path.join(self.dir, "overlay.raw")
-        log = os.path.join(self.dir, "qemu-storage-daemon.log")
-        with open(export, "w"):
-            pass  # a FUSE export mounts over an existing regular file
-        fuse = self._add("umount", path=export)
-        argv = ["qemu-storage-daemon"]
-        for spec in self._blockdevs():
-            argv += ["--blockdev", spec]
-        argv += ["--export", json.dumps({"type": "fuse", "id": "overlay", "node-name": "disk",
-                                         "mountpoint": export, "writable": True})]
-        with open(log, "wb") as out:
-            daemon = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                      cwd="/", start_new_session=True)
-        daemon_id = self._add("kill", pid=daemon.pid)
-        if not disk._wait_mounted(export, daemon):
-            raise InstanceError(f"{self.image}: qemu-storage-daemon cannot open it: {_tail(log, 3)}")
+        files = [confine.File(os.path.abspath(self.image), "image"),
+                 confine.File(self.overlay, "overlay", write=True)]
+        nodes = self._blockdevs(files[0].inside, files[1].inside)
+        entries = []
+
+        def record(action, **args):
+            entries.append(self._add(action, **args))
+            return entries[-1]
+        try:
+            daemon = disk.fuse_export(nodes, files, export, True, self.image, self.type, record)
+        except disk.DiskError as exc:
+            if entries:
+                self._undo_since(entries[0])
+            raise InstanceError(str(exc)) from None
         try:
             if self.type != "partition":
                 self._check_boot_code(export)
             found = self._mount_root(export)
             boot = self._prepare_boot(found)
         finally:
-            self._undo_since(fuse)  # mounts, loop devices, then the daemon and its export
+            self._undo_since(entries[0])  # mounts, loop devices, then the daemon and its export
             daemon.wait()
         return boot
 
@@ -818,8 +818,8 @@ class _Instance:
                 "-machine", "pc", "-accel", accel, "-cpu", self.cpu_model(accel),
                 "-m", str(self.memory), "-smp", str(self.cpus),
                 "-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"]
-        for spec in self._blockdevs():
-            argv += ["-blockdev", spec]
+        for node in self._blockdevs():
+            argv += ["-blockdev", json.dumps(node)]
         # Fixed PCI slots: the NIC is in slot 3, as on a default qemu machine
         # (so a guest configured for ens3 finds it); the disk is in slot 4.
         if self.bus == "virtio":
