@@ -367,14 +367,27 @@ def export_raw(image, fmt, write=False, name=None):
     name = name or image
     if fmt not in QEMU_DRIVERS:
         raise DiskError(f"{name}: {fmt} is not a format qemu-storage-daemon exports")
-    info = check_container(image, fmt, name)
+    journal, given = hooklib.journal(), image
+    try:
+        if write:  # a replayed copy would take the changes: refused below
+            info = qemuimg.check(image, fmt, name)
+        else:
+            image, info = qemuimg.usable_image(image, fmt, name, os.environ.get("IMG_SCRATCH_DIR"),
+                                               journal.add)
+    except qemuimg.LogNeedsReplay as exc:
+        raise DiskError(f"{exc}: replaying it would change this file, and changes to a replayed "
+                        "copy would be lost: mount it read-only or convert it first") from None
+    except (qemuimg.QemuImgError, confine.ConfineError) as exc:
+        raise DiskError(str(exc)) from None
+    if image != given:
+        hooklib.warn(f"{name}: the {fmt} log was replayed on a copy in the scratch directory "
+                     "(an unclean shutdown); the input is unchanged")
     create_type = ((info.get("format-specific") or {}).get("data") or {}).get("create-type")
     if write and fmt == "vmdk" and create_type == "streamOptimized":
         raise DiskError(f"{name}: a streamOptimized VMDK cannot be written in place (qemu writes "
                         "its compressed grains only in one sequential pass): convert it to qcow2 "
                         "or raw first to mount it writable")
     qemu_check(image, fmt, name)
-    journal = hooklib.journal()
     # In the work dir, not the scratch dir: the export is a view, not data we
     # wrote, and must not count against --scratch-limit.
     export = os.path.join(os.environ["IMG_WORK_DIR"], f"{fmt}-export-{uuidlib.uuid4().hex[:8]}.raw")

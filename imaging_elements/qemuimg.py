@@ -46,6 +46,10 @@ class QemuImgError(Exception):
     """A conversion problem; the message names the file and the reason."""
 
 
+class LogNeedsReplay(QemuImgError):
+    """A VHDX whose metadata log was not replayed (an unclean shutdown)."""
+
+
 def qemu_message(stderr, name, others=None):
     """qemu-img's own reason, naming the user's file (not the sandbox's names)."""
     lines = []
@@ -115,6 +119,9 @@ def check(path, image_type, name=None):
     args = ["info", "--output=json", "--image-opts", image_opts(image_type)]
     result = confine.run(["qemu-img", *args], [_image_file(path)], limits=INSPECT_LIMITS,
                          timeout=INSPECT_TIMEOUT)
+    if result.returncode and "contains a log that needs to be replayed" in result.stderr:
+        raise LogNeedsReplay(f"{name}: the {image_type} image has a log that needs to be replayed "
+                             "(it was not shut down cleanly)")
     if result.returncode and not result.limit_hit and not confine.signal_of(result.returncode):
         for other in OTHER_FILE.findall(result.stderr):
             if "file.filename=" not in other and other != INSIDE_IMAGE:
@@ -160,6 +167,39 @@ def _refuse(name, image_type, what, other):
                        f"any file but the image itself{hint}")
 
 
+def replayed_copy(path, image_type, name, scratch_dir, record):
+    """A copy of `path` in `scratch_dir` with its log replayed (`qemu-img check
+    -r all`, confined to the copy); the user's file is never written.
+    `record(action, **args)` journals the copy's removal before it exists."""
+    if not scratch_dir:
+        raise QemuImgError(f"{name}: the {image_type} image has a log that needs to be replayed, and "
+                           "there is no scratch directory to replay it in (the input is never changed)")
+    copy = os.path.join(scratch_dir, f"replayed-{os.getpid()}-{os.urandom(4).hex()}.{image_type}")
+    record("remove", path=copy)
+    result = subprocess.run(["cp", "--sparse=always", "--reflink=auto", path, copy],
+                            stdin=subprocess.DEVNULL, capture_output=True, text=True, check=False)
+    if result.returncode:
+        raise QemuImgError(f"{name}: cannot copy it to replay its log: "
+                           f"{result.stderr.strip().replace(path, name)}")
+    replay = confine.run(["qemu-img", "check", "-q", "-r", "all", "--image-opts", image_opts(image_type)],
+                         [confine.File(copy, IMAGE, write=True, created=True)],
+                         limits=INSPECT_LIMITS, timeout=INSPECT_TIMEOUT)
+    if replay.returncode not in (0, 3):  # 3: leaked clusters, which convert leaves behind
+        raise QemuImgError(f"{name}: its {image_type} log cannot be replayed (on a copy): "
+                           f"{replay.limit_hit or qemu_message(replay.stderr, name)}")
+    return copy
+
+
+def usable_image(path, image_type, name, scratch_dir, record):
+    """(the file to read, qemu-img info) for an untrusted image: the image itself,
+    or, for a VHDX with a log to replay, a replayed copy in `scratch_dir`."""
+    try:
+        return path, check(path, image_type, name)
+    except LogNeedsReplay:
+        copy = replayed_copy(path, image_type, name, scratch_dir, record)
+        return copy, check(copy, image_type, name)
+
+
 def info(path, image_type, name=None):
     """qemu-img info as a dict, after refusing anything that reaches outside the file."""
     return check(path, image_type, name)
@@ -183,11 +223,16 @@ def check_within_file(path, image_type, name=None):
                                f"is stored at byte {e['offset']}, past the end of the file ({size} bytes)")
 
 
-def data_bytes(path, image_type, block=1):
+# Formats that store guest data uncompressed, byte for byte.
+UNCOMPRESSED = ("vhd", "vhdx")
+
+
+def data_bytes(path, image_type, block=1, name=None):
     """Bytes of guest data in the image (allocated, not known to be zero), counted in
     whole `block`-sized blocks as a format that allocates by blocks would store it."""
+    extents = _map(path, image_type, name)
     blocks, last = 0, -1
-    for e in _map(path, image_type):
+    for e in extents:
         if not e.get("data") or e.get("zero"):
             continue
         first, end = e["start"] // block, (e["start"] + e["length"] - 1) // block
@@ -195,7 +240,15 @@ def data_bytes(path, image_type, block=1):
         if end >= first:
             blocks += end - first + 1
             last = end
-    return blocks * block
+    mapped = blocks * block
+    if image_type in UNCOMPRESSED and any(e.get("data") and "offset" not in e for e in extents):
+        # qemu cannot say where the data is (vhdx has no block status: its map is one
+        # extent of data).  An uncompressed format cannot hold more non-zero guest
+        # data than its file has allocated, and qemu-img writes no zero block: each
+        # allocated 4 KiB of the file makes at most one block of output.
+        stored = -(-os.stat(path).st_blocks * 512 // 4096)
+        return min(mapped, stored * max(block, 4096))
+    return mapped
 
 
 # -- converting ------------------------------------------------------------------
@@ -333,9 +386,20 @@ def parse_size(text):
     return int(float(match.group(1)) * 1024 ** " KMGTP".index(match.group(2).upper() or " "))
 
 
+# The allocation unit of each output type (qcow2: measured by qemu-img).
+DEST_BLOCKS = {"raw": 4096, "partition": 4096, "vmdk": 64 << 10, "vhd": 2 * MiB, "vhdx": 32 * MiB}
+
+
 def required_bytes(source, source_type, dest_type, env=os.environ):
     """What converting `source` to `dest_type` writes, at most (the data, not the holes)."""
-    virtual = info(source, source_type)["virtual-size"]
+    try:
+        virtual = info(source, source_type)["virtual-size"]
+    except LogNeedsReplay:
+        # qemu maps it only once replayed (on a copy in the scratch space: as large as
+        # the file); the output then holds at most one block per allocated 4 KiB of it.
+        stored = -(-os.stat(source).st_blocks * 512 // 4096) * 4096
+        block = DEST_BLOCKS.get(dest_type, 4096)
+        return stored + stored // 4096 * block + 8 * MiB
     if dest_type == "qcow2":
         return measure_qcow2(source, source_type)
     if dest_type in ("raw", "partition"):
@@ -343,7 +407,7 @@ def required_bytes(source, source_type, dest_type, env=os.environ):
     if "fixed" in (output_options(dest_type, env) or ""):
         return virtual + 8 * MiB
     # Dynamic formats allocate whole blocks (grains), plus tables and headers.
-    block = {"vmdk": 64 << 10, "vhd": 2 * MiB, "vhdx": 32 * MiB}[dest_type]
+    block = DEST_BLOCKS[dest_type]
     return min(data_bytes(source, source_type, block), virtual) + virtual // 4096 + 8 * MiB
 
 
@@ -369,16 +433,22 @@ def hook_run():
     env = os.environ
     source, dest = env["IMG_IMAGE"], env["IMG_CONVERT_OUTPUT"]
     source_type, dest_type = env["IMG_SOURCE_TYPE"], env["IMG_DEST_TYPE"]
+    name = source
     try:
         _content_matches(source, source_type)
-        virtual = info(source, source_type)["virtual-size"]
-        check_within_file(source, source_type)
+        source, data = usable_image(source, source_type, name, env.get("IMG_SCRATCH_DIR"),
+                                    hooklib.journal().add)
+        if source != name:
+            hooklib.warn(f"{name}: the {source_type} log was replayed on a copy in the scratch "
+                         "directory (an unclean shutdown); the input is unchanged")
+        virtual = data["virtual-size"]
+        check_within_file(source, source_type, name)
         size = parse_size(env["IMG_SIZE"]) if env.get("IMG_SIZE") else None
         if size is not None and size < virtual:
             raise QemuImgError(f"IMG_SIZE={env['IMG_SIZE']} ({size} bytes) is smaller than the "
-                               f"{virtual} bytes of {source}; disks are never shrunk")
+                               f"{virtual} bytes of {name}; disks are never shrunk")
         total = convert(source, source_type, dest, dest_type, size=size, progress=hooklib.progress,
-                        virtual=virtual)
+                        virtual=virtual, name=name)
     except QemuImgError as exc:
         hooklib.fail(str(exc))
     except Terminated:

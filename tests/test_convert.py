@@ -211,6 +211,47 @@ class TestCapacity(ConvertCase):
         self.assertGreater(int(out), qemuimg.data_bytes(vhdx, "vhdx"))
 
 
+class TestVhdx(ConvertCase):
+    """VHDX: a log to replay after an unclean shutdown; capacity from the data."""
+
+    def test_a_log_to_replay_is_replayed_on_a_copy(self):
+        vhdx = imagebuild.dirty_vhdx(self.disk, self.path("dirty.vhdx"))
+        if vhdx is None:
+            self.skipTest("qemu-io could not be stopped with the VHDX log dirty here")
+        with open(vhdx, "rb") as f:
+            before = f.read()
+        need = run_hook(TO_RAW, "required-capacity", self.tmp, IMG_IMAGE=vhdx, IMG_SOURCE_TYPE="vhdx",
+                        IMG_DEST_TYPE="raw")
+        self.assertEqual(0, need[0], need[3])
+        back, records = self.convert(TO_RAW, vhdx, "vhdx", "raw", name="back.raw")
+        subprocess.run(["cmp", self.disk, back], check=True)
+        # The copy and the output, at most: what the runner reserves in the scratch space.
+        self.assertGreaterEqual(int(need[1]), allocated(back) + allocated(vhdx))
+        with open(vhdx, "rb") as f:
+            self.assertEqual(before, f.read(), "the user's file was changed")
+        self.assertIn(f"{vhdx}: the vhdx log was replayed on a copy in the scratch directory",
+                      " ".join(status(records, "warn")))
+        self.assertEqual(["back.raw", "dirty.vhdx", "journal"], sorted(os.listdir(self.tmp)))
+
+    def test_capacity_from_what_is_written(self):
+        """qemu maps a VHDX as data from end to end: the estimate comes from the bytes
+        the file holds, not the virtual size."""
+        big = self.path("big.raw")
+        shutil.copyfile(self.disk, big)
+        os.truncate(big, 1024 * MiB)
+        vhdx = imagebuild.qemu_convert(big, self.path("big.vhdx"), "vhdx")
+        os.unlink(big)
+        extents = json.loads(imagebuild.sh("qemu-img", "map", "--output=json", vhdx))
+        self.assertEqual([(1024 * MiB, True)], [(e["length"], e["data"]) for e in extents])
+        code, out, _, stderr = run_hook(TO_RAW, "required-capacity", self.tmp, IMG_IMAGE=vhdx,
+                                        IMG_SOURCE_TYPE="vhdx", IMG_DEST_TYPE="raw")
+        self.assertEqual(0, code, stderr)
+        output, _ = self.convert(TO_RAW, vhdx, "vhdx", "raw")
+        self.assertGreaterEqual(int(out), allocated(output))
+        self.assertLess(int(out), allocated(vhdx) + MiB)
+        self.assertLess(int(out), 64 * MiB)
+
+
 class TestOptions(ConvertCase):
 
     def test_a_multi_file_vmdk_output_is_refused_before_writing(self):
