@@ -14,7 +14,7 @@ import shutil
 import struct
 
 from imaging_elements import disk, hooks, imagetype
-from tests import base
+from tests import base, imagebuild
 from tests.imagebuild import MiB, sh
 from tests.test_mount_support import (BOOT_UUID, ESP_PARTUUID, KERNEL, MOUNTERS, XFS_UUID, MountRun,
                                       copy, image)
@@ -119,6 +119,26 @@ class RawDiskTest(MountTestCase):
         again = self.mount(path)
         with open(os.path.join(again.mount_point, "boot/written-by-test")) as f:
             self.assertEqual("hello\n", f.read())
+
+    def test_vhdx_with_a_log_to_replay(self):
+        """Mounted from a replayed copy in the scratch space; the input is unchanged;
+        writable, refused (the changes would go to the copy)."""
+        path = imagebuild.dirty_vhdx(image("linux-dos"), self.path("dirty.vhdx"))
+        if path is None:
+            self.skipTest("qemu-io could not be stopped with the VHDX log dirty here")
+        with open(path, "rb") as f:
+            before = f.read()
+        run = self.mount(path, "vhdx")
+        self.assertLinuxRoot(run)
+        self.assertIn(f"{path}: the vhdx log was replayed on a copy in the scratch directory "
+                      "(an unclean shutdown); the input is unchanged", run.warnings)
+        self.assertEqual([], run.unwind())
+        run = self.mount(path, "vhdx", env={"IMG_MOUNT_WRITABLE": "1"}, expect_ok=False)
+        self.assertIn(f"{path}: the vhdx image has a log that needs to be replayed", run.failure)
+        self.assertIn("mount it read-only or convert it first", run.failure)
+        self.assertNotIn("qemu-img check -r", run.failure)  # never advice that changes the file
+        with open(path, "rb") as f:
+            self.assertEqual(before, f.read(), "the user's file was changed")
 
     def test_writable_stream_optimized_vmdk_is_refused(self):
         path = copy("vmdk-stream", self.tmp)
