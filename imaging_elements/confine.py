@@ -217,16 +217,24 @@ def run(argv, files=(), limits=Limits(), timeout=None, **kwargs):
     return result
 
 
-def spawn_daemon(argv, files=(), fd_files=(), limits=Limits(), **kwargs):
-    """subprocess.Popen of the daemon `argv` confined to `files`, leader of its
-    own process group: the caller journals ("kill", pid, group=True) at once.
-    No created outputs (their owner would be given back at once)."""
+def popen(argv, files=(), devices=(), limits=Limits(), daemon=False, **kwargs):
+    """subprocess.Popen of `argv` confined to `files` (and `devices`, e.g.
+    /dev/kvm).  Not a daemon: it dies with its caller (bwrap --die-with-parent),
+    and killing the returned process (bwrap) kills it.  No created outputs
+    (their owner would be given back at once)."""
     if any(f.created for f in files):
-        raise ValueError("a daemon's files must exist before it starts")
-    with Sandbox(argv, files, fd_files=fd_files, limits=limits, daemon=True) as box:
-        process = subprocess.Popen(box.argv, pass_fds=box.pass_fds, start_new_session=True, **kwargs)
-    process.limits = limits
-    return process
+        raise ValueError("a started process's files must exist before it starts")
+    with Sandbox(argv, files, fd_files=kwargs.pop("fd_files", ()), devices=devices, limits=limits,
+                 daemon=daemon) as box:
+        return subprocess.Popen(box.argv, pass_fds=box.pass_fds, **kwargs)
+
+
+def spawn_daemon(argv, files=(), fd_files=(), limits=Limits(), **kwargs):
+    """Like popen, for a daemon that outlives the hook that starts it: the leader
+    of its own process group, which the caller journals at once
+    ("kill", pid, group=True)."""
+    return popen(argv, files, limits=limits, daemon=True, fd_files=fd_files,
+                 start_new_session=True, **kwargs)
 
 
 def signal_of(returncode):
