@@ -77,6 +77,12 @@ def run_confined(args, path, image_type, name=None, limits=INSPECT_LIMITS, timeo
     """`qemu-img ARGS` confined to the image (seen as INSIDE_IMAGE); raises on failure."""
     name = name or path
     result = confine.run(["qemu-img", *args], [_image_file(path)], limits=limits, timeout=timeout)
+    _raise_for(result, args, name, image_type)
+    return result
+
+
+def _raise_for(result, args, name, image_type):
+    """A QemuImgError saying why a confined qemu-img failed, if it did."""
     if result.returncode:
         if result.limit_hit:
             raise QemuImgError(f"{name}: qemu-img {args[0]} was stopped: {result.limit_hit} "
@@ -87,7 +93,6 @@ def run_confined(args, path, image_type, name=None, limits=INSPECT_LIMITS, timeo
                                f"(a hostile or broken {image_type} image?)")
         raise QemuImgError(f"{name}: not a readable {image_type} image: "
                            f"{qemu_message(result.stderr, name)}")
-    return result
 
 
 def _inspect(args, path, image_type, name=None):
@@ -126,8 +131,7 @@ def check(path, image_type, name=None):
         for other in OTHER_FILE.findall(result.stderr):
             if "file.filename=" not in other and other != INSIDE_IMAGE:
                 _refuse(name, image_type, "names the file", other)
-    if result.returncode:
-        run_confined(args, path, image_type, name)  # raises with the reason
+    _raise_for(result, args, name, image_type)
     try:
         data = json.loads(result.stdout)
     except ValueError as exc:
@@ -158,12 +162,11 @@ def _vhd_differencing(path):
 
 
 def _refuse(name, image_type, what, other):
-    other = other.replace(confine.INSIDE + "/", "")
-    hint = ""
-    if image_type == "vmdk" and "extent" in what or "names the file" in what:
-        hint = (" (a multi-file VMDK: give its flat extent file as a raw image instead)"
-                if other.endswith("-flat.vmdk") else "")
-    raise QemuImgError(f"{name}: the {image_type} image {what} {other!r}; refusing to open "
+    other = other.replace(confine.INSIDE + "/", "")  # a relative name, as the image has it
+    hint = (" (a multi-file VMDK: give its flat extent file as a raw image instead)"
+            if image_type == "vmdk" and other.endswith("-flat.vmdk") else "")
+    # repr: the name comes from the image (quoted, control characters escaped).
+    raise QemuImgError(f"{name}: the {image_type} image {what} {other[:512]!r}; refusing to open "
                        f"any file but the image itself{hint}")
 
 
