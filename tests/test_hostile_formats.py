@@ -123,11 +123,15 @@ class HostileCase(base.TestCase):
             ("qcow2 with a backing file", self.qcow2_backing(disk), "qcow2", disk),
             ("qcow2 with an external data file", self.qcow2_with_data_file(), "qcow2", secret),
             ("vmdk with a parent disk", self.vmdk_child(), "vmdk", host("disk.vmdk")),
+            ("VMFS extent type", self.write("vmfs.vmdk", descriptor(f'RW {n} VMFS "{disk}"')), "vmdk", disk),
+            ("qcow2 backing file given as json:", self.qcow2_backing(
+                'json:{"driver": "raw", "file": {"driver": "file", "filename": "' + disk + '"}}'),
+             "qcow2", "json:"),
         ]
 
     def qcow2_backing(self, disk):
-        path = os.path.join(self.upload, "backing.qcow2")
-        imagebuild.sh("qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", disk, path)
+        path = os.path.join(self.upload, f"backing-{len(os.listdir(self.upload))}.qcow2")
+        imagebuild.sh("qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-u", "-b", disk, path, "24M")
         return path
 
     def vmdk_child(self):
@@ -159,7 +163,7 @@ class TestPipeline(HostileCase):
                                   "-T", "raw", "mounters", "validate-linux", "convert-qemu")
             self.assertNotEqual(0, result.returncode, f"{what}: accepted\n{result.stderr}")
             self.assertIn(path, result.stderr, what)
-            self.assertIn(repr(referenced), result.stderr, what)
+            self.assertIn(f"'{referenced}", result.stderr, what)
             self.assertIn("refusing", result.stderr, what)
             self.assertNotIn("Traceback", result.stderr, what)
             self.assertEqual([], os.listdir(out_dir), what)
@@ -170,7 +174,7 @@ class TestPipeline(HostileCase):
             result = self.run_bin("euca-image-process", "-i", path, "-t", image_type, "mounters")
             self.assertNotEqual(0, result.returncode, f"{what}: accepted\n{result.stderr}")
             self.assertIn(path, result.stderr, what)
-            self.assertIn(repr(referenced), result.stderr, what)
+            self.assertIn(f"'{referenced}", result.stderr, what)
             self.assertNotIn("Traceback", result.stderr, what)
             self.assertNoHostBytes(self.tmp)
 
