@@ -36,9 +36,9 @@ def _helpers(scope=None):
                 cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
         except OSError:
             continue
-        if re.match(r"\S*(qemu-storage-daemon|qemu-system|qemu-img|ntfs-3g|bwrap)\b", cmd):
-            if not scope or scope in cmd or holds_files(pid, scope, inodes):
-                found.append((pid, cmd))
+        if re.match(r"\S*(qemu-storage-daemon|qemu-system|qemu-img|ntfs-3g|bwrap)\b", cmd) and \
+                (not scope or scope in cmd or holds_files(pid, scope, inodes)):
+            found.append((pid, cmd))
     return sorted(found)
 
 

@@ -319,7 +319,8 @@ def dirty_vhdx(raw, path, attempts=60):
         time.sleep(0.002 * (attempt % 30 + 1))
         process.kill()
         process.wait()
-        info = subprocess.run(["qemu-img", "info", "-f", "vhdx", path], capture_output=True, text=True)
+        info = subprocess.run(["qemu-img", "info", "-f", "vhdx", path], capture_output=True, text=True,
+                              check=False)
         if "log that needs to be replayed" in info.stderr:
             return path
     return None
