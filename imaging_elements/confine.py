@@ -12,8 +12,9 @@ else exists to be opened:
   the files given, each bound at a fixed name (read-only unless an output);
 * no network, IPC, PID or UTS sharing (`--unshare-all`), a new session;
 * a user namespace, no capabilities at all, no_new_privs, a clean environment;
-* the host uid 65534 (nobody) when it can read the inputs and write the
-  outputs; otherwise the files' owner (root) without any capability;
+* the host uid 65534 (nobody) when the files' modes let it read the inputs
+  and write the outputs (outputs we create are handed to it for the run);
+  otherwise root's uid inside a user namespace, without any capability;
 * resource limits (prlimit: address space, CPU time, processes, file size) with
   defaults a real image never reaches, and a message saying which one was hit.
 """
@@ -85,20 +86,11 @@ def _runtime_binds():
     return binds
 
 
-def _usable_by_nobody(path, st, write):
-    """Whether uid nobody may open the file (bwrap resolves the bound path, so
-    every directory above it must let nobody through as well)."""
-    def allowed(st, bits):
-        return bool(st.st_mode & (bits << 6 if st.st_uid == NOBODY else bits))
-    if not allowed(st, 2 if write else 4):
-        return False
-    directory = os.path.dirname(os.path.realpath(path))
-    while True:
-        if not allowed(os.stat(directory), 1):
-            return False
-        if directory == "/":
-            return True
-        directory = os.path.dirname(directory)
+def _usable_by_nobody(st, write):
+    """Whether uid nobody may open the file.  Only its own mode counts: bwrap
+    binds it while still root, and inside it sits in bwrap's own directories."""
+    bits = 2 if write else 4
+    return bool(st.st_mode & (bits << 6 if st.st_uid == NOBODY else bits))
 
 
 class Sandbox:
@@ -129,7 +121,9 @@ class Sandbox:
                 self.fds.append(fd)
                 opened.append((f, os.fstat(fd)))
                 binds += ["--bind-fd" if f.write else "--ro-bind-fd", str(fd), f.inside]
-            usable = all(_usable_by_nobody(f.host, st, f.write and not f.created) for f, st in opened)
+            # /dev/kvm is for group kvm: a tool that needs a device keeps root's uid.
+            usable = not devices and all(_usable_by_nobody(st, f.write and not f.created)
+                                         for f, st in opened)
             if usable:
                 for f, st in opened:
                     if f.created:
@@ -137,28 +131,38 @@ class Sandbox:
                         self.handed.append((f.host, st.st_uid, st.st_gid))
             for device in devices:
                 binds += ["--dev-bind", device, device]
+            if fd_files:
+                binds += ["--perms", "0755", "--dir", "/dev/fd"]
             for fd in fd_files:
                 # A regular file at /dev/fd/N: libfuse takes the number from the name.
-                binds += ["--ro-bind-data", str(self._empty()), f"/dev/fd/{fd}"]
+                binds += ["--perms", "0444", "--ro-bind-data", str(self._empty()), f"/dev/fd/{fd}"]
             self.pass_fds = tuple(self.fds) + tuple(fd_files)
             self.as_nobody = usable
             # A tool dies with its caller, in its own session (no terminal to
             # inject into).  A daemon outlives the hook that starts it: it is
             # started in a session of its own and killed as a process group.
             lifetime = [] if daemon else ["--die-with-parent", "--new-session"]
-            prefix = limits.argv(usable)
             if usable:
-                prefix += ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
-                          "--inh-caps=-all", "--bounding-set=-all"]
-            self.argv = prefix + [
-                bwrap, "--unshare-all", "--unshare-user", "--uid", str(NOBODY), "--gid", str(NOBODY),
-                "--cap-drop", "ALL", *lifetime, "--clearenv",
+                # bwrap, as root, sets the sandbox up; setpriv then becomes host uid
+                # nobody, with no capability left (bwrap kept only these three for it).
+                identity = ["--cap-drop", "ALL", "--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID",
+                            "--cap-add", "CAP_SETPCAP"]
+                command = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
+                           "--inh-caps=-all", "--bounding-set=-all", "--", *argv]
+            else:
+                # A user namespace whose only uid is root's, without any capability.
+                identity = ["--unshare-user", "--uid", str(NOBODY), "--gid", str(NOBODY),
+                            "--cap-drop", "ALL"]
+                command = list(argv)
+            self.argv = limits.argv(usable) + [
+                bwrap, "--unshare-ipc", "--unshare-pid", "--unshare-net", "--unshare-uts",
+                "--unshare-cgroup-try", *identity, *lifetime, "--clearenv",
                 "--setenv", "PATH", "/usr/bin:/bin", "--setenv", "LC_ALL", "C.UTF-8",
                 *_runtime_binds(),
                 "--tmpfs", "/dev", "--dev-bind", "/dev/null", "/dev/null",
                 "--dev-bind", "/dev/zero", "/dev/zero", "--dev-bind", "/dev/urandom", "/dev/urandom",
-                "--proc", "/proc", "--tmpfs", "/tmp", "--dir", INSIDE,
-                *binds, "--chdir", chdir or "/", "--", *argv]
+                "--proc", "/proc", "--perms", "1777", "--tmpfs", "/tmp", "--dir", INSIDE,
+                *binds, "--chdir", chdir or "/", "--", *command]
         except BaseException:
             self.close()
             self.restore()

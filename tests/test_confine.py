@@ -2,9 +2,7 @@
 Each property is tried from inside, as a hostile tool would."""
 
 import os
-import shutil
 import subprocess
-import tempfile
 
 from imaging_elements import confine
 from tests import base, imagebuild
@@ -43,19 +41,27 @@ class TestSandbox(base.TestCase):
         self.assertEqual(["lo"], interfaces)
 
     def test_unprivileged_uid_where_the_files_allow(self):
-        """A world-readable input: the tool runs as host uid nobody."""
-        public = tempfile.mkdtemp()
-        self.addCleanup(shutil.rmtree, public)
-        os.chmod(public, 0o755)
-        shutil.copy(self.secret, os.path.join(public, "image"))
-        os.chmod(os.path.join(public, "image"), 0o644)
-        with confine.Sandbox(["sleep", "0"], [confine.File(os.path.join(public, "image"), "image")]) as box:
-            self.assertTrue(box.as_nobody)
-            self.assertIn("--reuid=65534", box.argv)
+        """A world-readable input (here in a private directory) and an output we
+        create: the tool runs as host uid nobody; the output is given back."""
+        os.chmod(self.image, 0o644)
+        out = self.path("out")
+        open(out, "wb").close()
+        files = [confine.File(self.image, "image"), confine.File(out, "out", write=True, created=True)]
+        script = f"cat /proc/self/uid_map /proc/self/status; echo hi > {confine.INSIDE}/out"
+        result = confine.run(["sh", "-c", script], files)
+        self.assertEqual(0, result.returncode, result.stderr)
+        self.assertRegex(result.stdout, r"Uid:\t65534\t65534\t65534\t65534\n")
+        self.assertRegex(result.stdout, r"^\s*0\s+0\s+4294967295\n")  # the host's own user namespace
+        with open(out) as f:
+            self.assertEqual((0, "hi\n"), (os.stat(out).st_uid, f.read()))
+        # A file only root may read: root's uid in a user namespace, without any capability.
         os.chmod(self.secret, 0o600)
         with confine.Sandbox(["sleep", "0"], [confine.File(self.secret, "image")]) as box:
-            self.assertFalse(box.as_nobody)  # root's file: root's uid, but no capability
-
+            self.assertFalse(box.as_nobody)
+            self.assertIn("--unshare-user", box.argv)
+        result = confine.run(["sh", "-c", f"cat {confine.INSIDE}/image; grep CapEff /proc/self/status"],
+                             [confine.File(self.secret, "image")])
+        self.assertIn("CapEff:\t0000000000000000", result.stdout)
 
     def test_a_fuse_descriptor_gets_a_regular_file_as_its_name(self):
         """What qemu-storage-daemon is told is its mount point (disk.fuse_export)."""
