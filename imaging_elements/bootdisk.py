@@ -315,9 +315,8 @@ def convert(source, output, size=None, kernel_file=None, ramdisk_file=None, cmdl
         with open(output, "wb") as f:
             f.truncate(disk_bytes)
         write_partition_table(output, disk_id, part_bytes)
-        target = (f"driver=raw,offset={START},size={fs_bytes},"
-                  f"file.driver=file,file.filename={os.path.abspath(output).replace(',', ',,')}")
-        qemuimg.convert(source, "partition", output, "raw", target_opts=target, progress=progress)
+        qemuimg.convert(source, "partition", output, "raw", progress=progress,
+                        target_opts=f"driver=raw,offset={START},size={fs_bytes}")
 
         device, loop_entry = attach(output, START, part_bytes)
         with hooklib.undoing(loop_entry):

@@ -21,19 +21,20 @@ The mounter hooks share their state in `$IMG_WORK_DIR/filesystems.json`
 journal before (or, for a daemon, the instant after) it exists.
 """
 
+import contextlib
 import json
 import os
 import re
 import resource
 import shlex
 import signal
-import struct
 import subprocess
 import sys
+import threading
 import time
 import uuid as uuidlib
 
-from imaging_elements import fstab, hooklib
+from imaging_elements import confine, fstab, hooklib, qemuimg
 from imaging_elements.guest import Guest, GuestPathError, detect_platform
 
 KERNEL_FS = ("ext2", "ext3", "ext4", "xfs", "btrfs", "squashfs")
@@ -44,6 +45,7 @@ QEMU_DRIVERS = {"vmdk": "vmdk", "qcow2": "qcow2", "vhd": "vpc", "vhdx": "vhdx"}
 EXTENDED = {"5", "f", "85"}
 INITS = ("/sbin/init", "/usr/sbin/init", "/lib/systemd/systemd", "/usr/lib/systemd/systemd")
 READY_TIMEOUT = 30  # seconds for a FUSE daemon to show its mount
+EXPORT_LIMITS = confine.Limits()  # qemu-storage-daemon: memory and processes bounded, no CPU bound
 
 
 class DiskError(hooklib.HookFailure):
@@ -100,10 +102,6 @@ def dm_available():
             return any(line.split()[1:] == ["device-mapper"] for line in f)
     except OSError:
         return False
-
-
-def fuse_available():
-    return os.path.exists("/dev/fuse")
 
 
 # -- partition tables and filesystems -----------------------------------------
@@ -274,85 +272,14 @@ def save(entries):
 
 # -- container formats: a raw view through qemu-storage-daemon ----------------
 
-VMDK_EXTENT = re.compile(r'^\s*(?:RW|RDONLY|NOACCESS)\s+\d+\s+(\w+)(?:\s+"([^"]*)")?', re.I)
-
-
-def _vmdk_descriptor_problems(text, directory, name):
-    """Why a VMDK descriptor is unsafe or unsupported, or None.
-
-    qemu opens whatever an extent line names (an absolute path, a device, a
-    `json:` or `nbd:` pseudo-file), so a hostile descriptor could read the
-    host: extents must be regular files beside the descriptor.
-    """
-    for line in text.splitlines():
-        key = line.split("=", 1)[0].strip()
-        if key == "parentFileNameHint":
-            parent = line.split("=", 1)[1].strip().strip('"')
-            return (f"it is a differencing (child) disk of {parent!r}: mount or convert the "
-                    "chain with its parent instead")
-        match = VMDK_EXTENT.match(line)
-        if not match or match.group(2) is None:
-            continue
-        extent = match.group(2)
-        if os.path.isabs(extent) or ":" in extent or ".." in extent.split("/"):
-            return f"extent {extent!r} is not a plain file name beside the descriptor"
-        real_dir = os.path.realpath(directory)
-        real = os.path.realpath(os.path.join(directory, extent))
-        if os.path.commonpath([real_dir, real]) != real_dir:
-            return f"extent {extent!r} leads outside the descriptor's directory"
-        if not os.path.isfile(real):
-            return f"extent {extent!r} is missing or not a regular file"
-    return None
-
-
 def check_container(path, fmt, name=None):
-    """Refuse container images qemu would follow out of the file (backing files,
-    external data files, foreign extents); raises DiskError naming the reason."""
-    name = name or path
+    """Refuse container images that reference any file but themselves (backing
+    files, external data files, extents): qemuimg.check asks qemu, confined.
+    Returns qemu-img info's dict; raises DiskError naming the reason."""
     try:
-        with open(path, "rb") as f:
-            head = f.read(4096)
-            size = os.fstat(f.fileno()).st_size
-            problem = None
-            if fmt == "qcow2" and len(head) >= 72:
-                _, version, backing_offset = struct.unpack_from(">4sIQ", head)
-                if backing_offset:
-                    problem = ("it has a backing file (a differencing image): convert it with "
-                               "`qemu-img convert` (which reads the chain) first")
-                elif version >= 3 and len(head) >= 80:
-                    (incompatible,) = struct.unpack_from(">Q", head, 72)
-                    if incompatible & 4:
-                        problem = "it keeps its data in an external data file, which is not supported"
-            elif fmt == "vmdk" and head.startswith(b"KDMV") and len(head) >= 44:
-                _, _, _, capacity, _, desc_offset, desc_size = struct.unpack_from("<4sIIQQQQ", head)
-                if desc_offset and 0 < desc_size <= 2048:
-                    f.seek(desc_offset * 512)
-                    text = f.read(desc_size * 512).split(b"\0", 1)[0].decode("latin-1")
-                    if capacity:  # a normal sparse file: its own extent; only a parent matters
-                        text = "\n".join(l for l in text.splitlines() if "parentFileNameHint" in l)
-                    problem = _vmdk_descriptor_problems(text, os.path.dirname(path) or ".", name)
-            elif fmt == "vmdk":
-                f.seek(0)
-                text = f.read(1 << 20).split(b"\0", 1)[0].decode("latin-1")
-                problem = _vmdk_descriptor_problems(text, os.path.dirname(path) or ".", name)
-            elif fmt == "vhd":
-                f.seek(max(size - 512, 0))
-                footer = f.read(512)
-                if not footer.startswith(b"conectix"):
-                    footer = head[:512]
-                if footer.startswith(b"conectix") and struct.unpack_from(">I", footer, 60)[0] == 4:
-                    problem = "it is a differencing VHD (it needs its parent), which is not supported"
-    except OSError as exc:
-        raise DiskError(f"{name}: cannot read: {exc.strerror}") from exc
-    if problem:
-        raise DiskError(f"{name}: {problem}")
-
-
-def _vmdk_compressed(path):
-    """Whether a VMDK has compressed grains (streamOptimized)."""
-    with open(path, "rb") as f:
-        head = f.read(12)
-    return head.startswith(b"KDMV") and bool(struct.unpack_from("<I", head, 8)[0] & 0x10000)
+        return qemuimg.check(path, fmt, name or path)
+    except (qemuimg.QemuImgError, confine.ConfineError) as exc:
+        raise DiskError(str(exc)) from None
 
 
 def warn_in_place():
@@ -362,32 +289,27 @@ def warn_in_place():
         hooklib.warn(f"{image}: mounted writable: changes are written into this input file itself")
 
 
-def _qemu_json_filename(path, fmt):
-    # `backing: null`: never open a backing file named inside the image.
-    spec = {"driver": QEMU_DRIVERS[fmt], "file": {"driver": "file", "filename": path}}
-    if fmt in ("qcow2", "vmdk"):
-        spec["backing"] = None
-    return "json:" + json.dumps(spec)
-
-
 def qemu_check(path, fmt, name=None):
-    """`qemu-img check` the metadata (fast: no data is read); corruption is an error.
+    """`qemu-img check` the metadata (fast: no data is read), confined to the
+    image; corruption is an error.
 
     A truncated qcow2 opens fine and reads zeros where its clusters were;
     this is what catches it.
     """
     name = name or path
-    filename = _qemu_json_filename(path, fmt)
-    result = subprocess.run(["qemu-img", "check", "--output=json", filename],
-                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    result = confine.run(["qemu-img", "check", "--output=json", "--image-opts", qemuimg.image_opts(fmt)],
+                         [confine.File(os.path.abspath(path), qemuimg.IMAGE)],
+                         limits=qemuimg.INSPECT_LIMITS, timeout=qemuimg.INSPECT_TIMEOUT)
     if result.returncode in (0, 3, 63):  # clean, only leaked clusters, or no check for the format
         return
+    if result.limit_hit:
+        raise DiskError(f"{name}: qemu-img check was stopped: {result.limit_hit} "
+                        f"(a hostile or broken {fmt} image?)")
     errors = []
     for line in (result.stderr + "\n" + result.stdout).splitlines():
-        line = line.strip().replace(f"Could not open '{filename}': ", "").removeprefix("qemu-img: ")
+        line = line.strip()
         if line and not line.startswith(("{", "}", '"')):  # not the JSON report
-            errors.append(line.replace(filename, name).replace(path, name))
+            errors.append(qemuimg.qemu_message(line, name))
     detail = "; ".join(errors[:3]) or f"exit {result.returncode}"
     if len(errors) > 3:
         detail += f"; and {len(errors) - 3} more"
@@ -410,53 +332,117 @@ def _wait_mounted(path, process, timeout=READY_TIMEOUT):
     return False
 
 
+def _wait_served(path, process, timeout=READY_TIMEOUT):
+    """Wait until the FUSE daemon answers for `path` (a stat blocks until it has
+    taken the FUSE handshake); False if it exited or the time is up."""
+    answered = threading.Event()
+
+    def ask():
+        with contextlib.suppress(OSError):
+            os.stat(path)
+            answered.set()
+    threading.Thread(target=ask, daemon=True).start()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if answered.wait(0.01):
+            return True
+        if process.poll() is not None:
+            return answered.wait(0.5)
+    return False
+
+
 def export_raw(image, fmt, write=False, name=None):
     """Serve `image` (vmdk, qcow2, vhd, vhdx) as a raw file; returns its path.
 
     qemu-storage-daemon exports the image as a FUSE file in the work
-    directory; the journal gets its removal, its unmount and the daemon.
+    directory, confined (confine.py) to the image: we open /dev/fuse and mount
+    it on the export file ourselves, and the daemon gets only that open
+    descriptor (as the mount point /dev/fd/N, which libfuse takes as "already
+    mounted").  The journal gets the export's removal, its unmount and the daemon.
     """
     name = name or image
     if fmt not in QEMU_DRIVERS:
         raise DiskError(f"{name}: {fmt} is not a format qemu-storage-daemon exports")
-    check_container(image, fmt, name)
-    if write and fmt == "vmdk" and _vmdk_compressed(image):
+    journal, given = hooklib.journal(), image
+    try:
+        if write:  # a replayed copy would take the changes: refused below
+            info = qemuimg.check(image, fmt, name)
+        else:
+            image, info = qemuimg.usable_image(image, fmt, name, os.environ.get("IMG_SCRATCH_DIR"),
+                                               journal.add)
+    except qemuimg.LogNeedsReplay as exc:
+        raise DiskError(f"{exc}: replaying it would change this file, and changes to a replayed "
+                        "copy would be lost: mount it read-only or convert it first") from None
+    except (qemuimg.QemuImgError, confine.ConfineError) as exc:
+        raise DiskError(str(exc)) from None
+    if image != given:
+        hooklib.warn(f"{name}: the {fmt} log was replayed on a copy in the scratch directory "
+                     "(an unclean shutdown); the input is unchanged")
+    create_type = ((info.get("format-specific") or {}).get("data") or {}).get("create-type")
+    if write and fmt == "vmdk" and create_type == "streamOptimized":
         raise DiskError(f"{name}: a streamOptimized VMDK cannot be written in place (qemu writes "
                         "its compressed grains only in one sequential pass): convert it to qcow2 "
                         "or raw first to mount it writable")
     qemu_check(image, fmt, name)
-    journal = hooklib.journal()
     # In the work dir, not the scratch dir: the export is a view, not data we
     # wrote, and must not count against --scratch-limit.
     export = os.path.join(os.environ["IMG_WORK_DIR"], f"{fmt}-export-{uuidlib.uuid4().hex[:8]}.raw")
-    log = export + ".log"
-    journal.add("remove", path=export)
-    journal.add("remove", path=log)
-    with open(export, "w"):
-        pass  # a FUSE export mounts over an existing regular file
-    journal.add("umount", path=export)
-    node = {"driver": QEMU_DRIVERS[fmt], "node-name": "disk0", "file": "file0", "read-only": not write}
+    node = {"driver": QEMU_DRIVERS[fmt], "node-name": "disk0", "read-only": not write,
+            "file": {"driver": "file", "filename": f"{confine.INSIDE}/{qemuimg.IMAGE}",
+                     "read-only": not write}}
     if fmt in ("qcow2", "vmdk"):
         node["backing"] = None
-    argv = ["qemu-storage-daemon",
-            "--blockdev", json.dumps({"driver": "file", "node-name": "file0", "filename": image,
-                                      "read-only": not write}),
-            "--blockdev", json.dumps(node),
-            "--export", json.dumps({"type": "fuse", "id": "export0", "node-name": "disk0",
-                                    "mountpoint": export, "writable": write})]
-    with open(log, "wb") as out:
-        process = hooklib.spawn(argv, stdin=subprocess.DEVNULL, stdout=out,
-                                stderr=subprocess.STDOUT, cwd="/")
-    if not _wait_mounted(export, process):
+    files = [confine.File(os.path.abspath(image), qemuimg.IMAGE, write=write)]
+    fuse_export([node], files, export, write, name, fmt, journal.add)
+    fault("export")
+    return export
+
+
+def fuse_export(blockdevs, files, export, write, name, fmt, record):
+    """Serve the last of `blockdevs` (qemu --blockdev dicts naming `files` by
+    their sandbox paths) as the FUSE file `export`, by a confined
+    qemu-storage-daemon; returns the daemon's Popen.
+
+    We open /dev/fuse and mount it on the export file ourselves; the daemon
+    gets only that open descriptor, as the mount point /dev/fd/N (libfuse
+    takes it as "already mounted").  `record(action, **args)` journals: the
+    export's removal, its unmount and the daemon (in that order, each before
+    the resource exists).  The daemon's log is EXPORT.log.
+    """
+    log = export + ".log"
+    record("remove", path=export)
+    record("remove", path=log)
+    with open(export, "w"):
+        pass  # a FUSE export mounts over an existing regular file
+    record("umount", path=export)
+    fuse = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
+    try:
+        # rootmode: a regular file; only root (user_id 0) may use it.
+        _run(["mount", "-i", "-t", "fuse.qemu-storage-daemon", "-o",
+              f"fd={fuse},rootmode=100000,user_id=0,group_id=0,nosuid,nodev,noexec",
+              "qemu-storage-daemon", export], f"{name}: cannot mount the FUSE export", pass_fds=[fuse])
+        argv = ["qemu-storage-daemon"]
+        for node in blockdevs:
+            argv += ["--blockdev", json.dumps(node)]
+        argv += ["--export", json.dumps({"type": "fuse", "id": "export0",
+                                         "node-name": blockdevs[-1]["node-name"],
+                                         "mountpoint": f"/dev/fd/{fuse}", "writable": write})]
+        with open(log, "wb") as out:
+            process = confine.spawn_daemon(argv, files, fd_files=[fuse], limits=EXPORT_LIMITS,
+                                           stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
+        record("kill", pid=process.pid, group=True)
+    finally:
+        os.close(fuse)  # the daemon has its copy: when it dies, the mount stops answering
+    if not _wait_served(export, process):
         process.poll()
         with open(log, errors="replace") as f:
-            detail = " ".join(f.read().split()).replace(image, name)
+            detail = qemuimg.qemu_message(" ".join(f.read(4096).split()), name)
+        hit = confine.limit_hit(process.returncode, detail, EXPORT_LIMITS)
         if process.returncode is None:
             detail = f"no export after {READY_TIMEOUT} s. {detail}"
         raise DiskError(f"{name}: qemu cannot open it as {fmt}: "
-                        f"{detail or 'exit %s' % process.returncode}")
-    fault("export")
-    return export
+                        f"{hit or detail or f'exit {process.returncode}'}")
+    return process
 
 
 # -- loop devices and mounts ---------------------------------------------------

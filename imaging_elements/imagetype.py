@@ -7,7 +7,6 @@ unknown.  A VMDK descriptor (the text file of a monolithicFlat disk) is vmdk.
 
 import json
 import os
-import subprocess
 
 TYPES = ("raw", "partition", "vmdk", "qcow2", "vhd", "vhdx", "bundle")
 
@@ -73,15 +72,17 @@ QEMU_FORMATS = {"vmdk": "vmdk", "qcow2": "qcow2", "vpc": "vhd", "vhdx": "vhdx"}
 def qemu_format(path):
     """What qemu-img's own probing calls the file (vdi, qed, ...), or None.
 
-    Asked only when the magic numbers above found nothing.  An absolute path:
-    qemu-img would take `nbd:...` or `json:...` at the start as a protocol.
+    Asked only when the magic numbers above found nothing.  qemu-img runs
+    confined to the file, which it sees under a fixed plain name (no `nbd:` or
+    `json:` parsing of the user's name).
     """
+    from imaging_elements import confine
     try:
-        result = subprocess.run(["qemu-img", "info", "--output=json", os.path.abspath(path)],
-                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                stderr=subprocess.DEVNULL, text=True, timeout=10)
+        image = confine.File(os.path.abspath(path), "image")
+        result = confine.run(["qemu-img", "info", "--output=json", image.inside], [image],
+                             limits=confine.Limits(cpu=10), timeout=10)
         return json.loads(result.stdout).get("format") if result.returncode == 0 else None
-    except (OSError, ValueError, subprocess.TimeoutExpired):
+    except (OSError, ValueError, confine.ConfineError):
         return None
 
 

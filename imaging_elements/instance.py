@@ -40,7 +40,7 @@ import subprocess
 import time
 import uuid
 
-from imaging_elements import bootdisk, config, disk, hooklib, qemuimg
+from imaging_elements import bootdisk, config, confine, disk, hooklib, qemuimg
 from imaging_elements import hooks as hooks_mod
 from imaging_elements.guest import Guest, GuestPathError
 from imaging_elements.journal import Journal
@@ -60,6 +60,7 @@ TOOLS = (("qemu-system-x86_64", "qemu-system-x86"), ("qemu-img", "qemu-utils"),
 KVM_PROBE_CACHE = "/run/imaging-elements/kvm-probe.json"
 KVM_PROBE_TIMEOUT = 6          # seconds for a kernel to print its banner under KVM
 POWEROFF_TIMEOUT = 30          # seconds from the last result to qemu's exit
+QEMU_OVERHEAD = 4 << 30        # address space beyond guest RAM (TCG's code buffer, firmware, threads)
 OUTPUT_LIMIT = 16384           # bytes of a hook's output kept (the tail)
 RESULTS_LIMIT = 4 << 20        # bytes of the results port read, at most
 KERNEL_LIMIT = 512 << 20       # a kernel or initrd read from the image, at most
@@ -200,13 +201,17 @@ def choose_accel(env, kernel, journal, workdir):
 def _probe_kvm(kernel, journal, workdir):
     log = os.path.join(workdir, "kvm-probe.log")
     entry = journal.add("remove", path=log, scope=SCOPE)
+    open(log, "wb").close()
+    files = [confine.File(kernel, "kernel"), confine.File(log, "console", write=True)]
     argv = ["qemu-system-x86_64", "-nodefaults", "-no-user-config", "-display", "none",
             "-machine", "pc", "-accel", "kvm", "-cpu", "host", "-m", "256", "-no-reboot",
-            "-kernel", kernel, "-append", "console=ttyS0 earlyprintk=serial,ttyS0 panic=-1 root=/dev/null",
-            "-chardev", f"file,id=console,path={log}", "-serial", "chardev:console"]
+            "-kernel", files[0].inside,
+            "-append", "console=ttyS0 earlyprintk=serial,ttyS0 panic=-1 root=/dev/null",
+            "-chardev", f"file,id=console,path={files[1].inside}", "-serial", "chardev:console"]
     started = time.monotonic()
-    process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.PIPE, start_new_session=True)
+    process = confine.popen(argv, files, devices=["/dev/kvm"], limits=confine.Limits(memory=QEMU_OVERHEAD),
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            start_new_session=True)
     kill = journal.add("kill", pid=process.pid, scope=SCOPE)
     banner = False
     try:
@@ -619,9 +624,8 @@ class _Instance:
             if self.fmt == "raw":
                 self.size = os.path.getsize(self.image)
             else:
-                disk.check_container(self.image, self.type)
+                self.size = int(disk.check_container(self.image, self.type)["virtual-size"])
                 disk.qemu_check(self.image, self.type)
-                self.size = int(qemuimg.info(self.image, self.type)["virtual-size"])
         except (disk.DiskError, qemuimg.QemuImgError) as exc:
             raise InstanceError(str(exc)) from None
 
@@ -651,42 +655,43 @@ class _Instance:
         if result.returncode:
             raise InstanceError(f"{self.overlay}: qemu-img create failed: {result.stderr.strip()}")
 
-    def _blockdevs(self):
+    def _blockdevs(self, image=None, overlay=None):
+        """The base image (read-only) under the overlay; the paths default to the host's."""
         base = {"driver": self.fmt, "node-name": "base", "read-only": True,
-                "file": {"driver": "file", "filename": os.path.abspath(self.image), "read-only": True}}
+                "file": {"driver": "file", "filename": image or os.path.abspath(self.image),
+                         "read-only": True}}
         if self.fmt in ("qcow2", "vmdk"):
             base["backing"] = None
         top = {"driver": "qcow2", "node-name": "disk", "backing": "base",
-               "file": {"driver": "file", "filename": self.overlay}}
-        return [json.dumps(base), json.dumps(top)]
+               "file": {"driver": "file", "filename": overlay or self.overlay}}
+        return [base, top]
 
     # -- injection -------------------------------------------------------------------
     def _inject(self):
         """Write the agent into the overlay; returns the boot settings, or None for a
         guest the agent cannot start in (no systemd)."""
         export = os.path.join(self.dir, "overlay.raw")
-        log = os.path.join(self.dir, "qemu-storage-daemon.log")
-        with open(export, "w"):
-            pass  # a FUSE export mounts over an existing regular file
-        fuse = self._add("umount", path=export)
-        argv = ["qemu-storage-daemon"]
-        for spec in self._blockdevs():
-            argv += ["--blockdev", spec]
-        argv += ["--export", json.dumps({"type": "fuse", "id": "overlay", "node-name": "disk",
-                                         "mountpoint": export, "writable": True})]
-        with open(log, "wb") as out:
-            daemon = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                      cwd="/", start_new_session=True)
-        daemon_id = self._add("kill", pid=daemon.pid)
-        if not disk._wait_mounted(export, daemon):
-            raise InstanceError(f"{self.image}: qemu-storage-daemon cannot open it: {_tail(log, 3)}")
+        files = [confine.File(os.path.abspath(self.image), "image"),
+                 confine.File(self.overlay, "overlay", write=True)]
+        nodes = self._blockdevs(files[0].inside, files[1].inside)
+        entries = []
+
+        def record(action, **args):
+            entries.append(self._add(action, **args))
+            return entries[-1]
+        try:
+            daemon = disk.fuse_export(nodes, files, export, True, self.image, self.type, record)
+        except disk.DiskError as exc:
+            if entries:
+                self._undo_since(entries[0])
+            raise InstanceError(str(exc)) from None
         try:
             if self.type != "partition":
                 self._check_boot_code(export)
             found = self._mount_root(export)
             boot = self._prepare_boot(found)
         finally:
-            self._undo_since(fuse)  # mounts, loop devices, then the daemon and its export
+            self._undo_since(entries[0])  # mounts, loop devices, then the daemon and its export
             daemon.wait()
         return boot
 
@@ -811,14 +816,19 @@ class _Instance:
         # off vmx/svm in it made udev fail in the guest.
         return "host" if accel == "kvm" else "max"
 
-    def qemu_argv(self, accel, boot, results):
+    def qemu_argv(self, accel, boot, results, paths=None):
+        """qemu-system's argv; `paths` names the files as the sandbox shows them
+        (image, overlay, console, results, bios, kernel, initrd), else the host's."""
+        paths = paths or {"image": os.path.abspath(self.image), "overlay": self.overlay,
+                          "console": self.console, "results": results, "bios": self.bios_log,
+                          "kernel": boot.get("kernel"), "initrd": boot.get("initrd")}
         argv = ["qemu-system-x86_64", "-name", "euca-image-process-instance",
                 "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
                 "-machine", "pc", "-accel", accel, "-cpu", self.cpu_model(accel),
                 "-m", str(self.memory), "-smp", str(self.cpus),
                 "-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"]
-        for spec in self._blockdevs():
-            argv += ["-blockdev", spec]
+        for node in self._blockdevs(paths["image"], paths["overlay"]):
+            argv += ["-blockdev", json.dumps(node)]
         # Fixed PCI slots: the NIC is in slot 3, as on a default qemu machine
         # (so a guest configured for ens3 finds it); the disk is in slot 4.
         if self.bus == "virtio":
@@ -832,17 +842,17 @@ class _Instance:
                      "-device", "scsi-hd,drive=disk,bus=scsi.0"]
         argv += ["-netdev", "user,id=net0,restrict=on",
                  "-device", f"{self.nic},netdev=net0,addr=0x3,mac=52:54:00:12:34:56",
-                 "-chardev", f"file,id=console,path={self.console}", "-serial", "chardev:console",
-                 "-chardev", f"file,id=results,path={results}", "-serial", "chardev:results",
-                 "-chardev", f"file,id=bios,path={self.bios_log}",
+                 "-chardev", f"file,id=console,path={paths['console']}", "-serial", "chardev:console",
+                 "-chardev", f"file,id=results,path={paths['results']}", "-serial", "chardev:results",
+                 "-chardev", f"file,id=bios,path={paths['bios']}",
                  "-device", "isa-debugcon,iobase=0x402,chardev=bios"]
         if boot.get("kernel"):
             root = {"virtio": "/dev/vda", "scsi": "/dev/sda"}.get(self.bus, "/dev/sda")
             cmdline = f"root={root} ro console=ttyS0,115200 panic=-1 quiet"
             extra = self.env.get("IMG_KERNEL_CMDLINE")
-            argv += ["-kernel", boot["kernel"], "-append", f"{cmdline} {extra}" if extra else cmdline]
+            argv += ["-kernel", paths["kernel"], "-append", f"{cmdline} {extra}" if extra else cmdline]
             if boot.get("initrd"):
-                argv += ["-initrd", boot["initrd"]]
+                argv += ["-initrd", paths["initrd"]]
         return argv
 
     def _boot(self, accel, why, boot):
@@ -853,11 +863,20 @@ class _Instance:
         how = "with -kernel from " + ("IMG_KERNEL" if self.env.get("IMG_KERNEL") else "the image") \
             if boot.get("kernel") else "through its own boot loader"
         self.emit({"describe": f"booting {self.image} {how} under qemu ({accel}: {why})"})
-        argv = self.qemu_argv(accel, boot, results_path)
+        # qemu runs confined to its files: the image (read-only), the overlay, the
+        # kernel and initrd it boots, its logs, and /dev/kvm for KVM.
+        hosts = {"image": os.path.abspath(self.image), "overlay": self.overlay, "console": self.console,
+                 "results": results_path, "bios": self.bios_log, "kernel": boot.get("kernel"),
+                 "initrd": boot.get("initrd")}
+        files = [confine.File(path, name, write=name in ("overlay", "console", "results", "bios"))
+                 for name, path in hosts.items() if path]
+        argv = self.qemu_argv(accel, boot, results_path, {f.name: f.inside for f in files})
+        limits = confine.Limits(memory=(self.memory << 20) + QEMU_OVERHEAD)
         started = time.monotonic()
         with open(qemu_log, "wb") as out:
-            process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                       cwd="/", start_new_session=True)
+            process = confine.popen(argv, files, devices=["/dev/kvm"] if accel == "kvm" else [],
+                                    limits=limits, stdin=subprocess.DEVNULL, stdout=out,
+                                    stderr=subprocess.STDOUT, start_new_session=True)
         entry = self._add("kill", pid=process.pid)
         results = Results(self.token, [name for name, _ in self.hooks], self.hook_timeout)
         try:

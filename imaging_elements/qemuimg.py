@@ -1,22 +1,25 @@
 """qemu-img for the converters: safe opening of untrusted images, capacity
 estimates, and `qemu-img convert -p` turned into progress events.
 
-Images come from users, so before qemu-img touches one we make sure it cannot
-reach outside its own file: no backing file, no external qcow2 data file, and
-a VMDK descriptor's extents only next to the descriptor. Every path given to
-qemu-img is absolute (a relative "nbd:..." or "json:{...}" would be parsed as
-a protocol), and qemu-img runs with a memory limit, as qemu's documentation
-advises for untrusted images.
+Images come from users, and qemu opens whatever an image names (a backing
+file, an external data file, VMDK extents).  So every qemu-img here runs
+confined (confine.py): the image is the only file it can see, bound
+read-only at a fixed name, with the output the only writable one.  Whatever
+the format says, nothing else can be opened.  On top, `check()` asks qemu
+itself (`qemu-img info`) what the image references and refuses anything but
+the image, so that the user gets a clear reason rather than a failed open.
 """
 
 import contextlib
 import json
 import os
 import re
-import resource
 import signal
+import struct
 import subprocess
 import sys
+
+from imaging_elements import confine
 
 # Our image types -> qemu block drivers.
 DRIVERS = {"raw": "raw", "partition": "raw", "vmdk": "vmdk", "qcow2": "qcow2",
@@ -28,123 +31,209 @@ VMDK_SUBFORMATS = ("streamOptimized", "monolithicSparse")
 VHD_SUBFORMATS = ("dynamic", "fixed")
 VHDX_SUBFORMATS = ("dynamic", "fixed")
 
-MEMORY_LIMIT = 4 << 30      # address space for qemu-img (it reserves thread stacks)
-INSPECT_CPU_LIMIT = 60      # seconds of CPU for info/map on a hostile image
+# info/map/check/measure on a hostile image: bounded in CPU and wall-clock time.
+INSPECT_LIMITS = confine.Limits(cpu=60)
+INSPECT_TIMEOUT = 300
+CONVERT_LIMITS = confine.Limits()
 MiB = 1 << 20
+
+IMAGE = "image"     # the image's name inside the sandbox
+OUTPUT = "output"
+INSIDE_IMAGE = f"{confine.INSIDE}/{IMAGE}"
 
 
 class QemuImgError(Exception):
     """A conversion problem; the message names the file and the reason."""
 
 
-def _limits(cpu=None):
-    def apply():
-        resource.setrlimit(resource.RLIMIT_AS, (MEMORY_LIMIT, MEMORY_LIMIT))
-        if cpu:
-            resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu))
-    return apply
+class LogNeedsReplay(QemuImgError):
+    """A VHDX whose metadata log was not replayed (an unclean shutdown)."""
 
 
-def _qemu_message(stderr):
-    """qemu-img's own reason, without the 'qemu-img: ' prefixes."""
-    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
-    return " / ".join(re.sub(r"^qemu-img: ", "", line) for line in lines[-3:]) or "no reason given"
+def qemu_message(stderr, name, others=None):
+    """qemu-img's own reason, naming the user's file (not the sandbox's names)."""
+    lines = []
+    for line in stderr.splitlines():
+        line = re.sub(r"^qemu-(img|storage-daemon): ", "", line.strip())
+        line = re.sub(r"Could not open '[^']*file\.filename=" + INSIDE_IMAGE + r"': ", "", line)
+        for inside, host in (others or {}).items():
+            line = line.replace(inside, host)
+        if line:
+            lines.append(line.replace(INSIDE_IMAGE, name).replace(confine.INSIDE + "/", ""))
+    return " / ".join(lines[-3:]) or "no reason given"
 
 
-def _inspect(argv, path, what):
-    result = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=_limits(INSPECT_CPU_LIMIT), stdin=subprocess.DEVNULL)
+def image_opts(image_type, filename=INSIDE_IMAGE):
+    """--image-opts naming the file plainly: no protocol or json: parsing, no backing file."""
+    opts = f"driver={DRIVERS[image_type]},file.driver=file,file.filename={filename}"
+    return opts
+
+
+def _image_file(path):
+    return confine.File(os.path.abspath(path), IMAGE)
+
+
+def run_confined(args, path, image_type, name=None, limits=INSPECT_LIMITS, timeout=INSPECT_TIMEOUT):
+    """`qemu-img ARGS` confined to the image (seen as INSIDE_IMAGE); raises on failure."""
+    name = name or path
+    result = confine.run(["qemu-img", *args], [_image_file(path)], limits=limits, timeout=timeout)
+    _raise_for(result, args, name, image_type)
+    return result
+
+
+def _raise_for(result, args, name, image_type):
+    """A QemuImgError saying why a confined qemu-img failed, if it did."""
     if result.returncode:
-        if result.returncode < 0:
-            raise QemuImgError(f"{path}: qemu-img {argv[1]} was killed by signal "
-                               f"{-result.returncode} (a hostile or broken {what} image?)")
-        raise QemuImgError(f"{path}: not a readable {what} image: {_qemu_message(result.stderr)}")
+        if result.limit_hit:
+            raise QemuImgError(f"{name}: qemu-img {args[0]} was stopped: {result.limit_hit} "
+                               f"(a hostile or broken {image_type} image?)")
+        sig = confine.signal_of(result.returncode)
+        if sig:
+            raise QemuImgError(f"{name}: qemu-img {args[0]} was killed by signal {sig} "
+                               f"(a hostile or broken {image_type} image?)")
+        raise QemuImgError(f"{name}: not a readable {image_type} image: "
+                           f"{qemu_message(result.stderr, name)}")
+
+
+def _inspect(args, path, image_type, name=None):
+    result = run_confined(args, path, image_type, name)
     try:
         return json.loads(result.stdout)
     except ValueError as exc:
-        raise QemuImgError(f"{path}: qemu-img {argv[1]} printed no JSON") from exc
-
-
-def _source_opts(path, image_type):
-    # file.filename names the file plainly: no protocol or json: parsing.
-    return f"driver={DRIVERS[image_type]},file.driver=file,file.filename={path.replace(',', ',,')}"
+        raise QemuImgError(f"{name or path}: qemu-img {args[0]} printed no JSON") from exc
 
 
 # -- inspecting untrusted images -------------------------------------------------
 
-VMDK_EXTENT = re.compile(r'^\s*(RW|RDONLY|NOACCESS)\s+(\d+)\s+(\w+)(?:\s+"([^"]*)"(?:\s+(\d+))?)?', re.M)
+OTHER_FILE = re.compile(r"Could not open '([^']*)'")
 
 
-def is_vmdk_descriptor(path):
-    with open(path, "rb") as f:
-        return f.read(21) == b"# Disk DescriptorFile"
+def check(path, image_type, name=None):
+    """qemu-img info of an untrusted image as a dict, after refusing anything that
+    references another file: a backing file, an external data file, an extent.
 
-
-def check_vmdk_descriptor(path):
-    """A text VMDK descriptor may only name extent files in its own directory, and
-    its flat extents must hold all the sectors it declares (not truncated)."""
-    if not is_vmdk_descriptor(path):
-        return
-    with open(path, "rb") as f:
-        text = f.read(65536).decode("utf-8", errors="replace")
-    directory = os.path.dirname(os.path.realpath(path))
-    for access, sectors, kind, name, offset in VMDK_EXTENT.findall(text):
-        if kind.upper() == "ZERO" or not name:
-            continue
-        target = os.path.realpath(os.path.join(directory, name))
-        if os.path.dirname(target) != directory or os.path.isabs(name) or "/" in name:
-            raise QemuImgError(f"{path}: the VMDK descriptor names the extent {name!r} outside its "
-                               "own directory; refusing to read host files")
-        if not os.path.isfile(target):
-            raise QemuImgError(f"{path}: the VMDK descriptor names the extent {name!r}, "
-                               "which is not a regular file next to it")
-        need = (int(sectors) + int(offset or 0)) * 512
-        if kind.upper() == "FLAT" and os.path.getsize(target) < need:
-            raise QemuImgError(f"{path}: truncated vmdk image: the flat extent {name!r} has "
-                               f"{os.path.getsize(target)} bytes, the descriptor declares {need}")
-
-
-def info(path, image_type):
-    """qemu-img info as a dict, after refusing anything that reaches outside the file."""
+    qemu itself says what the image names.  In the sandbox, a name other than
+    the image cannot be opened, so qemu either reports it (backing, data file,
+    extents) or fails to open it: both are refused, naming the file.
+    """
+    name = name or path
     path = os.path.abspath(path)
-    if image_type == "vmdk":
-        check_vmdk_descriptor(path)
-    # info never opens a backing file; it only reports it.
-    data = _inspect(["qemu-img", "info", "--output=json", "-f", DRIVERS[image_type], path],
-                    path, image_type)
-    if data.get("backing-filename") or data.get("full-backing-filename"):
-        raise QemuImgError(f"{path}: the {image_type} image has a backing file "
-                           f"{data.get('backing-filename')!r}; refusing to follow it out of the image")
+    if image_type == "vhd" and _vhd_differencing(path):
+        raise QemuImgError(f"{name}: it is a differencing VHD (it needs its parent), which is "
+                           "not supported")
+    args = ["info", "--output=json", "--image-opts", image_opts(image_type)]
+    result = confine.run(["qemu-img", *args], [_image_file(path)], limits=INSPECT_LIMITS,
+                         timeout=INSPECT_TIMEOUT)
+    if result.returncode and "contains a log that needs to be replayed" in result.stderr:
+        raise LogNeedsReplay(f"{name}: the {image_type} image has a log that needs to be replayed "
+                             "(it was not shut down cleanly)")
+    if result.returncode and not result.limit_hit and not confine.signal_of(result.returncode):
+        for other in OTHER_FILE.findall(result.stderr):
+            if "file.filename=" not in other and other != INSIDE_IMAGE:
+                _refuse(name, image_type, "names the file", other)
+    _raise_for(result, args, name, image_type)
+    try:
+        data = json.loads(result.stdout)
+    except ValueError as exc:
+        raise QemuImgError(f"{name}: qemu-img info printed no JSON") from exc
+    backing = data.get("backing-filename") or data.get("full-backing-filename")
+    if backing:
+        _refuse(name, image_type, "has a backing file (a differencing disk):", backing)
     specific = (data.get("format-specific") or {}).get("data") or {}
     if specific.get("data-file"):
-        raise QemuImgError(f"{path}: the {image_type} image keeps its data in the external file "
-                           f"{specific['data-file']!r}; refusing to read it")
+        _refuse(name, image_type, "keeps its data in the external file", specific["data-file"])
+    for extent in specific.get("extents") or []:
+        if extent.get("filename") not in (None, INSIDE_IMAGE):
+            _refuse(name, image_type, "has the extent", extent["filename"])
     if "virtual-size" not in data:
-        raise QemuImgError(f"{path}: qemu-img reports no virtual size")
+        raise QemuImgError(f"{name}: qemu-img reports no virtual size")
     return data
 
 
-def check_within_file(path, image_type):
+def _vhd_differencing(path):
+    """qemu opens a differencing VHD as if it were whole (holes where the parent's
+    data is) and does not say so: its footer's disk type (4) does."""
+    with open(path, "rb") as f:
+        head = f.read(512)
+        f.seek(max(os.fstat(f.fileno()).st_size - 512, 0))
+        footer = f.read(512)
+    footer = footer if footer.startswith(b"conectix") else head
+    return footer.startswith(b"conectix") and struct.unpack_from(">I", footer, 60)[0] == 4
+
+
+def _refuse(name, image_type, what, other):
+    other = other.replace(confine.INSIDE + "/", "")  # a relative name, as the image has it
+    hint = (" (a multi-file VMDK: give its flat extent file as a raw image instead)"
+            if image_type == "vmdk" and other.endswith("-flat.vmdk") else "")
+    # repr: the name comes from the image (quoted, control characters escaped).
+    raise QemuImgError(f"{name}: the {image_type} image {what} {other[:512]!r}; refusing to open "
+                       f"any file but the image itself{hint}")
+
+
+def replayed_copy(path, image_type, name, scratch_dir, record):
+    """A copy of `path` in `scratch_dir` with its log replayed (`qemu-img check
+    -r all`, confined to the copy); the user's file is never written.
+    `record(action, **args)` journals the copy's removal before it exists."""
+    if not scratch_dir:
+        raise QemuImgError(f"{name}: the {image_type} image has a log that needs to be replayed, and "
+                           "there is no scratch directory to replay it in (the input is never changed)")
+    copy = os.path.join(scratch_dir, f"replayed-{os.getpid()}-{os.urandom(4).hex()}.{image_type}")
+    record("remove", path=copy)
+    result = subprocess.run(["cp", "--sparse=always", "--reflink=auto", path, copy],
+                            stdin=subprocess.DEVNULL, capture_output=True, text=True, check=False)
+    if result.returncode:
+        raise QemuImgError(f"{name}: cannot copy it to replay its log: "
+                           f"{result.stderr.strip().replace(path, name)}")
+    replay = confine.run(["qemu-img", "check", "-q", "-r", "all", "--image-opts", image_opts(image_type)],
+                         [confine.File(copy, IMAGE, write=True, created=True)],
+                         limits=INSPECT_LIMITS, timeout=INSPECT_TIMEOUT)
+    if replay.returncode not in (0, 3):  # 3: leaked clusters, which convert leaves behind
+        raise QemuImgError(f"{name}: its {image_type} log cannot be replayed (on a copy): "
+                           f"{replay.limit_hit or qemu_message(replay.stderr, name)}")
+    return copy
+
+
+def usable_image(path, image_type, name, scratch_dir, record):
+    """(the file to read, qemu-img info) for an untrusted image: the image itself,
+    or, for a VHDX with a log to replay, a replayed copy in `scratch_dir`."""
+    try:
+        return path, check(path, image_type, name)
+    except LogNeedsReplay:
+        copy = replayed_copy(path, image_type, name, scratch_dir, record)
+        return copy, check(copy, image_type, name)
+
+
+def info(path, image_type, name=None):
+    """qemu-img info as a dict, after refusing anything that reaches outside the file."""
+    return check(path, image_type, name)
+
+
+def _map(path, image_type, name=None):
+    return _inspect(["map", "--output=json", "--image-opts", image_opts(image_type)],
+                    path, image_type, name)
+
+
+def check_within_file(path, image_type, name=None):
     """Refuse an image whose tables point past the end of the file (a truncated copy):
     qemu would read zeros there and convert it without a word."""
-    path = os.path.abspath(path)
-    if DRIVERS[image_type] == "raw" or (image_type == "vmdk" and is_vmdk_descriptor(path)):
-        return  # a descriptor's extents were checked with the descriptor
+    name = name or path
+    if DRIVERS[image_type] == "raw":
+        return
     size = os.path.getsize(path)
-    extents = _inspect(["qemu-img", "map", "--output=json", "-f", DRIVERS[image_type], path],
-                       path, image_type)
-    for e in extents:
+    for e in _map(path, image_type, name):
         if e.get("data") and "offset" in e and e["offset"] + e["length"] > size:
-            raise QemuImgError(f"{path}: truncated {image_type} image: guest data at byte {e['start']} "
+            raise QemuImgError(f"{name}: truncated {image_type} image: guest data at byte {e['start']} "
                                f"is stored at byte {e['offset']}, past the end of the file ({size} bytes)")
 
 
-def data_bytes(path, image_type, block=1):
+# Formats that store guest data uncompressed, byte for byte.
+UNCOMPRESSED = ("vhd", "vhdx")
+
+
+def data_bytes(path, image_type, block=1, name=None):
     """Bytes of guest data in the image (allocated, not known to be zero), counted in
     whole `block`-sized blocks as a format that allocates by blocks would store it."""
-    path = os.path.abspath(path)
-    extents = _inspect(["qemu-img", "map", "--output=json", "-f", DRIVERS[image_type], path],
-                       path, image_type)
+    extents = _map(path, image_type, name)
     blocks, last = 0, -1
     for e in extents:
         if not e.get("data") or e.get("zero"):
@@ -154,7 +243,15 @@ def data_bytes(path, image_type, block=1):
         if end >= first:
             blocks += end - first + 1
             last = end
-    return blocks * block
+    mapped = blocks * block
+    if image_type in UNCOMPRESSED and any(e.get("data") and "offset" not in e for e in extents):
+        # qemu cannot say where the data is (vhdx has no block status: its map is one
+        # extent of data).  An uncompressed format cannot hold more non-zero guest
+        # data than its file has allocated, and qemu-img writes no zero block: each
+        # allocated 4 KiB of the file makes at most one block of output.
+        stored = -(-os.stat(path).st_blocks * 512 // 4096)
+        return min(mapped, stored * max(block, 4096))
+    return mapped
 
 
 # -- converting ------------------------------------------------------------------
@@ -185,60 +282,72 @@ PROGRESS = re.compile(rb"\((\d+(?:\.\d+)?)/100%\)")
 
 
 def convert(source, source_type, dest, dest_type, size=None, target_opts=None, progress=None,
-            virtual=None):
+            virtual=None, name=None):
     """Convert `source` into `dest` with qemu-img, calling progress(done, total) as it goes.
 
     size: grow the guest disk to this many bytes (zeros appended; never shrinks).
-    target_opts: write into an existing file through these --target-image-opts
-    (e.g. a raw slice at an offset) instead of creating `dest`.
+    target_opts: write into the existing file `dest` through these
+    --target-image-opts, without the file (e.g. `driver=raw,offset=N,size=M`
+    for a slice) instead of creating `dest`.
+    qemu-img sees only the source (read-only) and `dest`.
     On failure or SIGTERM nothing is left at `dest` (unless it was given to write into).
     """
     source, dest = os.path.abspath(source), os.path.abspath(dest)
+    name = name or source
     if virtual is None:
-        virtual = info(source, source_type)["virtual-size"]
+        virtual = info(source, source_type, name)["virtual-size"]
     total = max(virtual, size or 0)
-    argv = ["qemu-img", "convert", "-p", "--image-opts", _source_opts(source, source_type)]
+    inside = f"{confine.INSIDE}/{OUTPUT}"
+    argv = ["qemu-img", "convert", "-p", "--image-opts", image_opts(source_type)]
     if total > virtual:
         # A second source is appended to the first: zeros, which qemu-img does not write.
         argv.append(f"driver=null-co,read-zeroes=on,size={total - virtual}")
     if target_opts:
-        argv += ["-n", "--target-image-opts", target_opts]
+        argv += ["-n", "--target-image-opts", f"{target_opts},file.driver=file,file.filename={inside}"]
     else:
         argv += ["-O", DRIVERS[dest_type]]
         options = output_options(dest_type)
         if options:
             argv += ["-o", options]
-        argv.append(dest)
+        argv.append(inside)
     created = not target_opts
-    _run_with_progress(argv, source, source_type, dest, created, total, progress)
+    if created:
+        with open(dest, "wb"):
+            pass  # the sandbox binds an existing file: qemu-img truncates and writes it
+    files = [_image_file(source), confine.File(dest, OUTPUT, write=True, created=True)]
+    _run_with_progress(argv, files, name, source_type, dest, created, total, progress)
     return total
 
 
-def _run_with_progress(argv, source, source_type, dest, created, total, progress):
+def _run_with_progress(argv, files, name, source_type, dest, created, total, progress):
     previous = signal.signal(signal.SIGTERM, terminate)
     process = None
     try:
-        process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                   stdin=subprocess.DEVNULL, preexec_fn=_limits())
-        buffer, last = b"", -1
-        while True:
-            chunk = process.stdout.read1(4096)
-            if not chunk:
-                break
-            buffer += chunk
-            *done_parts, buffer = re.split(rb"[\r\n]", buffer)
-            for part in done_parts:
-                match = PROGRESS.search(part)
-                done = int(float(match.group(1)) / 100 * total) if match else last
-                if progress and done > last:
-                    progress(done, total)
-                    last = done
-        stderr = process.stderr.read().decode(errors="replace")
-        process.wait()
+        with confine.Sandbox(argv, files, limits=CONVERT_LIMITS) as box:
+            process = subprocess.Popen(box.argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                       stdin=subprocess.DEVNULL, pass_fds=box.pass_fds)
+            box.close()
+            buffer, last = b"", -1
+            while True:
+                chunk = process.stdout.read1(4096)
+                if not chunk:
+                    break
+                buffer += chunk
+                *done_parts, buffer = re.split(rb"[\r\n]", buffer)
+                for part in done_parts:
+                    match = PROGRESS.search(part)
+                    done = int(float(match.group(1)) / 100 * total) if match else last
+                    if progress and done > last:
+                        progress(done, total)
+                        last = done
+            stderr = process.stderr.read().decode(errors="replace")
+            process.wait()
         if process.returncode:
-            reason = (f"killed by signal {-process.returncode}" if process.returncode < 0
-                      else _qemu_message(stderr))
-            raise QemuImgError(f"{source}: cannot convert from {source_type} to {dest} "
+            hit = confine.limit_hit(process.returncode, stderr, CONVERT_LIMITS)
+            sig = confine.signal_of(process.returncode)
+            reason = (hit or (f"killed by signal {sig}" if sig else None)
+                      or qemu_message(stderr, name, {f"{confine.INSIDE}/{OUTPUT}": dest}))
+            raise QemuImgError(f"{name}: cannot convert from {source_type} to {dest} "
                                f"(a damaged or truncated image?): {reason}")
         if progress and last < total:
             progress(total, total)
@@ -265,36 +374,35 @@ def terminate(signum, frame):
     raise Terminated(f"stopped by signal {signum}")
 
 
-def measure_qcow2(source, source_type):
+def measure_qcow2(source, source_type, name=None):
     """qemu-img measure's required bytes for a qcow2 output."""
-    source = os.path.abspath(source)
-    data = _inspect(["qemu-img", "measure", "--output=json", "-O", "qcow2",
-                     "--image-opts", _source_opts(source, source_type)], source, source_type)
+    data = _inspect(["measure", "--output=json", "-O", "qcow2", "--image-opts", image_opts(source_type)],
+                    source, source_type, name)
     return int(data["required"])
-
-
-def supported(image_type):
-    """Does this qemu-img have the driver for `image_type`?"""
-    try:
-        out = subprocess.run(["qemu-img", "--help"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                             text=True).stdout
-    except OSError:
-        return False
-    formats = re.search(r"Supported formats:(.*)", out)
-    return bool(formats) and DRIVERS[image_type] in formats.group(1).split()
 
 
 def parse_size(text):
     """'4G' -> bytes, powers of 1024 (the runner passes --size through as IMG_SIZE)."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGTP]?)(?:i?B)?\s*", str(text), re.I)
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGTP]?)(?:i?B)?\s*", str(text), re.IGNORECASE)
     if not match:
         raise QemuImgError(f"IMG_SIZE={text!r} is not a size (like 512M, 10G, or bytes)")
     return int(float(match.group(1)) * 1024 ** " KMGTP".index(match.group(2).upper() or " "))
 
 
+# The allocation unit of each output type (qcow2: measured by qemu-img).
+DEST_BLOCKS = {"raw": 4096, "partition": 4096, "vmdk": 64 << 10, "vhd": 2 * MiB, "vhdx": 32 * MiB}
+
+
 def required_bytes(source, source_type, dest_type, env=os.environ):
     """What converting `source` to `dest_type` writes, at most (the data, not the holes)."""
-    virtual = info(source, source_type)["virtual-size"]
+    try:
+        virtual = info(source, source_type)["virtual-size"]
+    except LogNeedsReplay:
+        # qemu maps it only once replayed (on a copy in the scratch space: as large as
+        # the file); the output then holds at most one block per allocated 4 KiB of it.
+        stored = -(-os.stat(source).st_blocks * 512 // 4096) * 4096
+        block = DEST_BLOCKS.get(dest_type, 4096)
+        return stored + stored // 4096 * block + 8 * MiB
     if dest_type == "qcow2":
         return measure_qcow2(source, source_type)
     if dest_type in ("raw", "partition"):
@@ -302,7 +410,7 @@ def required_bytes(source, source_type, dest_type, env=os.environ):
     if "fixed" in (output_options(dest_type, env) or ""):
         return virtual + 8 * MiB
     # Dynamic formats allocate whole blocks (grains), plus tables and headers.
-    block = {"vmdk": 64 << 10, "vhd": 2 * MiB, "vhdx": 32 * MiB}[dest_type]
+    block = DEST_BLOCKS[dest_type]
     return min(data_bytes(source, source_type, block), virtual) + virtual // 4096 + 8 * MiB
 
 
@@ -328,16 +436,22 @@ def hook_run():
     env = os.environ
     source, dest = env["IMG_IMAGE"], env["IMG_CONVERT_OUTPUT"]
     source_type, dest_type = env["IMG_SOURCE_TYPE"], env["IMG_DEST_TYPE"]
+    name = source
     try:
         _content_matches(source, source_type)
-        virtual = info(source, source_type)["virtual-size"]
-        check_within_file(source, source_type)
+        source, data = usable_image(source, source_type, name, env.get("IMG_SCRATCH_DIR"),
+                                    hooklib.journal().add)
+        if source != name:
+            hooklib.warn(f"{name}: the {source_type} log was replayed on a copy in the scratch "
+                         "directory (an unclean shutdown); the input is unchanged")
+        virtual = data["virtual-size"]
+        check_within_file(source, source_type, name)
         size = parse_size(env["IMG_SIZE"]) if env.get("IMG_SIZE") else None
         if size is not None and size < virtual:
             raise QemuImgError(f"IMG_SIZE={env['IMG_SIZE']} ({size} bytes) is smaller than the "
-                               f"{virtual} bytes of {source}; disks are never shrunk")
+                               f"{virtual} bytes of {name}; disks are never shrunk")
         total = convert(source, source_type, dest, dest_type, size=size, progress=hooklib.progress,
-                        virtual=virtual)
+                        virtual=virtual, name=name)
     except QemuImgError as exc:
         hooklib.fail(str(exc))
     except Terminated:

@@ -23,9 +23,11 @@ def _mounts():
         return sorted(f.read().splitlines())
 
 
-def _helpers():
-    """Processes an image process may start: pid and command line."""
+def _helpers(scope=None):
+    """Processes an image process may start: pid and command line; with `scope`,
+    only those naming or holding open a file under that directory."""
     found = []
+    inodes = _inodes_under(scope) if scope else set()
     for pid in os.listdir("/proc"):
         if not pid.isdigit():
             continue
@@ -34,9 +36,42 @@ def _helpers():
                 cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
         except OSError:
             continue
-        if re.match(r"\S*(qemu-storage-daemon|qemu-system|ntfs-3g|bwrap)\b", cmd):
+        if re.match(r"\S*(qemu-storage-daemon|qemu-system|qemu-img|ntfs-3g|bwrap)\b", cmd) and \
+                (not scope or scope in cmd or holds_files(pid, scope, inodes)):
             found.append((pid, cmd))
     return sorted(found)
+
+
+def _inodes_under(directory):
+    inodes = set()
+    for root, _, names in os.walk(directory):
+        for name in names:
+            try:
+                st = os.stat(os.path.join(root, name))
+            except OSError:
+                continue
+            inodes.add((st.st_dev, st.st_ino))
+    return inodes
+
+
+def holds_files(pid, directory, inodes=None):
+    """Whether process `pid` has a file under `directory` open.  A confined tool
+    sees its files under sandbox names: they are recognised by their inode."""
+    inodes = _inodes_under(directory) if inodes is None else inodes
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return False
+    for fd in fds:
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}").startswith(directory):
+                return True
+            st = os.stat(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if (st.st_dev, st.st_ino) in inodes:
+            return True
+    return False
 
 
 class LeakCheck(fixtures.Fixture):
@@ -51,10 +86,10 @@ class LeakCheck(fixtures.Fixture):
         self.scope = scope
 
     def _snapshot(self):
-        items = (_loops(), _mounts(), _helpers())
+        items = (_loops(), _mounts())
         if self.scope:
             items = tuple([i for i in group if self.scope in str(i)] for group in items)
-        return items
+        return (*items, _helpers(self.scope))
 
     def _setUp(self):
         self.addCleanup(self._check, self._snapshot())

@@ -294,3 +294,33 @@ def debian_kernel_files():
 
             found.append(_cached(f"debian12-{_debian_key()}-{os.path.basename(member.name)}", build))
     return found
+
+
+def dirty_vhdx(raw, path, attempts=60):
+    """`raw` as a VHDX whose metadata log needs replaying (as after a host crash),
+    or None if none could be made.  qemu-io writes zeros over zero blocks of the
+    disk (allocating VHDX blocks, each through the log, without changing the
+    guest's data) and is killed at growing delays until the log is left dirty."""
+    import time
+    zero = bytes(4096)
+    offsets = []
+    with open(raw, "rb") as f:
+        for offset in range(0, os.path.getsize(raw), 1 << 20):
+            f.seek(offset)
+            if f.read(4096) == zero:
+                offsets.append(offset)
+    commands = []
+    for offset in offsets[:400]:
+        commands += ["-c", f"write -P 0 {offset} 4k"]
+    for attempt in range(attempts):
+        qemu_convert(raw, path, "vhdx", "block_size=1M")
+        process = subprocess.Popen(["qemu-io", "-f", "vhdx", *commands, path],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(0.002 * (attempt % 30 + 1))
+        process.kill()
+        process.wait()
+        info = subprocess.run(["qemu-img", "info", "-f", "vhdx", path], capture_output=True, text=True,
+                              check=False)
+        if "log that needs to be replayed" in info.stderr:
+            return path
+    return None

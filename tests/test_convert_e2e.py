@@ -39,7 +39,7 @@ def fixture(name):
 
 
 def qemu_img_processes(under):
-    """qemu-img processes working on files under `under`."""
+    """qemu-img processes working on files under `under` (confined: by their open files)."""
     found = []
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
@@ -47,7 +47,7 @@ def qemu_img_processes(under):
                 cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
         except OSError:
             continue
-        if cmd.startswith("qemu-img") and under in cmd:
+        if cmd.startswith("qemu-img") and (under in cmd or base.holds_files(pid, under)):
             found.append(cmd)
     return found
 
