@@ -46,8 +46,9 @@ SETTINGS = (
     Setting("keep_work_dir", ("--keep-work-dir",), "IMG_KEEP_WORK_DIR",
             "keep the work directory at the end (its resources are still released)", kind="flag"),
     Setting("scratch_limit", ("--scratch-limit",), "IMG_SCRATCH_LIMIT",
-            "most bytes the scratch space may hold (e.g. 20G); checked before conversions and after "
-            "every hook", metavar="SIZE"),
+            "most bytes the scratch space may hold (e.g. 20G, at least 1M): the scratch directory "
+            "becomes a filesystem of that size, so a writer stops at the limit (exit 4)",
+            metavar="SIZE"),
     Setting("hook_timeout", ("--hook-timeout",), "IMG_HOOK_TIMEOUT",
             "most seconds one hook may run before its processes are killed; default: per phase "
             "(see Hook time limits)", metavar="SECONDS"),

@@ -30,6 +30,7 @@ LIB = os.path.join(ROOT, "lib")
 BIN = os.path.join(ROOT, "bin")
 SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 OUTPUT_TAIL = 20
+MiB = 1024 * 1024
 SECRET_NAME = re.compile(r"PASSPHRASE|PASSWORD|SECRET|TOKEN")
 VAR_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
@@ -101,10 +102,12 @@ class Phase:
     """where: host, chroot or instance.  kind: how the phase's hooks are run:
     all (every accepting hook), validate (all, results kept, optional ones
     warn), chain (a planned chain of converters), transform (every accepting
-    hook replaces the image)."""
+    hook replaces the image).  release_mount: the mount phase's resources are
+    let go first (the phase reads or boots the image file)."""
 
-    def __init__(self, name, where, kind, context=()):
+    def __init__(self, name, where, kind, context=(), release_mount=False):
         self.name, self.where, self.kind, self.context = name, where, kind, context
+        self.release_mount = release_mount
 
 
 PHASES = (
@@ -112,8 +115,8 @@ PHASES = (
     Phase("mount", "host", "all", ("disk-type",)),
     Phase("validate", "host", "validate", ("platform",)),
     Phase("install", "chroot", "all", ("platform",)),
-    Phase("convert", "host", "chain", ("source-type", "dest-type")),
-    Phase("instance-validate", "instance", "validate", ("platform",)),
+    Phase("convert", "host", "chain", ("source-type", "dest-type"), release_mount=True),
+    Phase("instance-validate", "instance", "validate", ("platform",), release_mount=True),
     Phase("crypt", "host", "chain", ("source-crypt", "dest-crypt")),
     Phase("bundle", "host", "chain", ("source-type", "dest-type")),
     Phase("cleanup", "host", "all"),
@@ -210,6 +213,8 @@ class Process:
         self.inspection_report = None
         self.disk_type = None  # the input's type, or the unbundled image's
         self.cleanup_failures = []
+        self.scratch_limited = False
+        self.working_copy = None
         self.operator_names = set()  # variables the request set: no hook may change them
         self.breaks = {b.strip() for b in request.breaks or () if b.strip()}
 
@@ -278,8 +283,8 @@ class Process:
             raise ProcessFailure(2, "no elements given (see element-info for the list)")
         self.phases = self._selected_phases()
         limit = request.scratch_limit
-        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit <= 0):
-            raise ProcessFailure(2, f"--scratch-limit: {limit!r} is not a positive number of bytes")
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < MiB):
+            raise ProcessFailure(2, f"--scratch-limit: {limit!r} is not a number of bytes of at least 1 MiB")
         timeout = request.hook_timeout
         if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
                                     or not timeout > 0):
@@ -333,6 +338,7 @@ class Process:
                            input=request.input, output=request.output)
 
         self._prepare_work_dir(stack)
+        self._refuse_overwriting_inputs()
         self._prepare_image()
         self._prepare_output()
         self.env.update(self._element_options())
@@ -389,11 +395,56 @@ class Process:
         mount_point = os.path.join(work, "mnt")
         for path in (scratch, mount_point, os.path.join(work, "logs")):
             os.makedirs(path, exist_ok=True)
+        if request.scratch_limit:
+            self._limit_scratch(scratch, request.scratch_limit)
         self.env.update(IMG_WORK_DIR=work, IMG_SCRATCH_DIR=scratch, IMG_MOUNT_POINT=mount_point,
                         IMG_JOURNAL=self.journal.path, IMG_LIB=LIB, IMG_PYTHON=sys.executable,
                         IMG_ELEMENTS=" ".join(e.name for e in self.elements),
                         IMG_PLATFORM=request.platform or "auto",
                         IMG_MOUNT_WRITABLE="1" if self.hooks["install"] and "install" in self.phases else "0")
+
+    def _limit_scratch(self, scratch, limit):
+        """--scratch-limit: the scratch directory becomes a filesystem of that size,
+        so that whatever writes there meets ENOSPC at the limit, while it writes."""
+        image = os.path.join(self.work, "scratch.ext4")
+        self.journal.add("remove", path=image)
+        with open(image, "wb") as f:
+            f.truncate(limit)  # sparse: it takes host space only as scratch fills
+        code, errors = self._run_tool(["mke2fs", "-q", "-F", "-t", "ext4", "-O", "^has_journal", "-m", "0",
+                                       "-E", "nodiscard", image])
+        if code:
+            raise ProcessFailure(1, f"--scratch-limit: cannot make the scratch filesystem: "
+                                    f"{errors.decode(errors='replace').strip()}")
+        # Journal first: undoing an umount of a path that is not mounted does nothing.
+        self.journal.add("umount", path=os.path.realpath(scratch))
+        code, errors = self._run_tool(["mount", "-o", "loop,nodev,nosuid", image, scratch])
+        if code:
+            raise ProcessFailure(1, f"--scratch-limit: cannot mount the scratch filesystem: "
+                                    f"{errors.decode(errors='replace').strip()}")
+        os.rmdir(os.path.join(scratch, "lost+found"))
+        self.scratch_limited = True
+
+    def _refuse_overwriting_inputs(self):
+        """The output must not be (through links too) a file the process reads, nor in the work dir."""
+        request = self.request
+        if not request.output:
+            return
+        output = os.path.abspath(request.output)
+        real = os.path.realpath(output)
+        work = os.path.realpath(self.work)
+        if real == work or real.startswith(work + os.sep):
+            raise ProcessFailure(2, f"{output}: the output may not be in the work directory {self.work}")
+        try:
+            out_stat = os.stat(output)
+        except OSError:
+            return  # not there yet: it cannot be one of the inputs
+        for option, path in (("-i/--input", request.input), ("--kernel", request.kernel),
+                             ("--ramdisk", request.ramdisk)):
+            with contextlib.suppress(OSError):
+                st = os.stat(path) if path else None
+                if st and (st.st_dev, st.st_ino) == (out_stat.st_dev, out_stat.st_ino):
+                    raise ProcessFailure(2, f"{output}: is the same file as {option} {path}; "
+                                            "the output would replace it: write it elsewhere")
 
     def _prepare_image(self):
         request = self.request
@@ -426,7 +477,7 @@ class Process:
         code, errors = self._run_tool(["cp", "--sparse=always", "--reflink=auto", path, copy])
         if code:
             raise ProcessFailure(1, f"{path}: cannot make a working copy: {errors.decode(errors='replace').strip()}")
-        self.env["IMG_IMAGE"] = copy
+        self.env["IMG_IMAGE"] = self.working_copy = copy
 
     def _run_tool(self, argv, env=None):
         """Run a short host command, stopping it if the caller cancels; (exit code, stderr)."""
@@ -499,12 +550,14 @@ class Process:
     def _phase(self, phase):
         if phase.name not in self.phases:
             return
-        if phase.name == "convert":
+        if phase.release_mount:
             self._release_mount()
         run = {"all": self._run_all, "validate": self._run_validators, "chain": self._run_chain,
                "transform": self._run_transform}[phase.kind]
         hooks_here = self.hooks[phase.name]
-        if not hooks_here and not (phase.kind == "chain" and self._chain_target(phase)):
+        if phase.kind == "chain" and not self._chain_target(phase):
+            return  # nothing to convert: its hooks have no work (and no source and target)
+        if not hooks_here and phase.kind != "chain":
             return
         self._cancel_point()
         self._break("before-" + phase.name, phase)
@@ -691,13 +744,11 @@ class Process:
             else:
                 scratch_need += need
         scratch = self.env["IMG_SCRATCH_DIR"]
-        checks = [(scratch_need, scratch, _free(scratch), "free in the work directory")]
+        checks = [(scratch_need, scratch, _free(scratch), "free in the scratch space (--scratch-limit)"
+                   if self.scratch_limited else "free in the work directory")]
         if output_need:
             checks.append((output_need, os.path.dirname(self.output_tmp),
                            _free(os.path.dirname(self.output_tmp)), "free in the output directory"))
-        if self.request.scratch_limit and scratch_need:
-            limit = self.request.scratch_limit
-            checks.append((scratch_need, scratch, limit - _usage(scratch), "left of --scratch-limit"))
         for need, where, have, what in checks:
             if need > have:
                 raise ProcessFailure(4, f"{phase.name}: not enough space: needs {need} bytes in "
@@ -755,14 +806,14 @@ class Process:
         duration = round(time.monotonic() - started, 3)
         description = "; ".join(report["describe"])
         if process.returncode == 0:
-            self._check_scratch()
             self.monitor.event("hook-end", phase=phase.name, hook=hook.name, element=hook.element,
                                result="ok", duration=duration, description=description)
             if validator:
                 self.results.append({"hook": hook.name, "result": "ok", "description": description})
             return
-        reason = report["fail"] or (f"exit {process.returncode}"
-                                    + (": " + " | ".join(tail) if tail else ""))
+        self._check_full(phase, hook)
+        reason = self._user_names(report["fail"] or (f"exit {process.returncode}"
+                                                     + (": " + " | ".join(tail) if tail else "")))
         if validator and hook.optional:
             self.monitor.event("hook-end", phase=phase.name, hook=hook.name, element=hook.element,
                                result="warning", duration=duration, reason=reason, optional=True)
@@ -773,6 +824,29 @@ class Process:
         if validator:
             self.results.append({"hook": hook.name, "result": "failed", "reason": reason})
         raise ProcessFailure(1, f"{phase.name}/{hook.name} ({hook.element}) failed: {reason}")
+
+    def _user_names(self, text):
+        """The user's file names in place of the process's own copies of them."""
+        for own, user in ((self.output_tmp, self.env.get("IMG_OUTPUT")),
+                          (self.working_copy, self.env.get("IMG_INPUT"))):
+            if own and user:
+                text = text.replace(own, user)
+        return text
+
+    def _check_full(self, phase, hook):
+        """After a hook failed: was a filesystem we write to full?  Say which, and what was written."""
+        where = f"{phase.name}/{hook.name} ({hook.element})"
+        scratch = self.env["IMG_SCRATCH_DIR"]
+        if self.scratch_limited and _free(scratch) < max(MiB, self.request.scratch_limit // 100):
+            newest = _newest_file(scratch)
+            writing = f" while writing {os.path.relpath(newest, self.work)}" if newest else ""
+            raise ProcessFailure(4, f"{where}: the scratch space is full: --scratch-limit of "
+                                    f"{self.request.scratch_limit} bytes reached{writing}")
+        if self.output_tmp and os.path.lexists(self.output_tmp) \
+                and _free(os.path.dirname(self.output_tmp)) < MiB:
+            raise ProcessFailure(4, f"{where}: {self.env['IMG_OUTPUT']}: no space left on its filesystem")
+        if not self.scratch_limited and _free(scratch) < MiB:
+            raise ProcessFailure(4, f"{where}: no space left in the work directory {self.work}")
 
     def _hook_timeout(self, phase):
         return self.request.hook_timeout or config.HOOK_TIMEOUTS[phase.name]
@@ -893,13 +967,6 @@ class Process:
             return "the runner's or the operator's setting"
         return None
 
-    def _check_scratch(self):
-        if self.request.scratch_limit:
-            limit, used = self.request.scratch_limit, _usage(self.env["IMG_SCRATCH_DIR"])
-            if used > limit:
-                raise ProcessFailure(4, f"scratch space {self.env['IMG_SCRATCH_DIR']} holds {used} "
-                                        f"bytes, over --scratch-limit {limit}")
-
     def _run_instance(self, phase, accepted):
         if not accepted:
             return
@@ -909,23 +976,38 @@ class Process:
 
         def emit(message):
             if "describe" in message:  # how the guest was booted, and how long it took
-                self.monitor.event("log", level="INFO", message=f"{phase.name}: {message['describe']}")
+                text = clean(str(message["describe"])[:MAX_MESSAGE])
+                self.monitor.event("log", level="INFO", message=f"{phase.name}: {text}")
             else:
                 self._message(phase, accepted[0], json.dumps(message), {"describe": [], "warn": [], "fail": None})
+
+        started = time.monotonic()
+
+        def boot_end(result, **fields):
+            self.monitor.event("hook-end", phase=phase.name, hook="(boot)", element="-", result=result,
+                               duration=round(time.monotonic() - started, 3), **fields)
 
         try:
             results = instance.run_phase([(h.name, h.path) for h in accepted], env, self.journal, emit)
         except instance.InstanceError as exc:
+            boot_end("failed", reason=clean(str(exc)))
             raise ProcessFailure(1, f"{phase.name}: {exc}") from exc
+        except BaseException as exc:
+            boot_end("failed", reason=str(exc) or type(exc).__name__)
+            raise
+        boot_end("ok")
         optional = {h.name: h.optional for h in accepted}
         failed = []
         for result in results:
             name = result["hook"]
             outcome = ("skipped" if result.get("skipped") else "ok") if result["ok"] else \
                 ("warning" if optional.get(name) else "failed")
-            text = result.get("description") or result.get("output", "")[-500:]
+            text = clean(str(result.get("description") or result.get("output", "")[-500:])[:MAX_MESSAGE])
+            name = clean(str(name)[:200])
+            duration = result.get("duration", 0)
+            duration = duration if isinstance(duration, (int, float)) and not isinstance(duration, bool) else 0
             self.monitor.event("hook-end", phase=phase.name, hook=name, element="-", result=outcome,
-                               duration=result.get("duration", 0), description=text)
+                               duration=duration, description=text)
             self.results.append({"hook": name, "result": outcome, "description": text})
             if outcome == "failed":
                 failed.append(f"{name}: {text}")
@@ -976,6 +1058,11 @@ class Process:
         if not self.output_tmp:
             return
         output = self.env["IMG_OUTPUT"]
+        if not os.path.lexists(self.output_tmp) and self._image_is_the_output():
+            # An image the process made (an unbundled one) that needs no conversion: move it out.
+            code, errors = self._run_tool(["mv", "-T", self.env["IMG_IMAGE"], self.output_tmp])
+            if code:
+                raise ProcessFailure(1, f"{output}: cannot write: {errors.decode(errors='replace').strip()}")
         if not os.path.lexists(self.output_tmp):
             raise ProcessFailure(2, f"{output}: nothing wrote the output: add a converter element "
                                     f"(for example convert-qemu) that takes {self.env['IMG_IMAGE_TYPE']} "
@@ -984,6 +1071,14 @@ class Process:
             raise ProcessFailure(3, f"{output}: is a directory")
         os.replace(self.output_tmp, output)
         self.published = output
+
+    def _image_is_the_output(self):
+        """The current image is a file of the process's own, of the output's type and encryption."""
+        env = self.env
+        image, scratch = os.path.realpath(env.get("IMG_IMAGE", "")), os.path.realpath(env["IMG_SCRATCH_DIR"])
+        return (image.startswith(scratch + os.sep) and os.path.isfile(image)
+                and env.get("IMG_IMAGE_TYPE") == env.get("IMG_OUTPUT_TYPE")
+                and env.get("IMG_IMAGE_CRYPT", "none") == env.get("IMG_OUTPUT_CRYPT", "none"))
 
     def _find_inspection_report(self):
         """The inspect element's report, if one outlives the process."""
@@ -1116,10 +1211,14 @@ def _free(path):
     return st.f_bavail * st.f_frsize
 
 
-def _usage(path):
-    total = 0
+def _newest_file(path):
+    """The regular file under `path` changed last (the one being written), or None."""
+    newest, when = None, -1.0
     for directory, _, files in os.walk(path):
         for name in files:
+            full = os.path.join(directory, name)
             with contextlib.suppress(OSError):
-                total += os.lstat(os.path.join(directory, name)).st_blocks * 512
-    return total
+                st = os.lstat(full)
+                if st.st_mtime > when and not os.path.islink(full):
+                    newest, when = full, st.st_mtime
+    return newest
