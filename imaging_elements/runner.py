@@ -811,9 +811,13 @@ class Process:
             if validator:
                 self.results.append({"hook": hook.name, "result": "ok", "description": description})
             return
-        self._check_full(phase, hook)
         reason = self._user_names(report["fail"] or (f"exit {process.returncode}"
                                                      + (": " + " | ".join(tail) if tail else "")))
+        full = self._full(phase, hook, reason + " ".join(tail), (extra or {}).get("IMG_CONVERT_OUTPUT"))
+        if full:
+            self.monitor.event("hook-end", phase=phase.name, hook=hook.name, element=hook.element,
+                               result="failed", duration=duration, reason=str(full))
+            raise full
         if validator and hook.optional:
             self.monitor.event("hook-end", phase=phase.name, hook=hook.name, element=hook.element,
                                result="warning", duration=duration, reason=reason, optional=True)
@@ -833,20 +837,28 @@ class Process:
                 text = text.replace(own, user)
         return text
 
-    def _check_full(self, phase, hook):
-        """After a hook failed: was a filesystem we write to full?  Say which, and what was written."""
+    def _full(self, phase, hook, said, target):
+        """After a hook failed: was a filesystem it wrote to full?  Then a ProcessFailure saying
+        which, and the file it was writing (its IMG_CONVERT_OUTPUT, else the newest in scratch)."""
         where = f"{phase.name}/{hook.name} ({hook.element})"
+        enospc = "No space left on device" in said or "ENOSPC" in said
         scratch = self.env["IMG_SCRATCH_DIR"]
-        if self.scratch_limited and _free(scratch) < max(MiB, self.request.scratch_limit // 100):
-            newest = _newest_file(scratch)
-            writing = f" while writing {os.path.relpath(newest, self.work)}" if newest else ""
-            raise ProcessFailure(4, f"{where}: the scratch space is full: --scratch-limit of "
-                                    f"{self.request.scratch_limit} bytes reached{writing}")
-        if self.output_tmp and os.path.lexists(self.output_tmp) \
-                and _free(os.path.dirname(self.output_tmp)) < MiB:
-            raise ProcessFailure(4, f"{where}: {self.env['IMG_OUTPUT']}: no space left on its filesystem")
-        if not self.scratch_limited and _free(scratch) < MiB:
-            raise ProcessFailure(4, f"{where}: no space left in the work directory {self.work}")
+        to_output = bool(target) and target == self.output_tmp
+        if self.scratch_limited and not to_output and (
+                enospc or _free(scratch) < max(MiB, self.request.scratch_limit // 100)):
+            if not (target and target.startswith(scratch + os.sep)):
+                target = _newest_file(scratch)
+            writing = f" while writing {os.path.relpath(target, self.work)}" if target else ""
+            return ProcessFailure(4, f"{where}: the scratch space is full: --scratch-limit of "
+                                     f"{self.request.scratch_limit} bytes reached{writing}")
+        if not enospc:
+            return None
+        if to_output:
+            return ProcessFailure(4, f"{where}: {self.env['IMG_OUTPUT']}: no space left on device "
+                                     f"(in {os.path.dirname(self.output_tmp)})")
+        return ProcessFailure(4, f"{where}: no space left on device in the work directory {self.work}"
+                                 + (f" while writing {os.path.relpath(target, self.work)}"
+                                    if target and target.startswith(self.work + os.sep) else ""))
 
     def _hook_timeout(self, phase):
         return self.request.hook_timeout or config.HOOK_TIMEOUTS[phase.name]
