@@ -23,7 +23,7 @@ import traceback
 from collections import deque
 
 from imaging_elements import config, elements, hooks, imagetype, sandbox
-from imaging_elements.journal import Journal
+from imaging_elements.journal import Journal, describe
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LIB = os.path.join(ROOT, "lib")
@@ -738,7 +738,8 @@ class Process:
             try:
                 need = hooks.required_capacity(hook, self._hook_env(hook, extra))
             except hooks.HookError as exc:
-                raise ProcessFailure(1, str(exc)) from exc
+                raise ProcessFailure(1, f"{phase.name}/{hook.name} ({hook.element}): cannot tell the space it "
+                                        f"needs: {self._user_names(_said(str(exc)))}") from exc
             if final:
                 output_need += need
             else:
@@ -1188,8 +1189,10 @@ def remove_work_dir(work, warn, keep_logs=False):
     shutil.rmtree(work, ignore_errors=True)
 
 
-def cleanup_work_dir(work, warn):
-    """--cleanup: unwind what a killed process left; returns (exit code, error)."""
+def cleanup_work_dir(work, warn, say=None):
+    """--cleanup: unwind what a killed process left; returns (exit code, error).
+    say(text) is told what was released, or that there was nothing."""
+    say = say or warn
     journal_path = os.path.join(work, "journal.jsonl")
     if not os.path.isfile(journal_path):
         return 2, f"{work}: no cleanup journal here (not a work directory?)"
@@ -1198,8 +1201,14 @@ def cleanup_work_dir(work, warn):
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             return 2, f"{work}: a running euca-image-process still uses it"
+        journal = Journal(journal_path)
+        pending = journal.pending()
         with _signals_deferred():
-            failures = Journal(journal_path).unwind(log=warn)
+            failures = journal.unwind(log=warn)
+    released = [describe(e) for e in reversed(pending)
+                if not any(f.startswith(f"cleanup {describe(e)} failed") for f in failures)]
+    say(f"{work}: released {len(released)}: {', '.join(released)}" if released
+        else f"{work}: nothing to release")
     if failures:
         return 5, "; ".join(failures)
     if os.path.exists(os.path.join(work, ".created-by-euca-image-process")):
@@ -1221,6 +1230,17 @@ def _stop(process):
 def _free(path):
     st = os.statvfs(path)
     return st.f_bavail * st.f_frsize
+
+
+def _said(text):
+    """What a hook said in a failure text: its status line's `fail` once, in words, if it
+    wrote one (a hook run outside the status channel prints it and the same words)."""
+    for line in text.splitlines():
+        start = line.find('{"fail"')
+        if start >= 0:
+            with contextlib.suppress(ValueError, KeyError, TypeError):
+                return clean(str(json.loads(line[start:])["fail"])[:MAX_MESSAGE])
+    return clean(text[:MAX_MESSAGE])
 
 
 def _newest_file(path):

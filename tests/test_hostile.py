@@ -6,7 +6,6 @@ import io
 import json
 import os
 import re
-import resource
 import subprocess
 import sys
 import tarfile
@@ -309,3 +308,33 @@ class OperatorMistakeTest(RunnerCase):
         self.assertFalse(os.path.exists(self.trace))
         with open(image, "rb") as f:
             self.assertEqual(b"\x01" * MiB, f.read())
+
+
+class MessagesTest(RunnerCase):
+
+    def test_required_capacity_failure_once_in_words(self):
+        self.element("c", {"convert.d/10-x": "#!/usr/bin/env python3\n#@ accepts-source-type: raw\n"
+                           "#@ accepts-dest-type: qcow2\n#@ verbs: required-capacity\n"
+                           "from imaging_elements import hooklib\n"
+                           "hooklib.main(lambda: None, required_capacity=lambda: hooklib.fail('the image is damaged'))\n"})
+        image = self.path("in.raw")
+        with open(image, "wb") as f:
+            f.write(bytes(MiB))
+        result = self.process("-i", image, "-t", "raw", "-o", self.path("o.qcow2"), "-T", "qcow2", "c", check=1)
+        last = result.stderr.splitlines()[-1]
+        self.assertEqual("euca-image-process: error: convert/10-x (c): cannot tell the space it needs: "
+                         "the image is damaged", last)
+        self.assertNotIn('{"fail"', result.stderr)
+
+    def test_cleanup_says_what_it_released(self):
+        from imaging_elements.journal import Journal
+        os.makedirs(self.work)
+        leftover = self.path("leftover")
+        with open(leftover, "w"):
+            pass
+        Journal(os.path.join(self.work, "journal.jsonl")).add("remove", path=leftover)
+        result = self.run_bin("euca-image-process", "--cleanup", self.work, check=0)
+        self.assertIn(f"{self.work}: released 1: remove {leftover}", result.stderr)
+        self.assertFalse(os.path.exists(leftover))
+        result = self.run_bin("euca-image-process", "--cleanup", self.work, check=0)
+        self.assertIn(f"{self.work}: nothing to release", result.stderr)

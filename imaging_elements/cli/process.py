@@ -91,7 +91,9 @@ def main(argv=None):
         with api.ProcessGuard() as guard:
             try:
                 if args.cleanup:
-                    code, error = runner.cleanup_work_dir(os.path.abspath(args.cleanup), warn)
+                    code, error = runner.cleanup_work_dir(
+                        os.path.abspath(args.cleanup), warn,
+                        lambda text: monitor.event("log", level="INFO", message=text))
                 else:
                     request = request_from_args(args)
                     result = api.run_process(request, monitor, guard.cancel, only_hook=args.only_hook,
