@@ -316,7 +316,8 @@ class MessagesTest(RunnerCase):
         self.element("c", {"convert.d/10-x": "#!/usr/bin/env python3\n#@ accepts-source-type: raw\n"
                            "#@ accepts-dest-type: qcow2\n#@ verbs: required-capacity\n"
                            "from imaging_elements import hooklib\n"
-                           "hooklib.main(lambda: None, required_capacity=lambda: hooklib.fail('the image is damaged'))\n"})
+                           "hooklib.main(lambda: None,\n"
+                           "             required_capacity=lambda: hooklib.fail('the image is damaged'))\n"})
         image = self.path("in.raw")
         with open(image, "wb") as f:
             f.write(bytes(MiB))
