@@ -738,8 +738,9 @@ class Process:
             try:
                 need = hooks.required_capacity(hook, self._hook_env(hook, extra))
             except hooks.HookError as exc:
-                raise ProcessFailure(1, f"{phase.name}/{hook.name} ({hook.element}): cannot tell the space it "
-                                        f"needs: {self._user_names(_said(str(exc)))}") from exc
+                code, said = _said(str(exc))
+                raise ProcessFailure(code, f"{phase.name}/{hook.name} ({hook.element}): cannot tell the space "
+                                           f"it needs: {self._user_names(said)}") from exc
             if final:
                 output_need += need
             else:
@@ -828,7 +829,9 @@ class Process:
                            result="failed", duration=duration, reason=reason)
         if validator:
             self.results.append({"hook": hook.name, "result": "failed", "reason": reason})
-        raise ProcessFailure(1, f"{phase.name}/{hook.name} ({hook.element}) failed: {reason}")
+        # A hook that said the input is bad (unreadable, damaged): exit 3, as the early checks.
+        raise ProcessFailure(3 if report.get("bad_input") else 1,
+                             f"{phase.name}/{hook.name} ({hook.element}) failed: {reason}")
 
     def _user_names(self, text):
         """The user's file names in place of the process's own copies of them."""
@@ -934,7 +937,7 @@ class Process:
             self._warn(f"{where}: not a status line: {clean(text[:200])!r}")
             return
         inside = phase.where != "host"
-        if kind in ("describe", "warn", "fail"):
+        if kind in ("describe", "warn", "fail", "bad-input"):
             if not isinstance(value, (str, int, float)):
                 self._warn(f"{where}: status {kind}: the value must be a string")
                 return
@@ -944,8 +947,8 @@ class Process:
             elif kind == "warn" and len(report["warn"]) < MAX_WARN:
                 report["warn"].append(value)
                 self._warn(f"{phase.name}/{hook.name}: {value}")
-            elif kind == "fail":
-                report["fail"] = value
+            elif kind in ("fail", "bad-input"):
+                report["fail"], report["bad_input"] = value, kind == "bad-input"
         elif kind == "progress":
             done, total = (value.get("done"), value.get("total")) if isinstance(value, dict) else (None, None)
             if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in (done, total)) \
@@ -1233,14 +1236,16 @@ def _free(path):
 
 
 def _said(text):
-    """What a hook said in a failure text: its status line's `fail` once, in words, if it
-    wrote one (a hook run outside the status channel prints it and the same words)."""
+    """(exit code, words) of a hook's failure text: its status line's `fail` (1) or
+    `bad-input` (3) once, in words, if it wrote one (a hook run outside the status
+    channel prints the line and then the same words)."""
     for line in text.splitlines():
-        start = line.find('{"fail"')
-        if start >= 0:
-            with contextlib.suppress(ValueError, KeyError, TypeError):
-                return clean(str(json.loads(line[start:])["fail"])[:MAX_MESSAGE])
-    return clean(text[:MAX_MESSAGE])
+        for kind, code in (("fail", 1), ("bad-input", 3)):
+            start = line.find('{"%s"' % kind)
+            if start >= 0:
+                with contextlib.suppress(ValueError, KeyError, TypeError):
+                    return code, clean(str(json.loads(line[start:])[kind])[:MAX_MESSAGE])
+    return 1, clean(text[:MAX_MESSAGE])
 
 
 def _newest_file(path):

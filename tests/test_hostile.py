@@ -339,3 +339,27 @@ class MessagesTest(RunnerCase):
         self.assertFalse(os.path.exists(leftover))
         result = self.run_bin("euca-image-process", "--cleanup", self.work, check=0)
         self.assertIn(f"{self.work}: nothing to release", result.stderr)
+
+    def test_bad_input_said_by_a_hook_is_exit_3(self):
+        self.element("m", {"mount.d/10-read": BASH + 'echo \'{"bad-input": "the VMDK grain table is damaged"}\' '
+                                                     '>&$IMG_STATUS_FD\nexit 1\n'})
+        image = self.path("in.raw")
+        with open(image, "wb") as f:
+            f.write(bytes(MiB))
+        result = self.process("-i", image, "-t", "raw", "m", check=3)
+        self.assertIn("mount/10-read (m) failed: the VMDK grain table is damaged", result.stderr)
+
+
+class ReleaseBeforeBootTest(RunnerCase):
+    needs_root = True
+
+    def test_mount_released_before_instance_validate(self):
+        # --skip-phases convert: the mount must still be gone before instance-validate boots the image.
+        self.element("m", {
+            "mount.d/10-tmpfs": BASH + 'img_journal_add umount "path=$IMG_MOUNT_POINT" >/dev/null\n'
+                                       'mount -t tmpfs -o size=1m none "$IMG_MOUNT_POINT"\n',
+            "instance-validate.d/10-v": "#!/bin/bash\n#@ accepts-platform: windows\ntrue\n",
+            "cleanup.d/10-look": BASH + f'grep -c " $IMG_MOUNT_POINT " /proc/mounts > {self.path("seen")} || true\n'})
+        self.process("--platform", "linux", "--skip-phases", "convert", "m", check=0)
+        with open(self.path("seen")) as f:
+            self.assertEqual("0\n", f.read())
