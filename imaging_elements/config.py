@@ -88,7 +88,8 @@ EXIT_CODES = (
     (0, "success"),
     (1, "a hook failed, or a validator that is not optional"),
     (2, "bad usage: options, elements, hook headers, a break point without a terminal"),
-    (3, "bad input: unreadable, unknown or mismatched image type"),
+    (3, "bad input: unreadable, unknown or mismatched image type, or a hook said the input is "
+        "damaged (status `bad-input`)"),
     (4, "not enough space for a conversion (scratch limit or free space)"),
     (5, "the process succeeded but releasing a resource failed"),
     (130, "interrupted (Ctrl-C)"),
