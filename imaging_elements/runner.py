@@ -33,6 +33,7 @@ OUTPUT_TAIL = 20
 MiB = 1024 * 1024
 SECRET_NAME = re.compile(r"PASSPHRASE|PASSWORD|SECRET|TOKEN")
 VAR_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+PLATFORMS = ("auto", "linux", "windows", "unknown")
 
 # Bounds on what a hook (or a guest behind it) can make the runner hold or print.
 MAX_LINE = 8192        # bytes of one output or status line; the rest of the line is dropped
@@ -226,6 +227,12 @@ class Process:
         try:
             with _main_running():
                 code, error = self._run()
+        except Cancelled as cancelled:  # while the work dir was being removed
+            code, error = cancelled.code, str(cancelled)
+        except KeyboardInterrupt:
+            code, error = 130, "interrupted"
+        except Terminated:
+            code, error = 143, "terminated by SIGTERM"
         except Exception as exc:  # a bug: still end the stream, still return a result
             self.monitor.event("log", level="ERROR", message=traceback.format_exc())
             code, error = 1, f"internal error: {type(exc).__name__}: {exc}"
@@ -289,6 +296,11 @@ class Process:
         if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
                                     or not timeout > 0):
             raise ProcessFailure(2, f"--hook-timeout: {timeout!r} is not a positive number of seconds")
+        for option, value, allowed in (("-t/--input-type", request.input_type, imagetype.TYPES),
+                                       ("-T/--output-type", request.output_type, imagetype.TYPES),
+                                       ("--platform", request.platform, PLATFORMS)):
+            if value is not None and value not in allowed:
+                raise ProcessFailure(2, f"{option}: {value!r} is not one of {', '.join(allowed)}")
         for option, mapping in (("-e", request.options), ("environment", request.environment)):
             for name, value in (mapping or {}).items():
                 if not isinstance(name, str) or not isinstance(value, str) or not VAR_NAME.match(name):

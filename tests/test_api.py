@@ -147,7 +147,9 @@ class RequestTest(ApiCase):
         self.element("a", {"mount.d/10": self.tracer()})
         for fields, words in (({"scratch_limit": "abc"}, "--scratch-limit"), ({"scratch_limit": -1}, "--scratch-limit"),
                               ({"hook_timeout": 0}, "--hook-timeout"), ({"options": {"A B": "x"}}, "-e"),
-                              ({"phases": ["mount", "nosuch"]}, "nosuch"), ({"breaks": ["during-mount"]}, "during")):
+                              ({"phases": ["mount", "nosuch"]}, "nosuch"), ({"breaks": ["during-mount"]}, "during"),
+                              ({"input_type": "floppy"}, "-t/--input-type"), ({"platform": "beos"}, "--platform"),
+                              ({"output_type": "iso"}, "-T/--output-type")):
             recorder = Recorder()
             result = api.run_process(self.request("a", **fields), recorder)
             self.assertEqual(2, result.exit_code, fields)
