@@ -6,8 +6,33 @@ phase-start, phase-end, hook-start, hook-end, accepts, progress, warning, log
 """
 
 import json
+import re
 import sys
 import time
+
+# C0 and C1 controls (but tab), DEL, and the Unicode line separators and
+# bidirectional overrides: shown as escapes, so that no text from a hook or
+# an image can move a terminal's cursor or start a line of its own.
+_CONTROL = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+
+
+def _escape(match):
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code < 256 else f"\\u{code:04x}"
+
+
+def clean(text):
+    """Text (from a hook or an image) safe for a terminal, a log line or an event:
+    every control character shown as an escape.  Cleaning twice changes nothing."""
+    return _CONTROL.sub(_escape, text)
+
+
+def _clean_value(value):
+    if isinstance(value, str):
+        return clean(value)
+    if isinstance(value, list):
+        return [_clean_value(v) for v in value]
+    return value
 
 
 class Monitor:
@@ -25,7 +50,9 @@ class JsonMonitor(Monitor):
         self.stream = stream
 
     def event(self, name, **fields):
-        record = {"time": round(time.time(), 3), "event": name, **fields}
+        # The runner cleans what hooks say; this is the last line of defence for the rest.
+        record = {"time": round(time.time(), 3), "event": name,
+                  **{key: _clean_value(value) for key, value in fields.items()}}
         self.stream.write(json.dumps(record, sort_keys=True) + "\n")
         self.stream.flush()
 
@@ -54,7 +81,7 @@ class TextMonitor(Monitor):
         if self.quiet and level == "INFO":
             return
         stamp = time.strftime("%Y-%m-%d %H:%M:%S")
-        line = f"{stamp} {level:<5} {text}"
+        line = f"{stamp} {level:<5} {clean(text)}"
         if self._bar is not None:
             self._bar.write(line, file=self.stream)
         else:

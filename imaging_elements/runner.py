@@ -24,6 +24,7 @@ from collections import deque
 
 from imaging_elements import config, elements, hooks, imagetype, sandbox
 from imaging_elements.journal import Journal, describe
+from imaging_elements.monitor import clean
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LIB = os.path.join(ROOT, "lib")
@@ -56,17 +57,6 @@ SETTABLE = {
     # A container mounter hands the raw view on; the root finder says the platform.
     "mount": frozenset(("IMG_DISK", "IMG_DISK_TYPE", "IMG_PLATFORM")),
 }
-
-# C0 and C1 controls (but tab), DEL, and the Unicode line separators and
-# bidirectional overrides: shown as escapes, so that no text from a hook or
-# an image can move a terminal's cursor or start a line of its own.
-_CONTROL = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
-
-
-def clean(text):
-    """Text from a hook or an image, safe for a terminal, a log line or an event."""
-    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}" if ord(m.group()) < 256
-                        else f"\\u{ord(m.group()):04x}", text)
 
 
 class _LineReader:
@@ -606,7 +596,8 @@ class Process:
             ok, reason = hooks.accepts(hook, context, env or self._hook_env(hook))
         else:  # runs inside the image: only the declared context can be judged from here
             ok, reason = hooks.static_accepts(hook, context, None)
-        self.monitor.event("accepts", phase=phase.name, hook=hook.name, accepted=ok, reason=reason)
+        self.monitor.event("accepts", phase=phase.name, hook=hook.name, accepted=ok,
+                           reason=clean(reason[:MAX_MESSAGE]))
         return ok
 
     def _run_all(self, phase, hooks_here):

@@ -7,7 +7,7 @@ import tempfile
 import time
 
 from imaging_elements import config
-from imaging_elements.monitor import JsonMonitor, Monitors, TextMonitor
+from imaging_elements.monitor import JsonMonitor, Monitors, TextMonitor, clean
 
 
 def _monitors(args):
@@ -110,7 +110,7 @@ def main(argv=None):
     finally:
         monitor.close()
     if error:
-        print(f"euca-image-process: error: {error}", file=sys.stderr)
+        print(f"euca-image-process: error: {clean(error)}", file=sys.stderr)
     return code
 
 
