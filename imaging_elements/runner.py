@@ -22,7 +22,7 @@ import time
 import traceback
 from collections import deque
 
-from imaging_elements import config, elements, hooks, imagetype, sandbox
+from imaging_elements import config, elements, hooklib, hooks, imagetype, sandbox
 from imaging_elements.journal import Journal, describe
 from imaging_elements.monitor import clean
 
@@ -205,6 +205,7 @@ class Process:
         self.disk_type = None  # the input's type, or the unbundled image's
         self.cleanup_failures = []
         self.scratch_limited = False
+        self.cancel_ignored = False
         self.working_copy = None
         self.operator_names = set()  # variables the request set: no hook may change them
         self.breaks = {b.strip() for b in request.breaks or () if b.strip()}
@@ -269,7 +270,7 @@ class Process:
 
     def _cancel_point(self):
         """A safe point: stop here if the caller cancelled."""
-        if self.cancel is not None and self.cancel.is_set():
+        if self.cancel is not None and self.cancel.is_set() and not self.cancel_ignored:
             raise Cancelled(*CANCEL_CODES.get(getattr(self.cancel, "signum", None), CANCEL_CODES[None]))
 
     # -- setup -------------------------------------------------------------------
@@ -417,9 +418,15 @@ class Process:
         if code:
             raise ProcessFailure(1, f"--scratch-limit: cannot make the scratch filesystem: "
                                     f"{errors.decode(errors='replace').strip()}")
+        # Our own loop device, detached through the journal: with mount -o loop the kernel
+        # lets go of it some time after the umount, not when the process ends.
+        try:
+            device, _ = hooklib.losetup(image, readonly=False, journal_=self.journal)
+        except hooklib.HookFailure as exc:
+            raise ProcessFailure(1, f"--scratch-limit: {exc}") from exc
         # Journal first: undoing an umount of a path that is not mounted does nothing.
         self.journal.add("umount", path=os.path.realpath(scratch))
-        code, errors = self._run_tool(["mount", "-o", "loop,nodev,nosuid", image, scratch])
+        code, errors = self._run_tool(["mount", "-t", "ext4", "-o", "nodev,nosuid", device, scratch])
         if code:
             raise ProcessFailure(1, f"--scratch-limit: cannot mount the scratch filesystem: "
                                     f"{errors.decode(errors='replace').strip()}")
@@ -462,6 +469,8 @@ class Process:
             image_type = imagetype.resolve(path, request.input_type)
         except imagetype.ImageTypeError as exc:
             raise ProcessFailure(3, str(exc)) from exc
+        except OSError as exc:
+            raise ProcessFailure(3, f"{path}: cannot read: {exc.strerror}") from exc
         self.disk_type = image_type
         self.env.update(IMG_INPUT=path, IMG_INPUT_TYPE=image_type, IMG_IMAGE=path,
                         IMG_IMAGE_TYPE=image_type, IMG_IMAGE_CRYPT="none", IMG_DISK_TYPE=image_type)
@@ -486,11 +495,11 @@ class Process:
         process = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                    stderr=subprocess.PIPE, start_new_session=True)
         try:
-            with process:
-                errors = _collect(process, process.stderr, self._cancel_point)
+            errors = _collect(process, process.stderr, self._cancel_point)
         finally:
-            if process.poll() is None:
+            if process.poll() is None:  # cancelled: stop it first
                 _stop(process)
+            process.stderr.close()
         return process.returncode, errors
 
     def _prepare_output(self):
@@ -1062,6 +1071,8 @@ class Process:
 
     def _cleanup_phase(self, code, error):
         phase = PHASES[-1]
+        # cleanup.d runs after a cancel too, as after SIGTERM (each hook within its time limit).
+        self.cancel_ignored = True
         try:
             self._phase(phase)
         except ProcessFailure as failure:

@@ -103,7 +103,8 @@ class ThreadsTest(ApiCase):
 
     def test_cancel_from_another_thread(self):
         self.element("slow", {"mount.d/10-slow": BASH + f"echo $$ > {self.path('pid')}\nsleep 1000\n",
-                              "mount.d/20-never": self.tracer()})
+                              "mount.d/20-never": self.tracer(),
+                              "cleanup.d/10-after": BASH + f"echo cleaned > {self.path('cleaned')}\n"})
         cancel, recorder = threading.Event(), Recorder()
         box = {}
         thread = threading.Thread(target=lambda: box.update(result=api.run_process(
@@ -122,6 +123,7 @@ class ThreadsTest(ApiCase):
         self.assertEqual((143, "cancelled"), (box["result"].exit_code, box["result"].error))
         self.assertFalse(os.path.exists(f"/proc/{pid}"), "the hook outlived the cancel")
         self.assertFalse(os.path.exists(self.trace))
+        self.assertTrue(os.path.exists(self.path("cleaned")))  # cleanup.d runs, as after SIGTERM
         ends = recorder.named("hook-end")
         self.assertEqual("failed", ends[0]["result"])
         self.assertEqual("process-end", recorder.events[-1]["event"])
