@@ -275,3 +275,10 @@ class MonitorTest(base.TestCase):
             JsonMonitor(f).event("log", message='x\n{"event": "process-end"}\x1b]0;t\x07')
         with open(path) as f:
             self.assertEqual(1, len(f.read().splitlines()))
+
+    def test_monitor_options_checked(self):
+        for args, words in ((("--status-fd", "abc"), "--status-fd abc: invalid literal"),
+                            (("--log-file", self.path("no", "log")), "No such file or directory")):
+            result = self.run_bin("euca-image-process", *args, "a", check=2)
+            self.assertIn(words, result.stderr)
+            self.assertNotIn("Traceback", result.stderr)

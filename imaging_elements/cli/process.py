@@ -11,13 +11,23 @@ from imaging_elements.monitor import JsonMonitor, Monitors, TextMonitor, clean
 
 
 def _monitors(args):
+    """The monitors the options ask for; UsageError naming the option that cannot be opened."""
     monitors = [TextMonitor(sys.stderr, quiet=args.quiet)]
-    if args.log_file:
-        monitors.append(TextMonitor(open(args.log_file, "a"), bars=False))
-    if args.status_fd:
-        monitors.append(JsonMonitor(os.fdopen(int(args.status_fd), "w", closefd=False)))
-    if args.status_file:
-        monitors.append(JsonMonitor(open(args.status_file, "w")))
+    try:
+        option = "--log-file"
+        if args.log_file:
+            monitors.append(TextMonitor(open(args.log_file, "a"), bars=False))
+        option = "--status-fd"
+        if args.status_fd:
+            monitors.append(JsonMonitor(os.fdopen(int(args.status_fd), "w", closefd=False)))
+        option = "--status-file"
+        if args.status_file:
+            monitors.append(JsonMonitor(open(args.status_file, "w")))
+    except (OSError, ValueError) as exc:
+        for monitor in monitors:
+            monitor.close()
+        value = getattr(args, option[2:].replace("-", "_"))
+        raise UsageError(f"{option} {value}: {getattr(exc, 'strerror', None) or exc}") from None
     return Monitors(monitors)
 
 
@@ -81,7 +91,11 @@ def main(argv=None):
     args = config.parse(sys.argv[1:] if argv is None else argv)
     # Imported after parsing so that --help stays fast.
     from imaging_elements import api, runner
-    monitor = _monitors(args)
+    try:
+        monitor = _monitors(args)
+    except UsageError as exc:
+        print(f"euca-image-process: error: {clean(str(exc))}", file=sys.stderr)
+        return 2
 
     def warn(message):
         monitor.event("warning", message=message)
