@@ -398,7 +398,7 @@ class Process:
         mount_point = os.path.join(work, "mnt")
         for path in (scratch, mount_point, os.path.join(work, "logs")):
             os.makedirs(path, exist_ok=True)
-        if request.scratch_limit:
+        if request.scratch_limit and not self.list_out:
             self._limit_scratch(scratch, request.scratch_limit)
         self.env.update(IMG_WORK_DIR=work, IMG_SCRATCH_DIR=scratch, IMG_MOUNT_POINT=mount_point,
                         IMG_JOURNAL=self.journal.path, IMG_LIB=LIB, IMG_PYTHON=sys.executable,
