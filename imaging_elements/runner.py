@@ -758,7 +758,7 @@ class Process:
             else:
                 scratch_need += need
         scratch = self.env["IMG_SCRATCH_DIR"]
-        checks = [(scratch_need, scratch, _free(scratch), "free in the scratch space (--scratch-limit)"
+        checks = [(scratch_need, scratch, _free(scratch), "left of --scratch-limit"
                    if self.scratch_limited else "free in the work directory")]
         if output_need:
             checks.append((output_need, os.path.dirname(self.output_tmp),

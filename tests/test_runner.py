@@ -383,7 +383,7 @@ class ConvertChainTest(RunnerCase):
         result = self.process("-i", self.disk, "-o", out, "-T", "vmdk", "--scratch-limit", "10M",
                               "-e", f"NEED={50 * imagebuild.MiB}", "to-qcow2", "to-vmdk", check=4)
         self.assertIn(f"needs {50 * imagebuild.MiB} bytes", result.stderr)
-        self.assertIn("free in the scratch space (--scratch-limit)", result.stderr)
+        self.assertIn("left of --scratch-limit", result.stderr)
         self.assertEqual([], [e for e in self.events("hook-start")])
         self.assertFalse(os.path.exists(out))
 
