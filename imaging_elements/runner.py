@@ -999,7 +999,9 @@ class Process:
         if not accepted:
             return
         from imaging_elements import instance  # boots qemu: loaded only when needed
-        self.monitor.event("hook-start", phase=phase.name, hook="(boot)", element="-")
+        # The boot is no hook of its own: a log line, then one hook-end per guest-side hook.
+        self.monitor.event("log", level="INFO", message=f"{phase.name}: booting the image to run "
+                                                        f"{len(accepted)} validator(s) in it")
         env = self._base_env()
 
         def emit(message):
@@ -1009,21 +1011,10 @@ class Process:
             else:
                 self._message(phase, accepted[0], json.dumps(message), {"describe": [], "warn": [], "fail": None})
 
-        started = time.monotonic()
-
-        def boot_end(result, **fields):
-            self.monitor.event("hook-end", phase=phase.name, hook="(boot)", element="-", result=result,
-                               duration=round(time.monotonic() - started, 3), **fields)
-
         try:
             results = instance.run_phase([(h.name, h.path) for h in accepted], env, self.journal, emit)
         except instance.InstanceError as exc:
-            boot_end("failed", reason=clean(str(exc)))
             raise ProcessFailure(1, f"{phase.name}: {exc}") from exc
-        except BaseException as exc:
-            boot_end("failed", reason=str(exc) or type(exc).__name__)
-            raise
-        boot_end("ok")
         optional = {h.name: h.optional for h in accepted}
         failed = []
         for result in results:
