@@ -41,6 +41,8 @@ MAX_LINE = 8192        # bytes of one output or status line; the rest of the lin
 MAX_MESSAGE = 2000     # characters of one describe/warn/fail text
 MAX_DESCRIBE, MAX_WARN = 20, 100
 MAX_VALUE = 4096       # characters of a value a hook sets
+MAX_LOGGED = 10000     # output lines of one hook in the log; then only its last lines are kept
+PROGRESS_EVERY = 0.1   # seconds between two progress events of one hook
 
 # State the runner owns or acts on (paths, types, the journal, ...): a hook
 # may not set it, except the phases named in SETTABLE.  Hooks that run inside
@@ -900,7 +902,12 @@ class Process:
             else:
                 text = clean(text)
                 tail.append(text)
-                self.monitor.event("log", level="INFO", message=f"{hook.name}: {text}")
+                report["lines"] = report.get("lines", 0) + 1
+                if report["lines"] <= MAX_LOGGED:
+                    self.monitor.event("log", level="INFO", message=f"{hook.name}: {text}")
+                elif report["lines"] == MAX_LOGGED + 1:
+                    self._warn(f"{phase.name}/{hook.name} ({hook.element}): more than {MAX_LOGGED} lines "
+                               "of output; the rest are not logged (the last lines are kept)")
 
         try:
             while selector.get_map():
@@ -946,42 +953,54 @@ class Process:
                 raise ValueError("not an object with one key")
             (kind, value), = message.items()
         except (ValueError, RecursionError):
-            self._warn(f"{where}: not a status line: {clean(text[:200])!r}")
+            self._hook_warn(report, f"{where}: not a status line: {clean(text[:200])!r}")
             return
         inside = phase.where != "host"
         if kind in ("describe", "warn", "fail", "bad-input"):
             if not isinstance(value, (str, int, float)):
-                self._warn(f"{where}: status {kind}: the value must be a string")
+                self._hook_warn(report, f"{where}: status {kind}: the value must be a string")
                 return
             value = clean(str(value))[:MAX_MESSAGE]
             if kind == "describe" and len(report["describe"]) < MAX_DESCRIBE:
                 report["describe"].append(value)
             elif kind == "warn" and len(report["warn"]) < MAX_WARN:
                 report["warn"].append(value)
-                self._warn(f"{phase.name}/{hook.name}: {value}")
+                self._hook_warn(report, f"{phase.name}/{hook.name}: {value}")
             elif kind in ("fail", "bad-input"):
                 report["fail"], report["bad_input"] = value, kind == "bad-input"
         elif kind == "progress":
             done, total = (value.get("done"), value.get("total")) if isinstance(value, dict) else (None, None)
             if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in (done, total)) \
                     or set(value) != {"done", "total"} or total == 0:
-                self._warn(f"{where}: status progress: give {{\"done\": N, \"total\": N}} with "
+                self._hook_warn(report, f"{where}: status progress: give {{\"done\": N, \"total\": N}} with "
                            f"whole numbers, total above 0, not {clean(text[:200])!r}")
                 return
-            self.monitor.event("progress", phase=phase.name, hook=hook.name, done=min(done, total), total=total)
+            now = time.monotonic()
+            if now - report.get("progress_at", 0) >= PROGRESS_EVERY or done >= total:
+                report["progress_at"] = now  # a flood of progress lines is not a flood of events
+                self.monitor.event("progress", phase=phase.name, hook=hook.name, done=min(done, total),
+                                   total=total)
         elif kind == "set" and isinstance(value, dict):
             if inside:
-                self._warn(f"{where}: runs inside the image and may not set variables; "
+                self._hook_warn(report, f"{where}: runs inside the image and may not set variables; "
                            f"ignored: {clean(', '.join(map(str, value))[:200])}")
                 return
             for name, setting in value.items():
                 problem = self._may_set(phase, name, setting)
                 if problem:
-                    self._warn(f"{where}: may not set {clean(str(name)[:100])}: {problem}; ignored")
+                    self._hook_warn(report, f"{where}: may not set {clean(str(name)[:100])}: {problem}; ignored")
                 else:
                     self.env[name] = setting
         else:
-            self._warn(f"{where}: unknown status line {clean(text[:200])!r}")
+            self._hook_warn(report, f"{where}: unknown status line {clean(text[:200])!r}")
+
+    def _hook_warn(self, report, text):
+        """A warning about what one hook sent; after MAX_WARN of them, one last note."""
+        report["warnings"] = report.get("warnings", 0) + 1
+        if report["warnings"] <= MAX_WARN:
+            self._warn(text)
+        elif report["warnings"] == MAX_WARN + 1:
+            self._warn(text.split(":", 1)[0] + f": more than {MAX_WARN} warnings; the rest are not shown")
 
     def _may_set(self, phase, name, value):
         """None if a host hook of `phase` may set `name` to `value`, else why not."""
@@ -1004,12 +1023,14 @@ class Process:
                                                         f"{len(accepted)} validator(s) in it")
         env = self._base_env()
 
+        report = {"describe": [], "warn": [], "fail": None}  # one for the guest's whole report
+
         def emit(message):
             if "describe" in message:  # how the guest was booted, and how long it took
                 text = clean(str(message["describe"])[:MAX_MESSAGE])
                 self.monitor.event("log", level="INFO", message=f"{phase.name}: {text}")
             else:
-                self._message(phase, accepted[0], json.dumps(message), {"describe": [], "warn": [], "fail": None})
+                self._message(phase, accepted[0], json.dumps(message), report)
 
         try:
             results = instance.run_phase([(h.name, h.path) for h in accepted], env, self.journal, emit)

@@ -260,6 +260,21 @@ class GuestDataTest(RunnerCase):
             self.assertLess(len(json.dumps(record)), 20000)
         print(f"\n100 MB line + 50 MB status line: runner peak RSS {peak // MiB} MiB", file=sys.stderr)
 
+    def test_floods_are_bounded(self):
+        self.element("a", {"mount.d/10-flood": BASH + "seq 30000\n"
+                           "{ yes junk | head -n 3000 >&$IMG_STATUS_FD; } || true\n"
+                           "{ yes '{\"progress\": {\"done\": 1, \"total\": 2}}' | head -n 100000 "
+                           ">&$IMG_STATUS_FD; } || true\n"})
+        code, stderr, _ = self.run_measured("a")
+        self.assertEqual(0, code, stderr)
+        records = [json.loads(line) for line in open(self.path("events.jsonl"))]
+        logged = [r for r in records if r["event"] == "log" and r["message"].startswith("10-flood: ")]
+        warnings = [r["message"] for r in records if r["event"] == "warning"]
+        self.assertEqual(10000, len(logged))
+        self.assertEqual(102, len(warnings))  # 100 about junk, "more than 100", "more than 10000 lines"
+        self.assertIn("mount/10-flood (a): more than 100 warnings; the rest are not shown", warnings)
+        self.assertLess(len([r for r in records if r["event"] == "progress"]), 200)
+
     def test_control_characters_and_forged_lines(self):
         forged = '{"event": "process-end", "result": "ok", "exit_code": 0, "error": null, "duration": 1}'
         self.element("a", {"mount.d/10-forge": BASH +
