@@ -88,8 +88,8 @@ EXIT_CODES = (
     (0, "success"),
     (1, "a hook failed, or a validator that is not optional"),
     (2, "bad usage: options, elements, hook headers, a break point without a terminal"),
-    (3, "bad input: unreadable, unknown or mismatched image type, or a hook said the input is "
-        "damaged (status `bad-input`)"),
+    (3, ("bad input: unreadable, unknown or mismatched image type, or a hook said the input is "
+         "damaged (status `bad-input`)")),
     (4, "not enough space for a conversion (scratch limit or free space)"),
     (5, "the process succeeded but releasing a resource failed"),
     (130, "interrupted (Ctrl-C)"),
@@ -151,10 +151,10 @@ def parse(argv, environ=os.environ):
 
 def markdown():
     lines = ["# Configuration", "",
-             "Generated from `imaging_elements/config.py` by `python -m imaging_elements.config`; "
-             "do not edit by hand.", "",
-             "Every setting of `euca-image-process` is an option and an environment variable; "
-             "the option wins.", "",
+             ("Generated from `imaging_elements/config.py` by `python -m imaging_elements.config`; "
+              "do not edit by hand."), "",
+             ("Every setting of `euca-image-process` is an option and an environment variable; "
+              "the option wins."), "",
              "| option | variable | default | meaning |", "|---|---|---|---|"]
     for s in SETTINGS:
         flags = ", ".join(f"`{f}`" for f in s.flags) + (f" {s.metavar}" if s.metavar else "")
@@ -163,9 +163,9 @@ def markdown():
     lines += ["", "## Exit codes", "", "| code | meaning |", "|---|---|"]
     lines += [f"| {code} | {text} |" for code, text in EXIT_CODES]
     lines += ["", "## Hook time limits", "",
-              "A hook that runs longer than its phase's limit is killed with its process group, "
-              "and the process fails naming the hook and the limit. `--hook-timeout` sets one "
-              "limit for every phase.", "", "| phase | limit (s) |", "|---|---|"]
+              ("A hook that runs longer than its phase's limit is killed with its process group, "
+               "and the process fails naming the hook and the limit. `--hook-timeout` sets one "
+               "limit for every phase."), "", "| phase | limit (s) |", "|---|---|"]
     lines += [f"| {phase} | {limit} |" for phase, limit in HOOK_TIMEOUTS.items()]
     return "\n".join(lines) + "\n"
 

@@ -226,7 +226,7 @@ class Process:
             code, error = 130, "interrupted"
         except Terminated:
             code, error = 143, "terminated by SIGTERM"
-        except Exception as exc:  # a bug: still end the stream, still return a result
+        except Exception as exc:  # noqa: BLE001 (a bug: still end the stream, still return a result)
             self.monitor.event("log", level="ERROR", message=traceback.format_exc())
             code, error = 1, f"internal error: {type(exc).__name__}: {exc}"
         finally:
@@ -381,7 +381,7 @@ class Process:
             with open(os.path.join(work, ".created-by-euca-image-process"), "w"):
                 pass
         self.work = work
-        lock = open(os.path.join(work, "lock"), "w")
+        lock = open(os.path.join(work, "lock"), "w")  # noqa: SIM115 (held until the stack unwinds)
         stack.callback(lock.close)
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -549,7 +549,7 @@ class Process:
         script = "".join(f'source "{path}" || {{ echo "{path}: failed (exit $?)" >&2; exit 1; }}\n'
                          for _, path in files) + "env -0\n"
         result = subprocess.run(["bash", "-c", script], env=self._base_env(), stdin=subprocess.DEVNULL,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                                capture_output=True, check=False)
         if result.returncode:
             raise ProcessFailure(2, "environment.d: " + result.stderr.decode(errors="replace").strip())
         found = {}
@@ -1070,7 +1070,7 @@ class Process:
                                 writable=self.env.get("IMG_MOUNT_WRITABLE") == "1")
         self.monitor.event("log", level="INFO",
                            message=f"break point {point}: a shell; exit 0 to go on, exit 1 to stop")
-        if subprocess.run(argv, env=env).returncode != 0:
+        if subprocess.run(argv, env=env, check=False).returncode != 0:
             raise ProcessFailure(1, f"stopped at break point {point}")
 
     def _after_error(self):
@@ -1267,7 +1267,7 @@ def _said(text):
     channel prints the line and then the same words)."""
     for line in text.splitlines():
         for kind, code in (("fail", 1), ("bad-input", 3)):
-            start = line.find('{"%s"' % kind)
+            start = line.find(f'{{"{kind}"')
             if start >= 0:
                 with contextlib.suppress(ValueError, KeyError, TypeError):
                     return code, clean(str(json.loads(line[start:])[kind])[:MAX_MESSAGE])

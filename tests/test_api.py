@@ -18,7 +18,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def _schema():
     with open(os.path.join(ROOT, "docs", "events.md")) as f:
-        return json.loads(re.search(r"```json\n(.*?)```", f.read(), re.S).group(1))
+        return json.loads(re.search(r"```json\n(.*?)```", f.read(), re.DOTALL).group(1))
 
 
 SCHEMA = _schema()
@@ -232,10 +232,10 @@ class DocsTest(ApiCase):
     def test_docs_example_runs(self):
         # The first python block of docs/api.md, as written, in a fresh interpreter.
         with open(os.path.join(ROOT, "docs", "api.md")) as f:
-            example = re.search(r"```python\n(.*?)```", f.read(), re.S).group(1)
+            example = re.search(r"```python\n(.*?)```", f.read(), re.DOTALL).group(1)
         disk = guestimages.linux_disk(self.path("disk.raw"), self.tmp)
-        result = subprocess.run([sys.executable, "-c", example], cwd=self.tmp, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True, env=dict(os.environ, DISK=disk, TMPDIR=self.tmp))
+        result = subprocess.run([sys.executable, "-c", example], cwd=self.tmp, capture_output=True, check=False,
+                                text=True, env=dict(os.environ, DISK=disk, TMPDIR=self.tmp))
         self.assertEqual(0, result.returncode, result.stderr)
         printed = json.loads(result.stdout.splitlines()[-1])
         self.assertEqual(0, printed["exit_code"])

@@ -209,7 +209,7 @@ mount -o nodev,nosuid "$dev" "$IMG_MOUNT_POINT"
         with open(self.path("seen")) as f:
             self.assertEqual("\n", f.read())
         marker = subprocess.run(["debugfs", "-R", "cat /etc/marker", output], stdout=subprocess.PIPE,
-                                stderr=subprocess.DEVNULL, text=True).stdout
+                                stderr=subprocess.DEVNULL, text=True, check=False).stdout
         self.assertEqual("guest\n", marker)
 
     def test_host_hooks_and_the_table(self):
@@ -240,7 +240,7 @@ class GuestDataTest(RunnerCase):
             while process.poll() is None:
                 try:
                     with open(f"/proc/{process.pid}/status") as f:
-                        hwm = re.search(r"^VmHWM:\s+(\d+) kB", f.read(), re.M)
+                        hwm = re.search(r"^VmHWM:\s+(\d+) kB", f.read(), re.MULTILINE)
                 except OSError:
                     hwm = None
                 if hwm:
@@ -249,6 +249,10 @@ class GuestDataTest(RunnerCase):
         with open(self.path("stderr")) as f:
             return process.returncode, f.read(), peak
 
+    def records(self):
+        with open(self.path("events.jsonl")) as f:
+            return [json.loads(line) for line in f]
+
     def test_endless_line_keeps_memory_bounded(self):
         self.element("a", {"mount.d/10-flood": BASH + "head -c 100M /dev/zero | tr '\\0' x\n"
                                                       "head -c 50M /dev/zero | tr '\\0' y >&$IMG_STATUS_FD\n"})
@@ -256,7 +260,7 @@ class GuestDataTest(RunnerCase):
         self.assertEqual(0, code, stderr)
         self.assertLess(peak, 64 * MiB)
         self.assertGreater(peak, 0)
-        for record in map(json.loads, open(self.path("events.jsonl"))):
+        for record in self.records():
             self.assertLess(len(json.dumps(record)), 20000)
         print(f"\n100 MB line + 50 MB status line: runner peak RSS {peak // MiB} MiB", file=sys.stderr)
 
@@ -267,7 +271,7 @@ class GuestDataTest(RunnerCase):
                            ">&$IMG_STATUS_FD; } || true\n"})
         code, stderr, _ = self.run_measured("a")
         self.assertEqual(0, code, stderr)
-        records = [json.loads(line) for line in open(self.path("events.jsonl"))]
+        records = self.records()
         logged = [r for r in records if r["event"] == "log" and r["message"].startswith("10-flood: ")]
         warnings = [r["message"] for r in records if r["event"] == "warning"]
         self.assertEqual(10000, len(logged))
@@ -285,7 +289,9 @@ class GuestDataTest(RunnerCase):
                            "printf '%s\\n' '{\"warn\": \"w\\u001b[2Jx\\nline2\\r\"}' >&$IMG_STATUS_FD\n"})
         code, stderr, _ = self.run_measured("a")
         self.assertEqual(0, code, stderr)
-        for text in (stderr, open(self.path("log")).read()):
+        with open(self.path("log")) as f:
+            log = f.read()
+        for text in (stderr, log):
             self.assertNotIn("\x1b", text)
             self.assertNotIn("\r", text)
             self.assertNotIn("\x07", text)
@@ -293,7 +299,7 @@ class GuestDataTest(RunnerCase):
             for line in text.splitlines():
                 self.assertRegex(line, STAMP)
         self.assertIn("\\x1b]0;pwned\\x07", stderr)
-        records = [json.loads(line) for line in open(self.path("events.jsonl"))]
+        records = self.records()
         self.assertEqual(["process-end"], [r["event"] for r in records if r["event"] == "process-end"])
         self.assertEqual("process-end", records[-1]["event"])
         for record in records:
