@@ -278,7 +278,8 @@ class MonitorTest(base.TestCase):
 
     def test_monitor_options_checked(self):
         for args, words in ((("--status-fd", "abc"), "--status-fd abc: invalid literal"),
-                            (("--log-file", self.path("no", "log")), "No such file or directory")):
+                            (("--log-file", self.path("no", "log")), "No such file or directory"),
+                            (("--result-json", self.path("no", "r.json")), "is not a writable directory")):
             result = self.run_bin("euca-image-process", *args, "a", check=2)
             self.assertIn(words, result.stderr)
             self.assertNotIn("Traceback", result.stderr)

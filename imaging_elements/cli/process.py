@@ -16,13 +16,13 @@ def _monitors(args):
     try:
         option = "--log-file"
         if args.log_file:
-            monitors.append(TextMonitor(open(args.log_file, "a"), bars=False))
+            monitors.append(TextMonitor(open(args.log_file, "a"), bars=False))  # noqa: SIM115 (closed by main)
         option = "--status-fd"
         if args.status_fd:
             monitors.append(JsonMonitor(os.fdopen(int(args.status_fd), "w", closefd=False)))
         option = "--status-file"
         if args.status_file:
-            monitors.append(JsonMonitor(open(args.status_file, "w")))
+            monitors.append(JsonMonitor(open(args.status_file, "w")))  # noqa: SIM115 (closed by main)
     except (OSError, ValueError) as exc:
         for monitor in monitors:
             monitor.close()
@@ -42,6 +42,10 @@ def _split(text):
 def request_from_args(args):
     """The command line's options as an api.ProcessRequest; UsageError names a bad option."""
     from imaging_elements import api
+    if args.result_json:
+        directory = os.path.dirname(os.path.abspath(args.result_json))
+        if not os.path.isdir(directory) or not os.access(directory, os.W_OK | os.X_OK):
+            raise UsageError(f"--result-json {args.result_json}: {directory} is not a writable directory")
     scratch_limit = hook_timeout = None
     if args.scratch_limit:
         try:
@@ -120,7 +124,11 @@ def main(argv=None):
                               error=error, duration=round(time.monotonic() - started, 3))
                 result = api.ProcessResult(exit_code=code, error=error)
             if args.result_json:
-                write_json(args.result_json, result.to_json())
+                try:
+                    write_json(args.result_json, result.to_json())
+                except OSError as exc:
+                    code = code or 1
+                    error = error or f"--result-json {args.result_json}: {exc.strerror}"
     finally:
         monitor.close()
     if error:
