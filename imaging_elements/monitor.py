@@ -27,6 +27,12 @@ def clean(text):
     return _CONTROL.sub(_escape, text)
 
 
+def clean_lines(text):
+    """Text of several lines for a terminal or a log: each line cleaned, and every line
+    after the first indented, so that none can pass for a line of the log."""
+    return "\n    ".join(clean(line) for line in text.split("\n"))
+
+
 def _clean_value(value):
     if isinstance(value, str):
         return clean(value)
@@ -81,7 +87,7 @@ class TextMonitor(Monitor):
         if self.quiet and level == "INFO":
             return
         stamp = time.strftime("%Y-%m-%d %H:%M:%S")
-        line = f"{stamp} {level:<5} {clean(text)}"
+        line = f"{stamp} {level:<5} {clean_lines(text)}"
         if self._bar is not None:
             self._bar.write(line, file=self.stream)
         else:

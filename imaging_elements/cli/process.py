@@ -7,7 +7,13 @@ import tempfile
 import time
 
 from imaging_elements import config
-from imaging_elements.monitor import JsonMonitor, Monitors, TextMonitor, clean
+from imaging_elements.monitor import (
+    JsonMonitor,
+    Monitors,
+    TextMonitor,
+    clean,
+    clean_lines,
+)
 
 
 def _monitors(args):
@@ -132,7 +138,7 @@ def main(argv=None):
     finally:
         monitor.close()
     if error:
-        print(f"euca-image-process: error: {clean(error)}", file=sys.stderr)
+        print(f"euca-image-process: error: {clean_lines(error)}", file=sys.stderr)
     return code
 
 
