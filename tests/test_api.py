@@ -76,7 +76,7 @@ class ThreadsTest(ApiCase):
             recorders[name] = Recorder()
             results[name] = api.run_process(
                 self.request("mounters", "convert-qemu", "look", input=disk, output=self.path(f"{name}.qcow2"),
-                             output_type="qcow2", work_dir=self.path(f"work-{name}")),
+                             output_type="qcow2", work_dir=self.path(f"work-{name}"), scratch_limit=64 * 2**20),
                 recorders[name])
 
         threads = [threading.Thread(target=run, args=(name,)) for name in ("one", "two")]
