@@ -55,6 +55,9 @@ RUNNER_STATE = frozenset((
     "IMG_STATUS_FD", "IMG_CONVERT_OUTPUT", "IMG_SOURCE_TYPE", "IMG_DEST_TYPE", "IMG_SOURCE_CRYPT",
     "IMG_DEST_CRYPT", "IMG_DISK", "IMG_DISK_TYPE", "IMG_PLATFORM", "IMG_SIZE", "IMG_KERNEL",
     "IMG_RAMDISK", "IMG_INSPECTION_REPORT"))
+# What -e (a request's options and environment) may not set: the runner's own
+# state has options of its own, or is not the operator's to give.
+NOT_OPTIONS = RUNNER_STATE - {"IMG_INSPECTION_REPORT", "IMG_SIZE", "IMG_KERNEL", "IMG_RAMDISK"}
 SETTABLE = {
     # A container mounter hands the raw view on; the root finder says the platform.
     "mount": frozenset(("IMG_DISK", "IMG_DISK_TYPE", "IMG_PLATFORM")),
@@ -299,6 +302,10 @@ class Process:
                 if not isinstance(name, str) or not isinstance(value, str) or not VAR_NAME.match(name):
                     raise ProcessFailure(2, f"{option} {name!r}: use NAME=VALUE, NAME of letters, "
                                             "digits and _")
+                full = name if name.startswith("IMG_") else "IMG_" + name
+                if full in NOT_OPTIONS:
+                    raise ProcessFailure(2, f"{option} {name}: {full} is the runner's own variable, "
+                                            "not an element option (see euca-image-process --help)")
 
     def _selected_phases(self):
         chosen = set(PHASE_NAMES)

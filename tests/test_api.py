@@ -151,7 +151,9 @@ class RequestTest(ApiCase):
                               ({"hook_timeout": 0}, "--hook-timeout"), ({"options": {"A B": "x"}}, "-e"),
                               ({"phases": ["mount", "nosuch"]}, "nosuch"), ({"breaks": ["during-mount"]}, "during"),
                               ({"input_type": "floppy"}, "-t/--input-type"), ({"platform": "beos"}, "--platform"),
-                              ({"output_type": "iso"}, "-T/--output-type")):
+                              ({"output_type": "iso"}, "-T/--output-type"),
+                              ({"options": {"IMAGE": "/etc/shadow"}}, "IMG_IMAGE is the runner's own"),
+                              ({"environment": {"IMG_OUTPUT": "/etc/passwd"}}, "IMG_OUTPUT is the runner's own")):
             recorder = Recorder()
             result = api.run_process(self.request("a", **fields), recorder)
             self.assertEqual(2, result.exit_code, fields)
