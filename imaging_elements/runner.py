@@ -649,11 +649,13 @@ class Process:
                 continue
             self.journal.add("remove", path=output)
             self._run_hook(phase, hook, extra=extra)
-            self._advance_image(output)
+            self._advance_image(output, hook=hook)
 
-    def _advance_image(self, output, image_type=None):
+    def _advance_image(self, output, image_type=None, hook=None):
         if not os.path.lexists(output):
-            raise ProcessFailure(1, f"the hook did not write {output}")
+            who = f"{hook.phase}/{hook.name} ({hook.element})" if hook else "the hook"
+            raise ProcessFailure(1, f"{who} ended without writing its output "
+                                    f"({self._user_names(output)}, IMG_CONVERT_OUTPUT)")
         self.env["IMG_IMAGE"] = output
         if image_type is None and self.env.get("IMG_IMAGE_TYPE") in (None, "", "bundle"):
             image_type = imagetype.detect(output) if os.path.isfile(output) else "unknown"
@@ -748,9 +750,9 @@ class Process:
             self._run_hook(phase, hook, extra=extra)
             if phase.name == "crypt":
                 self.env["IMG_IMAGE_CRYPT"] = extra["IMG_DEST_CRYPT"]
-                self._advance_image(extra["IMG_CONVERT_OUTPUT"], image_type=self.env["IMG_IMAGE_TYPE"])
+                self._advance_image(extra["IMG_CONVERT_OUTPUT"], image_type=self.env["IMG_IMAGE_TYPE"], hook=hook)
             else:
-                self._advance_image(extra["IMG_CONVERT_OUTPUT"], image_type=extra["IMG_DEST_TYPE"])
+                self._advance_image(extra["IMG_CONVERT_OUTPUT"], image_type=extra["IMG_DEST_TYPE"], hook=hook)
 
     def _check_capacity(self, phase, steps):
         """Fail before the first byte is written if the chain cannot fit."""
