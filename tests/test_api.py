@@ -163,7 +163,8 @@ class RequestTest(ApiCase):
         self.assertEqual(2, api.run_process(api.ProcessRequest(elements=[])).exit_code)
 
     def test_options_and_environment_reach_the_hooks(self):
-        self.element("a", {"mount.d/10": BASH + f'echo "$IMG_COLOUR $IMG_SHAPE" > {self.path("out")}\n'})
+        self.element("a", {"element-options.json": '{"COLOUR": {"type": "string", "description": "a test option"}}',
+                           "mount.d/10": BASH + f'echo "$IMG_COLOUR $IMG_SHAPE" > {self.path("out")}\n'})
         result = api.run_process(self.request("a", options={"COLOUR": "red"}, environment={"IMG_SHAPE": "round"}))
         self.assertEqual(0, result.exit_code, result.error)
         with open(self.path("out")) as f:

@@ -214,6 +214,7 @@ mount -o nodev,nosuid "$dev" "$IMG_MOUNT_POINT"
 
     def test_host_hooks_and_the_table(self):
         self.element("a", {
+            "element-options.json": '{"COLOUR": {"type": "string", "description": "a test option"}}',
             "mount.d/10": BASH + "img_set IMG_DISK_TYPE raw\nimg_set IMG_NEW one\nimg_set IMG_COLOUR green\n",
             "validate.d/10": BASH + "img_set IMG_IMAGE /etc/shadow\nimg_set IMG_DISK_TYPE qcow2\n",
             "validate.d/20": BASH + f'echo "$IMG_DISK_TYPE $IMG_NEW $IMG_COLOUR ${{IMG_IMAGE:-none}}" > '

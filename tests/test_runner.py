@@ -105,6 +105,7 @@ class EnvironmentTest(RunnerCase):
 
     def test_clean_environment_and_environment_d(self):
         self.element("a", {
+            "element-options.json": '{"COLOUR": {"type": "string", "description": "a test option"}}',
             "environment.d/10-defaults": "export IMG_COLOUR=${IMG_COLOUR:-blue}\nexport IMG_SHAPE=round\n"
                                          "NOT_EXPORTED_IMG=1\nexport OTHER_VAR=leak\n",
             "environment.d/20-more": "export IMG_DERIVED=\"$IMG_SHAPE-$IMG_COLOUR\"\n",
@@ -352,7 +353,7 @@ class ConvertChainTest(RunnerCase):
             f.write(b"payload" * 1000)
         qemu = BASH + ('qemu-img convert -f "$(echo $IMG_SOURCE_TYPE)" -O "$IMG_DEST_TYPE" '
                        '"$IMG_IMAGE" "$IMG_CONVERT_OUTPUT"\nimg_progress 1 1\n')
-        self.element("to-qcow2", {"convert.d/10-raw-qcow2": BASH.replace(
+        self.element("to-qcow2", {"element-options.json": '{"NEED": {"type": "int", "description": "a test option"}}', "convert.d/10-raw-qcow2": BASH.replace(
             "\n", "\n#@ accepts-source-type: raw\n#@ accepts-dest-type: qcow2\n#@ verbs: required-capacity\n", 1)
             + '[ "$IMG_VERB" = required-capacity ] && { echo "${IMG_NEED:-1000}"; exit 0; }\n'
             + qemu.split("\n", 2)[2]})
@@ -508,7 +509,8 @@ class ConfigTest(base.TestCase):
 class StatusTest(RunnerCase):
 
     def test_status_fd_stream_and_secrets(self):
-        self.element("a", {"mount.d/10-m": BASH + 'echo "using $IMG_VAULT_PASSPHRASE"\n'
+        self.element("a", {"element-options.json": '{"VAULT_PASSPHRASE": {"type": "string", "description": "a test option"}}',
+                           "mount.d/10-m": BASH + 'echo "using $IMG_VAULT_PASSPHRASE"\n'
                                                   "img_progress 50 100\nimg_progress 100 100\n"
                                                   'img_describe "done with $IMG_VAULT_PASSPHRASE"\n'})
         read, write = os.pipe()
