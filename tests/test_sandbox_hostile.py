@@ -32,6 +32,10 @@ def probe(name, command):
     return f"if {command} >/dev/null 2>&1; then echo PROBE {name} escaped; else echo PROBE {name} held; fi\n"
 
 
+SECRET_OPTIONS = json.dumps({name: {"type": "string", "description": "a secret for the guest to look for"}
+                             for name in ("DB_PASSWORD", "API_TOKEN")})
+
+
 class HostileGuest(base.TestCase):
     needs_root = True
 
@@ -50,6 +54,8 @@ class HostileGuest(base.TestCase):
             with open(full, "w") as f:
                 f.write(text)
             os.chmod(full, mode)
+        with open(os.path.join(self.elements, name, "element-options.json"), "w") as f:
+            f.write(SECRET_OPTIONS)  # the secrets the tests hand over with -e
         with open(os.path.join(self.elements, name, "README.md"), "w") as f:
             f.write(f"# {name}: test element\n")
 
