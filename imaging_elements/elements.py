@@ -9,7 +9,7 @@ project's own elements/ comes last.
 import os
 import re
 
-PROJECT_ELEMENTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "elements")
+from imaging_elements.resources import ELEMENTS as PROJECT_ELEMENTS
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 NOT_ELEMENTS = {"__pycache__", "tests"}
 

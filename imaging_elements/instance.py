@@ -45,9 +45,7 @@ from imaging_elements import hooks as hooks_mod
 from imaging_elements.guest import Guest, GuestPathError
 from imaging_elements.journal import Journal
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-LIB = os.path.join(ROOT, "lib")
-PACKAGE = os.path.dirname(os.path.abspath(__file__))
+from imaging_elements.resources import LIB, PACKAGE
 SCOPE = "instance-validate"
 
 GUEST_DIR = "/etc/img-instance-validate"

@@ -9,8 +9,7 @@ Python helper package are bound read-only under /run/img.
 import os
 import shutil
 
-LIB = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "lib")
-PACKAGE = os.path.dirname(os.path.abspath(__file__))
+from imaging_elements.resources import LIB, PACKAGE
 INSIDE = "/run/img"
 
 
