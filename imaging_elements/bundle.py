@@ -14,14 +14,16 @@ SHA-1) over the bytes of <machine_configuration>...</machine_configuration>
 immediately followed by <image>...</image>, as they stand in the file; a
 verifier cuts those bytes out of the file and never re-serialises the XML.
 
-Both directions stream in one pass with bounded memory (a few MiB whatever the
-image size) and split the work over two threads: hashlib, isal and the output
-writes release the GIL, so two cores are used.  Output is written under a
+Both directions stream in one pass with bounded memory (a few tens of MiB
+whatever the image size) and split the work over three threads (read and hash,
+compress or decompress, encrypt or write): hashlib, isal, cryptography and the
+writes release the GIL, so both cores are kept busy.  Output is written under a
 temporary name and renamed at the end: a failure leaves nothing behind.
 """
 
 import dataclasses
 import hashlib
+import itertools
 import os
 import queue
 import re
@@ -437,6 +439,7 @@ def _pipeline(produce, consume, depth=8):
 
     The queue between them holds at most `depth` chunks, which bounds memory.
     An error in either thread stops both; the first thread's own error wins.
+    A consume may itself run a _pipeline: three stages on three threads.
     """
     chunks_queue = queue.Queue(depth)
     failure = []
@@ -486,6 +489,12 @@ def _pipeline(produce, consume, depth=8):
     thread.join()
     if failure:
         raise failure[0]
+
+
+def _ring(size, depth):
+    """Buffers enough for a producer `depth` chunks ahead of its consumer: the
+    one being filled, `depth` queued, the one being consumed."""
+    return [bytearray(size) for _ in range(depth + 2)]
 
 
 # -- bundling -----------------------------------------------------------------
@@ -627,39 +636,54 @@ def bundle_image(image, destination, *, arch, user, private_key, user_cert, ec2_
     return published[-1], published[:-1]
 
 
+# Chunks queued between the reading thread and the next: READ_CHUNK (8 MiB)
+# each when bundling, so few; CHUNK each when unbundling.  Memory: depth + 2.
+READ_DEPTH = 2
+UNBUNDLE_DEPTH = 8
+
+
 def _bundle_stream(source, image, size, header, writer, progress):
-    """tar -> SHA-1 and gzip here; AES and parts in the second thread. Returns the digest."""
+    """Three threads, each a stage no slower than one core's share of the work:
+    read and the tar stream's SHA-1 here; gzip in a second thread; AES, the
+    parts and their SHA-1 in a third.  Returns the tar stream's digest."""
     tar_hash = hashlib.sha1()
     deflate = isal_zlib.compressobj(GZIP_LEVEL, isal_zlib.DEFLATED, 31)  # 31: gzip wrapper
 
-    def produce(put):
-        def feed(data):
-            tar_hash.update(data)
-            compressed = memoryview(deflate.compress(data))
-            for start in range(0, len(compressed), CHUNK):
-                put(compressed[start:start + CHUNK])
-
-        feed(header)
-        buffer = bytearray(READ_CHUNK)
+    def read(put):
+        put(header)
+        tar_hash.update(header)
+        buffers = itertools.cycle(_ring(READ_CHUNK, READ_DEPTH))  # reused: see _ring
         done = 0
         while done < size:
-            n = source.readinto(memoryview(buffer)[:min(READ_CHUNK, size - done)])
+            buffer = memoryview(next(buffers))
+            n = source.readinto(buffer[:min(READ_CHUNK, size - done)])
             if not n:
                 raise BundleError(f"image {image}: ended after {done} of {size} bytes "
                                   "(did it change while being bundled?)")
-            feed(memoryview(buffer)[:n])
+            tar_hash.update(buffer[:n])
+            put(buffer[:n])
             done += n
             if progress and (done % (2 * READ_CHUNK) == 0 or done == size):
                 progress(done, size)
-        feed(_tar_trailer(len(header), size))
-        put(deflate.flush())
+        trailer = _tar_trailer(len(header), size)
+        tar_hash.update(trailer)
+        put(trailer)
 
-    def consume(chunks):
+    def compress(chunks):
+        def gzip(put):
+            for data in chunks:
+                compressed = memoryview(deflate.compress(data))
+                for start in range(0, len(compressed), CHUNK):
+                    put(compressed[start:start + CHUNK])
+            put(deflate.flush())
+        _pipeline(gzip, encrypt)
+
+    def encrypt(chunks):
         for chunk in chunks:
             writer.write(chunk)
         writer.finish()
 
-    _pipeline(produce, consume)
+    _pipeline(read, compress, depth=READ_DEPTH)
     return tar_hash.hexdigest()
 
 
@@ -898,10 +922,13 @@ def unbundle(manifest, output, *, private_key, source_dir=None, signer_cert=None
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
     result = {}
     try:
-        def produce(put):
-            # Parts, their SHA-1, AES and inflate here; the tar stream in the other thread.
-            inflater = _Inflater()
-            buffer = bytearray(CHUNK)
+        # Three threads: the parts and their SHA-1 here; AES and inflate in a
+        # second; the tar stream, its SHA-1 and the writes in a third.
+        def read(put):
+            # A buffer is reused once the decryptor has taken it: the ring moves
+            # on at each put, never at a read that put nothing (see _ring).
+            buffers = itertools.cycle(_ring(CHUNK, UNBUNDLE_DEPTH))
+            buffer = next(buffers)
             done = 0
             for path, part in zip(paths, manifest.parts):
                 digest = hashlib.sha1()
@@ -914,10 +941,10 @@ def unbundle(manifest, output, *, private_key, source_dir=None, signer_cert=None
                         if failed:
                             continue  # only finish this part's digest
                         try:
-                            for batch in inflater.feed(decryptor.update(view)):
-                                put(batch)
-                        except (BundleError, CryptError, _StageFailed) as exc:
+                            put(view)
+                        except _StageFailed as exc:
                             failed = exc
+                        buffer = next(buffers)
                 # A bad part is the clearest explanation of whatever else failed.
                 if digest.hexdigest() != part.digest:
                     raise _part_mismatch(path, digest.hexdigest(), part.digest)
@@ -925,16 +952,25 @@ def unbundle(manifest, output, *, private_key, source_dir=None, signer_cert=None
                     raise failed
                 if progress:
                     progress(done, manifest.bundled_size)
-            decryptor.finalize()
-            inflater.finish()
 
-        def consume(chunks):
-            stream = _TarStream(chunks)
+        def inflate(chunks):
+            inflater = _Inflater()
+
+            def decrypt(put):
+                for data in chunks:
+                    for batch in inflater.feed(decryptor.update(data)):
+                        put(batch)
+                decryptor.finalize()
+                inflater.finish()
+            _pipeline(decrypt, write)
+
+        def write(batches):
+            stream = _TarStream(batches)
             result["size"] = _read_member(stream, _Output(fd))
             result["digest"] = stream.sha1.hexdigest()
 
         try:
-            _pipeline(produce, consume)
+            _pipeline(read, inflate, depth=UNBUNDLE_DEPTH)
         except CryptError as exc:
             raise BundleError(f"bundle {manifest.path}: {exc}") from None
         if result["digest"] != manifest.digest:

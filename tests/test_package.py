@@ -26,7 +26,7 @@ DIST = None
 
 
 def sh(*argv, **kwargs):
-    result = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
+    result = subprocess.run(argv, capture_output=True, text=True, check=False, **kwargs)
     if result.returncode:
         raise AssertionError(f"{' '.join(map(str, argv))}: exit {result.returncode}\n"
                              f"{result.stdout}\n{result.stderr}")
