@@ -8,6 +8,8 @@ fetched once into the test cache and installed from there (--no-index), so a
 run needs the network only the first time.
 """
 
+import contextlib
+import fcntl
 import hashlib
 import os
 import shutil
@@ -45,10 +47,21 @@ def wheelhouse():
     return imagebuild._cached(f"wheels-{key}", build)
 
 
+@contextlib.contextmanager
+def building():
+    """One build from the checkout at a time: a build writes its egg-info and
+    staging directories into the checkout, and test workers run in parallel."""
+    os.makedirs(imagebuild.CACHE, exist_ok=True)
+    with open(os.path.join(imagebuild.CACHE, ".lock-package-build"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
 def setUpModule():
     global DIST
     DIST = tempfile.mkdtemp(prefix="test-package-")
-    sh(sys.executable, "-m", "build", "--no-isolation", "-o", DIST, ROOT)
+    with building():
+        sh(sys.executable, "-m", "build", "--no-isolation", "-o", DIST, ROOT)
 
 
 def tearDownModule():
@@ -116,7 +129,8 @@ class PackageTest(base.TestCase):
 
     def test_pip_install_dot(self):
         """`pip install .` of the checkout (not editable), as a new user would."""
-        venv = self.venv(["wheel"], ["--no-build-isolation", ROOT])
+        with building():
+            venv = self.venv(["wheel"], ["--no-build-isolation", ROOT])
         self.assert_stock_elements(venv)
         elements = sh(os.path.join(venv, "bin", "python"), "-c",
                       "import imaging_elements.resources as r; print(r.ELEMENTS)", cwd=self.tmp, env=self.env())
