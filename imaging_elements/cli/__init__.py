@@ -23,21 +23,21 @@ def _run(main):
     os._exit(code or 0)
 
 
-def process():
+def run_process():
     from imaging_elements.cli.process import main
     _run(main)
 
 
-def element_info():
+def run_element_info():
     from imaging_elements.cli.element_info import main
     _run(main)
 
 
-def bundle_image():
+def run_bundle_image():
     from imaging_elements.cli.bundle_image import main
     _run(main)
 
 
-def unbundle():
+def run_unbundle():
     from imaging_elements.cli.unbundle import main
     _run(main)
