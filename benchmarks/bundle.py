@@ -33,7 +33,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from benchmarks.compare import alternate, load, report  # noqa: E402
+from benchmarks.compare import alternate, load, report
 
 BIN = os.path.join(ROOT, "bin")
 MiB = 1024 * 1024
@@ -156,11 +156,8 @@ def main():
                            check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         image = os.path.join(tmp, "bench.img")
         with open(image, "wb") as f:
-            for _ in range(args.size_mib // 2):
-                f.write(os.urandom(MiB))
-            zeros = bytes(MiB)
-            for _ in range(args.size_mib - args.size_mib // 2):
-                f.write(zeros)
+            f.writelines(os.urandom(MiB) for _ in range(args.size_mib // 2))
+            f.writelines(bytes(MiB) for _ in range(args.size_mib - args.size_mib // 2))
         size = os.path.getsize(image)
         mb = size / 10 ** 6
         ours_dir, out_dir = os.path.join(tmp, "bundle"), os.path.join(tmp, "out")
