@@ -10,6 +10,7 @@ import os
 import re
 
 from imaging_elements.resources import ELEMENTS as PROJECT_ELEMENTS
+
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 NOT_ELEMENTS = {"__pycache__", "tests"}
 

@@ -44,8 +44,8 @@ from imaging_elements import bootdisk, disk, hooklib, qemuimg
 from imaging_elements import hooks as hooks_mod
 from imaging_elements.guest import Guest, GuestPathError
 from imaging_elements.journal import Journal
-
 from imaging_elements.resources import LIB, PACKAGE
+
 SCOPE = "instance-validate"
 
 GUEST_DIR = "/etc/img-instance-validate"

@@ -22,9 +22,9 @@ from collections import deque
 
 from imaging_elements import config, elements, hooks, imagetype, sandbox
 from imaging_elements.journal import Journal
-
 from imaging_elements.resources import BIN, LIB
 from imaging_elements.resources import PYTHONPATH as ROOT
+
 SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 OUTPUT_TAIL = 20
 SECRET_NAME = re.compile(r"PASSPHRASE|PASSWORD|SECRET|TOKEN")

@@ -10,6 +10,7 @@ import os
 import shutil
 
 from imaging_elements.resources import LIB, PACKAGE
+
 INSIDE = "/run/img"
 
 
