@@ -14,17 +14,18 @@ SHA-1) over the bytes of <machine_configuration>...</machine_configuration>
 immediately followed by <image>...</image>, as they stand in the file; a
 verifier cuts those bytes out of the file and never re-serialises the XML.
 
-Both directions stream in one pass with bounded memory (a few tens of MiB
-whatever the image size) and split the work over threads: two for bundling
-(read, hash, gzip | AES, parts), three for unbundling (parts and their SHA-1 |
-AES, inflate | tar, SHA-1, writes).  hashlib, isal, cryptography and the
-writes release the GIL, so both cores are kept busy.  Output is written under a
-temporary name and renamed at the end: a failure leaves nothing behind.
+Both directions stream in one pass with bounded memory (a few MiB whatever the
+image size) and split the work over two threads: hashlib, isal and the output
+writes release the GIL, so two cores are used.  Not three: on two cores the
+bound is the sum of the stages over two, which these splits nearly reach, and
+a third thread (gzip alone; or AES and inflate alone) was measured to cost
+15-20 % more CPU and to lose wall time on a loaded machine (docs/bundles.md).
+Output is written under a temporary name and renamed at the end: a failure
+leaves nothing behind.
 """
 
 import dataclasses
 import hashlib
-import itertools
 import os
 import queue
 import re
@@ -440,7 +441,6 @@ def _pipeline(produce, consume, depth=8):
 
     The queue between them holds at most `depth` chunks, which bounds memory.
     An error in either thread stops both; the first thread's own error wins.
-    A consume may itself run a _pipeline: three stages on three threads.
     """
     chunks_queue = queue.Queue(depth)
     failure = []
@@ -490,12 +490,6 @@ def _pipeline(produce, consume, depth=8):
     thread.join()
     if failure:
         raise failure[0]
-
-
-def _ring(size, depth):
-    """Buffers enough for a producer `depth` chunks ahead of its consumer: the
-    one being filled, `depth` queued, the one being consumed."""
-    return [bytearray(size) for _ in range(depth + 2)]
 
 
 # -- bundling -----------------------------------------------------------------
@@ -638,12 +632,7 @@ def bundle_image(image, destination, *, arch, user, private_key, user_cert, ec2_
 
 
 def _bundle_stream(source, image, size, header, writer, progress):
-    """tar -> SHA-1 and gzip here; AES and parts in the second thread. Returns the digest.
-
-    Two threads, not three: on two cores the bound is the total work over
-    two, and this split already balances it (read + SHA-1 + gzip against
-    AES + SHA-1 of the parts + writes); a third thread only adds hand-offs
-    (measured: 20 % more CPU for no gain in wall time)."""
+    """tar -> SHA-1 and gzip here; AES and parts in the second thread. Returns the digest."""
     tar_hash = hashlib.sha1()
     deflate = isal_zlib.compressobj(GZIP_LEVEL, isal_zlib.DEFLATED, 31)  # 31: gzip wrapper
 
@@ -679,10 +668,6 @@ def _bundle_stream(source, image, size, header, writer, progress):
 
 
 # -- unbundling ---------------------------------------------------------------
-
-# Chunks queued between the reading thread and the next (CHUNK each; memory:
-# depth + 2 buffers).
-UNBUNDLE_DEPTH = 8
 
 class _Inflater:
     """The gzip stream, inflated in lists of pieces of about CHUNK bytes (zeros inflate a lot)."""
@@ -917,13 +902,10 @@ def unbundle(manifest, output, *, private_key, source_dir=None, signer_cert=None
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
     result = {}
     try:
-        # Three threads: the parts and their SHA-1 here; AES and inflate in a
-        # second; the tar stream, its SHA-1 and the writes in a third.
-        def read(put):
-            # A buffer is reused once the decryptor has taken it: the ring moves
-            # on at each put, never at a read that put nothing (see _ring).
-            buffers = itertools.cycle(_ring(CHUNK, UNBUNDLE_DEPTH))
-            buffer = next(buffers)
+        def produce(put):
+            # Parts, their SHA-1, AES and inflate here; the tar stream in the other thread.
+            inflater = _Inflater()
+            buffer = bytearray(CHUNK)
             done = 0
             for path, part in zip(paths, manifest.parts):
                 digest = hashlib.sha1()
@@ -936,10 +918,10 @@ def unbundle(manifest, output, *, private_key, source_dir=None, signer_cert=None
                         if failed:
                             continue  # only finish this part's digest
                         try:
-                            put(view)
-                        except _StageFailed as exc:
+                            for batch in inflater.feed(decryptor.update(view)):
+                                put(batch)
+                        except (BundleError, CryptError, _StageFailed) as exc:
                             failed = exc
-                        buffer = next(buffers)
                 # A bad part is the clearest explanation of whatever else failed.
                 if digest.hexdigest() != part.digest:
                     raise _part_mismatch(path, digest.hexdigest(), part.digest)
@@ -947,25 +929,16 @@ def unbundle(manifest, output, *, private_key, source_dir=None, signer_cert=None
                     raise failed
                 if progress:
                     progress(done, manifest.bundled_size)
+            decryptor.finalize()
+            inflater.finish()
 
-        def inflate(chunks):
-            inflater = _Inflater()
-
-            def decrypt(put):
-                for data in chunks:
-                    for batch in inflater.feed(decryptor.update(data)):
-                        put(batch)
-                decryptor.finalize()
-                inflater.finish()
-            _pipeline(decrypt, write)
-
-        def write(batches):
-            stream = _TarStream(batches)
+        def consume(chunks):
+            stream = _TarStream(chunks)
             result["size"] = _read_member(stream, _Output(fd))
             result["digest"] = stream.sha1.hexdigest()
 
         try:
-            _pipeline(read, inflate, depth=UNBUNDLE_DEPTH)
+            _pipeline(produce, consume)
         except CryptError as exc:
             raise BundleError(f"bundle {manifest.path}: {exc}") from None
         if result["digest"] != manifest.digest:
