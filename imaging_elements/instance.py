@@ -44,10 +44,8 @@ from imaging_elements import bootdisk, config, confine, disk, hooklib, qemuimg
 from imaging_elements import hooks as hooks_mod
 from imaging_elements.guest import Guest, GuestPathError
 from imaging_elements.journal import Journal
+from imaging_elements.resources import LIB, PACKAGE
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-LIB = os.path.join(ROOT, "lib")
-PACKAGE = os.path.dirname(os.path.abspath(__file__))
 SCOPE = "instance-validate"
 
 GUEST_DIR = "/etc/img-instance-validate"

@@ -25,10 +25,9 @@ from collections import deque
 from imaging_elements import config, elements, hooklib, hooks, imagetype, sandbox
 from imaging_elements.journal import Journal, describe
 from imaging_elements.monitor import clean
+from imaging_elements.resources import BIN, LIB
+from imaging_elements.resources import PYTHONPATH as ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-LIB = os.path.join(ROOT, "lib")
-BIN = os.path.join(ROOT, "bin")
 SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 OUTPUT_TAIL = 20
 MiB = 1024 * 1024
