@@ -14,7 +14,11 @@ import sys
 
 
 def _run(main):
-    code = main()
+    try:
+        code = main()
+    except BrokenPipeError:  # `element-info | head`: the reader has all it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        os._exit(1)
     try:
         sys.stdout.flush()
         sys.stderr.flush()
