@@ -36,7 +36,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from benchmarks.compare import alternate, load, report
+from benchmarks.compare import alternate, load, report  # noqa: E402
 
 BIN = os.path.join(ROOT, "bin")
 MiB = 1024 * 1024

@@ -407,5 +407,7 @@ def debugfs_stat(image, path):
     out = subprocess.run(["debugfs", "-R", f"stat {path}", image], stdout=subprocess.PIPE,
                          stderr=subprocess.DEVNULL, text=True, check=True).stdout
     words = out.replace(":", " : ").split()
-    value = lambda key: words[words.index(key) + 2]
+
+    def value(key):
+        return words[words.index(key) + 2]
     return int(value("User")), int(value("Group")), int(value("Mode"), 8) | 0o100000
