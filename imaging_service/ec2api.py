@@ -20,6 +20,9 @@ from botocore.utils import parse_timestamp
 from imaging_service.errors import EC2Error, invalid, missing
 
 API_VERSION = "2016-11-15"
+# Values the model's enums lack but clients send: ImportInstance's Platform was Windows or
+# Linux (euca2ools, older AWS); today's model lists only Windows.
+EXTRA_ENUM = {"PlatformValues": ("Linux",)}
 
 
 @functools.lru_cache(maxsize=1)
@@ -107,7 +110,7 @@ def _scalar(shape, text, where):
     kind = shape.type_name
     try:
         if kind == "string":
-            if shape.enum and text not in shape.enum:
+            if shape.enum and text not in shape.enum and text not in EXTRA_ENUM.get(shape.name, ()):
                 raise ValueError("It must be one of: " + ", ".join(shape.enum) + ".")
             return text
         if kind in ("integer", "long"):
