@@ -48,6 +48,12 @@ SETTINGS = (
     Setting("scratch_limit", ("--scratch-limit",), "IMG_SCRATCH_LIMIT",
             "most bytes the scratch space may hold (e.g. 20G); checked before conversions and after "
             "every hook", metavar="SIZE"),
+    Setting("hook_timeout", ("--hook-timeout",), "IMG_HOOK_TIMEOUT",
+            "most seconds one hook may run before its processes are killed; default: per phase "
+            "(see Hook time limits)", metavar="SECONDS"),
+    Setting("result_json", ("--result-json",), "IMG_RESULT_JSON",
+            "write the result (docs/api.md, ProcessResult) to this file as JSON at the end",
+            metavar="PATH"),
     Setting("breaks", ("--break",), "IMG_BREAK",
             "stop for a shell at these points: before-PHASE, after-PHASE, after-error (comma "
             "separated; the variable `break` is read too, as in diskimage-builder)", metavar="LIST"),
@@ -85,8 +91,15 @@ EXIT_CODES = (
     (4, "not enough space for a conversion (scratch limit or free space)"),
     (5, "the process succeeded but releasing a resource failed"),
     (130, "interrupted (Ctrl-C)"),
-    (143, "terminated (SIGTERM)"),
+    (143, "terminated (SIGTERM), or cancelled through the API's cancel event"),
 )
+
+# Default time limit of one hook, by phase (seconds): generous, so that a real
+# image never meets it, and a hook that hangs (a guest's interpreter that
+# sleeps forever) still ends.
+HOOK_TIMEOUTS = {"unbundle": 6 * 3600, "mount": 1800, "validate": 1800, "install": 1800,
+                 "convert": 6 * 3600, "instance-validate": 3600, "crypt": 6 * 3600,
+                 "bundle": 6 * 3600, "cleanup": 1800}
 
 SIZE = re.compile(r"^(\d+(?:\.\d+)?)\s*([KMGTP]?)(i?B?)$", re.IGNORECASE)
 
@@ -147,6 +160,11 @@ def markdown():
                      f"{s.default if s.default is not None else ''} | {s.help} |")
     lines += ["", "## Exit codes", "", "| code | meaning |", "|---|---|"]
     lines += [f"| {code} | {text} |" for code, text in EXIT_CODES]
+    lines += ["", "## Hook time limits", "",
+              "A hook that runs longer than its phase's limit is killed with its process group, "
+              "and the process fails naming the hook and the limit. `--hook-timeout` sets one "
+              "limit for every phase.", "", "| phase | limit (s) |", "|---|---|"]
+    lines += [f"| {phase} | {limit} |" for phase, limit in HOOK_TIMEOUTS.items()]
     return "\n".join(lines) + "\n"
 
 

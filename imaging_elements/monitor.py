@@ -1,7 +1,8 @@
 """State feedback: one small interface, a JSON-lines and a text implementation.
 
 Events are flat dicts with an "event" name: process-start, process-end,
-phase-start, phase-end, hook-start, hook-end, accepts, progress, warning, log.
+phase-start, phase-end, hook-start, hook-end, accepts, progress, warning, log
+(docs/events.md has their schema).
 """
 
 import json

@@ -17,7 +17,9 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import traceback
 from collections import deque
 
 from imaging_elements import config, elements, hooks, imagetype, sandbox
@@ -29,6 +31,70 @@ BIN = os.path.join(ROOT, "bin")
 SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 OUTPUT_TAIL = 20
 SECRET_NAME = re.compile(r"PASSPHRASE|PASSWORD|SECRET|TOKEN")
+VAR_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+# Bounds on what a hook (or a guest behind it) can make the runner hold or print.
+MAX_LINE = 8192        # bytes of one output or status line; the rest of the line is dropped
+MAX_MESSAGE = 2000     # characters of one describe/warn/fail text
+MAX_DESCRIBE, MAX_WARN = 20, 100
+MAX_VALUE = 4096       # characters of a value a hook sets
+
+# State the runner owns or acts on (paths, types, the journal, ...): a hook
+# may not set it, except the phases named in SETTABLE.  Hooks that run inside
+# the image (chroot, instance) may set nothing at all.
+RUNNER_STATE = frozenset((
+    "IMG_IMAGE", "IMG_IMAGE_TYPE", "IMG_IMAGE_CRYPT", "IMG_INPUT", "IMG_INPUT_TYPE",
+    "IMG_OUTPUT", "IMG_OUTPUT_TYPE", "IMG_OUTPUT_CRYPT", "IMG_WORK_DIR", "IMG_SCRATCH_DIR",
+    "IMG_MOUNT_POINT", "IMG_MOUNT_WRITABLE", "IMG_JOURNAL", "IMG_JOURNAL_SCOPE", "IMG_LIB",
+    "IMG_PYTHON", "IMG_ELEMENTS", "IMG_ELEMENT", "IMG_ELEMENT_DIR", "IMG_PHASE", "IMG_HOOK",
+    "IMG_STATUS_FD", "IMG_CONVERT_OUTPUT", "IMG_SOURCE_TYPE", "IMG_DEST_TYPE", "IMG_SOURCE_CRYPT",
+    "IMG_DEST_CRYPT", "IMG_DISK", "IMG_DISK_TYPE", "IMG_PLATFORM", "IMG_SIZE", "IMG_KERNEL",
+    "IMG_RAMDISK", "IMG_INSPECTION_REPORT"))
+SETTABLE = {
+    # A container mounter hands the raw view on; the root finder says the platform.
+    "mount": frozenset(("IMG_DISK", "IMG_DISK_TYPE", "IMG_PLATFORM")),
+}
+
+# C0 and C1 controls (but tab), DEL, and the Unicode line separators and
+# bidirectional overrides: shown as escapes, so that no text from a hook or
+# an image can move a terminal's cursor or start a line of its own.
+_CONTROL = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+
+
+def clean(text):
+    """Text from a hook or an image, safe for a terminal, a log line or an event."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}" if ord(m.group()) < 256
+                        else f"\\u{ord(m.group()):04x}", text)
+
+
+class _LineReader:
+    """Split a byte stream into lines of at most MAX_LINE bytes, holding no more."""
+
+    def __init__(self):
+        self.buffer, self.cut = bytearray(), False
+
+    def feed(self, data):
+        lines, start = [], 0
+        while (end := data.find(b"\n", start)) >= 0:
+            self._add(data[start:end])
+            lines.append(self.flush())
+            start = end + 1
+        self._add(data[start:])
+        return lines
+
+    def _add(self, data):
+        room = MAX_LINE - len(self.buffer)
+        if len(data) > room:
+            self.cut = True
+        self.buffer += data[:max(room, 0)]
+
+    def pending(self):
+        return bool(self.buffer) or self.cut
+
+    def flush(self):
+        line = bytes(self.buffer) + (b" [line cut]" if self.cut else b"")
+        self.buffer, self.cut = bytearray(), False
+        return line
 
 
 class Phase:
@@ -68,33 +134,114 @@ class Terminated(BaseException):
     """SIGTERM, raised in the main thread so that the ExitStack unwinds."""
 
 
-def _terminate(signum, frame):
-    raise Terminated()
+class Cancelled(BaseException):
+    """The caller's cancel event was set: unwind as for SIGTERM."""
+
+    def __init__(self, code, message):
+        super().__init__(message)
+        self.code = code
+
+
+# Exit code and message of a cancelled process, by the signal that caused it.
+CANCEL_CODES = {signal.SIGINT: (130, "interrupted"), signal.SIGTERM: (143, "terminated by SIGTERM"),
+                None: (143, "cancelled")}
+
+# What a process run in the main thread may be interrupted by: ProcessGuard's
+# signal handler raises there (as SIGTERM always did), except while resources
+# are being released.  Other threads see only their cancel event.
+_main = {"running": 0, "deferred": 0}
+
+
+def _in_main_thread():
+    return threading.current_thread() is threading.main_thread()
+
+
+def interrupt_main(signum):
+    """Called by ProcessGuard's signal handler (main thread): raise into a run there."""
+    if _main["running"] and not _main["deferred"]:
+        raise KeyboardInterrupt() if signum == signal.SIGINT else Terminated()
+
+
+@contextlib.contextmanager
+def _main_running():
+    main = _in_main_thread()
+    _main["running"] += main
+    try:
+        yield
+    finally:
+        _main["running"] -= main
+
+
+@contextlib.contextmanager
+def _signals_deferred():
+    """While releasing resources, a Ctrl-C or SIGTERM must not stop us halfway."""
+    main = _in_main_thread()
+    _main["deferred"] += main
+    try:
+        yield
+    finally:
+        _main["deferred"] -= main
+
+
+class _NoMonitor:
+    def event(self, name, **fields):
+        pass
 
 
 class Process:
-    def __init__(self, args, monitor):
-        self.args = args
-        self.monitor = monitor
+    """One image process.  `request` is an api.ProcessRequest (read, never
+    changed); `cancel` anything with is_set().  only_hook and list_out are the
+    command line's --hook and --list (a stream to print the plan to)."""
+
+    def __init__(self, request, monitor=None, cancel=None, only_hook=None, list_out=None):
+        self.request = request
+        self.monitor = monitor or _NoMonitor()
+        self.cancel = cancel
+        self.only_hook = only_hook
+        self.list_out = list_out
         self.env = {}          # the IMG_* state that hooks see and may change
         self.results = []      # validator results, for the summary
+        self.phase_durations = {}
         self.failed = False
         self.journal = None
+        self.work = None
         self.output_tmp = None
-        self.breaks = set(filter(None, (args.breaks or "").replace(" ", "").split(",")))
-        self.phases = self._selected_phases()
+        self.published = None  # the output path, once renamed into place
+        self.inspection_report = None
+        self.disk_type = None  # the input's type, or the unbundled image's
+        self.cleanup_failures = []
+        self.operator_names = set()  # variables the request set: no hook may change them
+        self.breaks = {b.strip() for b in request.breaks or () if b.strip()}
 
     # -- the whole story -------------------------------------------------------
     def run(self):
-        """Returns (exit code, error message or None)."""
+        """Returns (exit code, error message or None); the last event is process-end."""
+        started = time.monotonic()
+        code, error = 1, "internal error"
+        try:
+            with _main_running():
+                code, error = self._run()
+        except Exception as exc:  # a bug: still end the stream, still return a result
+            self.monitor.event("log", level="ERROR", message=traceback.format_exc())
+            code, error = 1, f"internal error: {type(exc).__name__}: {exc}"
+        finally:
+            if self.results:
+                summary = {r: sum(1 for x in self.results if x["result"] == r)
+                           for r in ("ok", "skipped", "warning", "failed")}
+                self.monitor.event("log", level="INFO",
+                                   message="validators: {ok} passed, {warning} warnings, {failed} failed, "
+                                           "{skipped} not applicable".format(**summary))
+            self.monitor.event("process-end", result="ok" if code == 0 else "failed", exit_code=code,
+                               error=error, duration=round(time.monotonic() - started, 3))
+        return code, error
+
+    def _run(self):
         code, error = 0, None
-        self.cleanup_failures = []
         with contextlib.ExitStack() as stack:
-            # First in, last out: SIGTERM raises until every resource is released.
-            stack.enter_context(_signals_raise())
             try:
+                self._check_request()
                 self._prepare(stack)  # ties the journal's unwinding to `stack` at once
-                if self.args.list:
+                if self.list_out:
                     self._list()
                 else:
                     for phase in PHASES[:-1]:
@@ -102,6 +249,8 @@ class Process:
                     self._publish_output()
             except ProcessFailure as failure:
                 code, error = failure.code, str(failure)
+            except Cancelled as cancelled:
+                code, error = cancelled.code, str(cancelled)
             except KeyboardInterrupt:
                 code, error = 130, "interrupted"
             except Terminated:
@@ -109,19 +258,44 @@ class Process:
             self.failed = code != 0
             if code and "after-error" in self.breaks and self.journal:
                 self._after_error()
-            if self.journal and not self.args.list:
+            if self.journal and not self.list_out:
                 code, error = self._cleanup_phase(code, error)
+            self._find_inspection_report()
         if code == 0 and self.cleanup_failures:
             code, error = 5, "; ".join(self.cleanup_failures)
         return code, error
 
+    def _cancel_point(self):
+        """A safe point: stop here if the caller cancelled."""
+        if self.cancel is not None and self.cancel.is_set():
+            raise Cancelled(*CANCEL_CODES.get(getattr(self.cancel, "signum", None), CANCEL_CODES[None]))
+
     # -- setup -------------------------------------------------------------------
+    def _check_request(self):
+        """Every value of the request, checked before anything is done."""
+        request = self.request
+        if not request.elements:
+            raise ProcessFailure(2, "no elements given (see element-info for the list)")
+        self.phases = self._selected_phases()
+        limit = request.scratch_limit
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit <= 0):
+            raise ProcessFailure(2, f"--scratch-limit: {limit!r} is not a positive number of bytes")
+        timeout = request.hook_timeout
+        if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
+                                    or not timeout > 0):
+            raise ProcessFailure(2, f"--hook-timeout: {timeout!r} is not a positive number of seconds")
+        for option, mapping in (("-e", request.options), ("environment", request.environment)):
+            for name, value in (mapping or {}).items():
+                if not isinstance(name, str) or not isinstance(value, str) or not VAR_NAME.match(name):
+                    raise ProcessFailure(2, f"{option} {name!r}: use NAME=VALUE, NAME of letters, "
+                                            "digits and _")
+
     def _selected_phases(self):
         chosen = set(PHASE_NAMES)
-        for option, names in (("--phases", self.args.phases), ("--skip-phases", self.args.skip_phases)):
-            if not names:
+        for option, names in (("--phases", self.request.phases), ("--skip-phases", self.request.skip_phases)):
+            if names is None or (option == "--skip-phases" and not names):
                 continue
-            listed = {n.strip().removesuffix(".d") for n in names.split(",") if n.strip()}
+            listed = {n.strip().removesuffix(".d") for n in names if n.strip()}
             unknown = listed - set(PHASE_NAMES)
             if unknown:
                 raise ProcessFailure(2, f"{option}: unknown phase {', '.join(sorted(unknown))}; "
@@ -135,13 +309,15 @@ class Process:
         return chosen
 
     def _prepare(self, stack):
-        args = self.args
-        warn = lambda message: self.monitor.event("warning", message=message)
+        request = self.request
+        warn = self._warn
         try:
-            library = elements.find_elements(args.elements_path, warn=warn)
-            self.elements = elements.resolve(args.elements, library)
+            # elements_path None: the stock elements only (never the environment: library code).
+            library = elements.find_elements(":".join(request.elements_path or ()), warn=warn)
+            self.elements = elements.resolve(list(request.elements), library)
         except (elements.ElementError, OSError) as exc:
             raise ProcessFailure(2, str(exc)) from exc
+        self._check_options()
         self.hooks, problems = {}, []
         try:
             for phase in PHASES:
@@ -151,16 +327,28 @@ class Process:
             raise ProcessFailure(2, str(exc)) from exc
         for problem in problems:
             warn(problem)
-        if args.only_hook:
-            self._restrict_to_hook(args.only_hook)
+        if self.only_hook:
+            self._restrict_to_hook(self.only_hook)
         self.monitor.event("process-start", elements=[e.name for e in self.elements],
-                           input=args.input, output=args.output)
+                           input=request.input, output=request.output)
 
         self._prepare_work_dir(stack)
         self._prepare_image()
         self._prepare_output()
         self.env.update(self._element_options())
         self.env.update(self._source_environment_d())
+
+    def _check_options(self):
+        """Declared element options (elements.check_options, when the library has it)."""
+        check = getattr(elements, "check_options", None)
+        if check is None:
+            return
+        try:
+            problems = check(self.elements, dict(self.request.options or {}))
+        except elements.ElementError as exc:
+            raise ProcessFailure(2, str(exc)) from exc
+        if problems:
+            raise ProcessFailure(2, "; ".join(map(str, problems)))
 
     def _restrict_to_hook(self, spec):
         phase, _, name = spec.partition("/")
@@ -170,12 +358,9 @@ class Process:
         self.hooks[phase] = [h for h in self.hooks[phase] if h.name == name]
 
     def _prepare_work_dir(self, stack):
-        # Daemons that hooks start (qemu-storage-daemon, ntfs-3g) outlive their
-        # hook; as their subreaper we reap them the moment the journal kills them.
-        _become_subreaper()
-        args = self.args
-        if args.work_dir:
-            work = os.path.abspath(args.work_dir)
+        request = self.request
+        if request.work_dir:
+            work = os.path.abspath(request.work_dir)
             os.makedirs(work, exist_ok=True)
             created = False
         else:
@@ -191,7 +376,7 @@ class Process:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise ProcessFailure(2, f"{work}: another euca-image-process is using this work dir")
-        if created and not args.keep_work_dir:
+        if created and not request.keep_work_dir:
             # After a failure the logs (a guest's console, daemons' output) stay.
             stack.callback(lambda: remove_work_dir(work, self._warn, keep_logs=self.failed))
         self.journal = Journal(os.path.join(work, "journal.jsonl"))
@@ -207,26 +392,27 @@ class Process:
         self.env.update(IMG_WORK_DIR=work, IMG_SCRATCH_DIR=scratch, IMG_MOUNT_POINT=mount_point,
                         IMG_JOURNAL=self.journal.path, IMG_LIB=LIB, IMG_PYTHON=sys.executable,
                         IMG_ELEMENTS=" ".join(e.name for e in self.elements),
-                        IMG_PLATFORM=args.platform,
+                        IMG_PLATFORM=request.platform or "auto",
                         IMG_MOUNT_WRITABLE="1" if self.hooks["install"] and "install" in self.phases else "0")
 
     def _prepare_image(self):
-        args = self.args
-        if not args.input:
-            if args.output:
+        request = self.request
+        if not request.input:
+            if request.output:
                 raise ProcessFailure(2, "-o/--output needs -i/--input")
             return
-        path = os.path.abspath(args.input)
+        path = os.path.abspath(request.input)
         if not os.path.isfile(path):
             raise ProcessFailure(3, f"{path}: no such file" if not os.path.exists(path)
                                  else f"{path}: not a regular file")
         try:
-            image_type = imagetype.resolve(path, args.input_type)
+            image_type = imagetype.resolve(path, request.input_type)
         except imagetype.ImageTypeError as exc:
             raise ProcessFailure(3, str(exc)) from exc
+        self.disk_type = image_type
         self.env.update(IMG_INPUT=path, IMG_INPUT_TYPE=image_type, IMG_IMAGE=path,
                         IMG_IMAGE_TYPE=image_type, IMG_IMAGE_CRYPT="none", IMG_DISK_TYPE=image_type)
-        if self.env["IMG_MOUNT_WRITABLE"] == "1" and not args.list:
+        if self.env["IMG_MOUNT_WRITABLE"] == "1" and not self.list_out:
             self._working_copy(path)
 
     def _working_copy(self, path):
@@ -237,17 +423,28 @@ class Process:
             raise ProcessFailure(4, f"{path}: a working copy needs {need} bytes in "
                                     f"{self.env['IMG_SCRATCH_DIR']}, {have} bytes free")
         self.journal.add("remove", path=copy)
-        result = subprocess.run(["cp", "--sparse=always", "--reflink=auto", path, copy],
-                                stderr=subprocess.PIPE, text=True)
-        if result.returncode:
-            raise ProcessFailure(1, f"{path}: cannot make a working copy: {result.stderr.strip()}")
+        code, errors = self._run_tool(["cp", "--sparse=always", "--reflink=auto", path, copy])
+        if code:
+            raise ProcessFailure(1, f"{path}: cannot make a working copy: {errors.decode(errors='replace').strip()}")
         self.env["IMG_IMAGE"] = copy
 
+    def _run_tool(self, argv, env=None):
+        """Run a short host command, stopping it if the caller cancels; (exit code, stderr)."""
+        process = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.PIPE, start_new_session=True)
+        try:
+            with process:
+                errors = _collect(process, process.stderr, self._cancel_point)
+        finally:
+            if process.poll() is None:
+                _stop(process)
+        return process.returncode, errors
+
     def _prepare_output(self):
-        args = self.args
-        if not args.output:
+        request = self.request
+        if not request.output:
             return
-        output = os.path.abspath(args.output)
+        output = os.path.abspath(request.output)
         directory = os.path.dirname(output)
         if not os.path.isdir(directory):
             raise ProcessFailure(3, f"{output}: output directory {directory} does not exist")
@@ -255,24 +452,24 @@ class Process:
             raise ProcessFailure(3, f"{output}: output directory {directory} is not writable")
         if os.path.isdir(output) and os.listdir(output):
             raise ProcessFailure(3, f"{output}: exists and is a directory that is not empty")
-        output_type = args.output_type or self.env["IMG_IMAGE_TYPE"]
+        output_type = request.output_type or self.env["IMG_IMAGE_TYPE"]
         self.env.update(IMG_OUTPUT=output, IMG_OUTPUT_TYPE=output_type,
-                        IMG_OUTPUT_CRYPT=args.output_crypt or "none")
+                        IMG_OUTPUT_CRYPT=request.output_crypt or "none")
         self.output_tmp = os.path.join(directory, f".{os.path.basename(output)}.partial-{os.getpid()}")
-        if not args.list:
+        if not self.list_out:
             self.journal.add("remove", path=self.output_tmp)
 
     def _element_options(self):
         options = {}
-        for name, value in (("IMG_SIZE", self.args.size), ("IMG_KERNEL", self.args.kernel),
-                            ("IMG_RAMDISK", self.args.ramdisk)):
+        request = self.request
+        for name, value in (("IMG_SIZE", request.size), ("IMG_KERNEL", request.kernel),
+                            ("IMG_RAMDISK", request.ramdisk)):
             if value:
-                options[name] = os.path.abspath(value) if name != "IMG_SIZE" else value
-        for item in self.args.env:
-            name, sep, value = item.partition("=")
-            if not sep or not name:
-                raise ProcessFailure(2, f"-e {item!r}: use NAME=VALUE")
-            options[name if name.startswith("IMG_") else "IMG_" + name] = value
+                options[name] = os.path.abspath(value) if name != "IMG_SIZE" else str(value)
+        for mapping in (request.options, request.environment):
+            for name, value in (mapping or {}).items():
+                options[name if name.startswith("IMG_") else "IMG_" + name] = value
+        self.operator_names = set(options)
         return options
 
     def _source_environment_d(self):
@@ -309,6 +506,7 @@ class Process:
         hooks_here = self.hooks[phase.name]
         if not hooks_here and not (phase.kind == "chain" and self._chain_target(phase)):
             return
+        self._cancel_point()
         self._break("before-" + phase.name, phase)
         self.monitor.event("phase-start", phase=phase.name, hooks=len(hooks_here))
         started, result = time.monotonic(), "ok"
@@ -318,8 +516,11 @@ class Process:
             result = "failed"
             raise
         finally:
-            self.monitor.event("phase-end", phase=phase.name, result=result,
-                               duration=round(time.monotonic() - started, 3))
+            duration = round(time.monotonic() - started, 3)
+            self.phase_durations[phase.name] = duration
+            self.monitor.event("phase-end", phase=phase.name, result=result, duration=duration)
+        if phase.name == "unbundle":
+            self.disk_type = self.env.get("IMG_IMAGE_TYPE")
         if phase.name == "mount" and self.env.get("IMG_PLATFORM") == "auto":
             self.env["IMG_PLATFORM"] = "unknown"
         self._break("after-" + phase.name, phase)
@@ -494,8 +695,8 @@ class Process:
         if output_need:
             checks.append((output_need, os.path.dirname(self.output_tmp),
                            _free(os.path.dirname(self.output_tmp)), "free in the output directory"))
-        if self.args.scratch_limit and scratch_need:
-            limit = config.parse_size(self.args.scratch_limit)
+        if self.request.scratch_limit and scratch_need:
+            limit = self.request.scratch_limit
             checks.append((scratch_need, scratch, limit - _usage(scratch), "left of --scratch-limit"))
         for need, where, have, what in checks:
             if need > have:
@@ -517,6 +718,7 @@ class Process:
         return env
 
     def _run_hook(self, phase, hook, extra=None, validator=False):
+        self._cancel_point()
         env = self._hook_env(hook, extra)
         self.monitor.event("hook-start", phase=phase.name, hook=hook.name, element=hook.element)
         started = time.monotonic()
@@ -541,6 +743,11 @@ class Process:
         report = {"describe": [], "warn": [], "fail": None}
         try:
             tail = self._follow(phase, hook, process, status_read, report)
+        except BaseException as exc:  # stopped (time limit, cancel, signal): the stream still says so
+            self.monitor.event("hook-end", phase=phase.name, hook=hook.name, element=hook.element,
+                               result="failed", duration=round(time.monotonic() - started, 3),
+                               reason=str(exc) or type(exc).__name__)
+            raise
         finally:
             if process.poll() is None:  # interrupted: stop it before anything else unwinds
                 _stop(process)
@@ -567,16 +774,39 @@ class Process:
             self.results.append({"hook": hook.name, "result": "failed", "reason": reason})
         raise ProcessFailure(1, f"{phase.name}/{hook.name} ({hook.element}) failed: {reason}")
 
+    def _hook_timeout(self, phase):
+        return self.request.hook_timeout or config.HOOK_TIMEOUTS[phase.name]
+
     def _follow(self, phase, hook, process, status_read, report):
-        """Relay the hook's output and status lines until it ends; returns its last lines."""
+        """Relay the hook's output and status lines until it ends; returns its last lines.
+
+        Stops the hook when the caller cancels or its time limit passes.  Memory
+        is bounded whatever the hook writes: a line is cut at MAX_LINE bytes."""
         tail = deque(maxlen=OUTPUT_TAIL)
-        buffers = {status_read: b"", process.stdout.fileno(): b""}
+        readers = {status_read: _LineReader(), process.stdout.fileno(): _LineReader()}
+        limit = self._hook_timeout(phase)
+        deadline = time.monotonic() + limit
         selector = selectors.DefaultSelector()
-        for fd in buffers:
+        for fd in readers:
             os.set_blocking(fd, False)
             selector.register(fd, selectors.EVENT_READ)
+
+        def line(fd, raw):
+            text = self._redact(raw.decode(errors="replace"))
+            if fd == status_read:
+                self._message(phase, hook, text, report)
+            else:
+                text = clean(text)
+                tail.append(text)
+                self.monitor.event("log", level="INFO", message=f"{hook.name}: {text}")
+
         try:
             while selector.get_map():
+                self._cancel_point()
+                if time.monotonic() > deadline:
+                    _stop(process)
+                    raise ProcessFailure(1, f"{phase.name}/{hook.name} ({hook.element}) killed: it ran longer "
+                                            f"than the hook time limit of {limit:g} s (--hook-timeout)")
                 exited = process.poll() is not None
                 ready = selector.select(timeout=0 if exited else 0.2)
                 if exited and not ready:
@@ -586,16 +816,11 @@ class Process:
                     if not data:
                         selector.unregister(key.fd)
                         continue
-                    lines = (buffers[key.fd] + data).split(b"\n")
-                    buffers[key.fd] = lines.pop()
-                    for line in lines:
-                        text = line.decode(errors="replace")
-                        if key.fd == status_read:
-                            self._message(phase, hook, text, report)
-                        else:
-                            text = self._redact(text)
-                            tail.append(text)
-                            self.monitor.event("log", level="INFO", message=f"{hook.name}: {text}")
+                    for raw in readers[key.fd].feed(data):
+                        line(key.fd, raw)
+            for fd, reader in readers.items():
+                if reader.pending():
+                    line(fd, reader.flush())
             process.wait()
         finally:
             selector.close()
@@ -611,35 +836,66 @@ class Process:
         return text
 
     def _message(self, phase, hook, text, report):
-        text = self._redact(text)
+        """One status line: checked, never trusted; a bad one is a warning naming the hook."""
+        where = f"{phase.name}/{hook.name} ({hook.element})"
         try:
             message = json.loads(text)
+            if not isinstance(message, dict) or len(message) != 1:
+                raise ValueError("not an object with one key")
             (kind, value), = message.items()
-        except ValueError:
-            self._warn(f"{hook.path}: not a status line: {text[:200]!r}")
+        except (ValueError, RecursionError):
+            self._warn(f"{where}: not a status line: {clean(text[:200])!r}")
             return
-        if kind == "describe":
-            report["describe"].append(str(value))
-        elif kind == "warn":
-            report["warn"].append(str(value))
-            self._warn(f"{phase.name}/{hook.name}: {value}")
-        elif kind == "fail":
-            report["fail"] = str(value)
-        elif kind == "set" and isinstance(value, dict):
-            for name, setting in value.items():
-                if name.startswith("IMG_"):
-                    self.env[name] = str(setting)
-                else:
-                    self._warn(f"{hook.path}: may only set IMG_* variables, not {name}")
+        inside = phase.where != "host"
+        if kind in ("describe", "warn", "fail"):
+            if not isinstance(value, (str, int, float)):
+                self._warn(f"{where}: status {kind}: the value must be a string")
+                return
+            value = clean(str(value))[:MAX_MESSAGE]
+            if kind == "describe" and len(report["describe"]) < MAX_DESCRIBE:
+                report["describe"].append(value)
+            elif kind == "warn" and len(report["warn"]) < MAX_WARN:
+                report["warn"].append(value)
+                self._warn(f"{phase.name}/{hook.name}: {value}")
+            elif kind == "fail":
+                report["fail"] = value
         elif kind == "progress":
-            self.monitor.event("progress", phase=phase.name, hook=hook.name,
-                               done=int(value["done"]), total=int(value["total"]))
+            done, total = (value.get("done"), value.get("total")) if isinstance(value, dict) else (None, None)
+            if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in (done, total)) \
+                    or set(value) != {"done", "total"} or total == 0:
+                self._warn(f"{where}: status progress: give {{\"done\": N, \"total\": N}} with "
+                           f"whole numbers, total above 0, not {clean(text[:200])!r}")
+                return
+            self.monitor.event("progress", phase=phase.name, hook=hook.name, done=min(done, total), total=total)
+        elif kind == "set" and isinstance(value, dict):
+            if inside:
+                self._warn(f"{where}: runs inside the image and may not set variables; "
+                           f"ignored: {clean(', '.join(map(str, value))[:200])}")
+                return
+            for name, setting in value.items():
+                problem = self._may_set(phase, name, setting)
+                if problem:
+                    self._warn(f"{where}: may not set {clean(str(name)[:100])}: {problem}; ignored")
+                else:
+                    self.env[name] = setting
         else:
-            self._warn(f"{hook.path}: unknown status line {text[:200]!r}")
+            self._warn(f"{where}: unknown status line {clean(text[:200])!r}")
+
+    def _may_set(self, phase, name, value):
+        """None if a host hook of `phase` may set `name` to `value`, else why not."""
+        if not isinstance(name, str) or not name.startswith("IMG_") or not VAR_NAME.match(name):
+            return "only IMG_* variables (letters, digits, _)"
+        if not isinstance(value, str) or len(value) > MAX_VALUE or "\0" in value:
+            return f"the value must be a string of at most {MAX_VALUE} characters"
+        if name in SETTABLE.get(phase.name, ()):
+            return None
+        if name in RUNNER_STATE or name in self.operator_names:
+            return "the runner's or the operator's setting"
+        return None
 
     def _check_scratch(self):
-        if self.args.scratch_limit:
-            limit, used = config.parse_size(self.args.scratch_limit), _usage(self.env["IMG_SCRATCH_DIR"])
+        if self.request.scratch_limit:
+            limit, used = self.request.scratch_limit, _usage(self.env["IMG_SCRATCH_DIR"])
             if used > limit:
                 raise ProcessFailure(4, f"scratch space {self.env['IMG_SCRATCH_DIR']} holds {used} "
                                         f"bytes, over --scratch-limit {limit}")
@@ -700,7 +956,7 @@ class Process:
             self._break("after-error")
         except ProcessFailure as failure:
             self._warn(str(failure))
-        except (KeyboardInterrupt, Terminated):
+        except (KeyboardInterrupt, Terminated, Cancelled):
             pass
 
     def _cleanup_phase(self, code, error):
@@ -711,7 +967,7 @@ class Process:
             if code == 0:
                 return failure.code, str(failure)
             self._warn(f"cleanup phase: {failure}")
-        except (KeyboardInterrupt, Terminated):
+        except (KeyboardInterrupt, Terminated, Cancelled):
             if code == 0:
                 return 130, "interrupted during cleanup"
         return code, error
@@ -727,6 +983,15 @@ class Process:
         if os.path.isdir(output) and not os.path.isdir(self.output_tmp):
             raise ProcessFailure(3, f"{output}: is a directory")
         os.replace(self.output_tmp, output)
+        self.published = output
+
+    def _find_inspection_report(self):
+        """The inspect element's report, if one outlives the process."""
+        for path in (self.env.get("IMG_INSPECTION_REPORT"),
+                     self.work and self.request.keep_work_dir and os.path.join(self.work, "inspection.json")):
+            if path and os.path.isfile(path):
+                self.inspection_report = os.path.abspath(path)
+                return
 
     def _unwind(self):
         with _signals_deferred():
@@ -737,7 +1002,7 @@ class Process:
 
     # -- dry run -------------------------------------------------------------------------
     def _list(self):
-        out = sys.stdout
+        out = self.list_out
         out.write(f"elements: {' '.join(e.name + ' (' + e.path + ')' for e in self.elements)}\n")
         for phase in PHASES:
             if phase.name not in self.phases or not self.hooks[phase.name]:
@@ -764,6 +1029,27 @@ class Process:
                 except ProcessFailure as exc:
                     plan = f"impossible: {exc}"
                 out.write(f"  plan: {plan}\n")
+
+
+def _collect(process, stream, check):
+    """Wait for `process`, calling check() every 0.2 s; its last 64 KiB of `stream`."""
+    kept = b""
+    os.set_blocking(stream.fileno(), False)
+    with selectors.DefaultSelector() as selector:
+        selector.register(stream, selectors.EVENT_READ)
+        while True:
+            check()
+            if selector.select(timeout=0.2):
+                data = os.read(stream.fileno(), 65536)
+                if not data:
+                    break
+                kept = (kept + data)[-65536:]
+    while True:
+        try:
+            process.wait(timeout=0.2)
+            return kept
+        except subprocess.TimeoutExpired:
+            check()
 
 
 def _mounts_under(path):
@@ -825,12 +1111,6 @@ def _stop(process):
             continue
 
 
-def _become_subreaper():
-    import ctypes
-    PR_SET_CHILD_SUBREAPER = 36
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
-
-
 def _free(path):
     st = os.statvfs(path)
     return st.f_bavail * st.f_frsize
@@ -843,25 +1123,3 @@ def _usage(path):
             with contextlib.suppress(OSError):
                 total += os.lstat(os.path.join(directory, name)).st_blocks * 512
     return total
-
-
-@contextlib.contextmanager
-def _signals_raise():
-    previous = signal.signal(signal.SIGTERM, _terminate)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-@contextlib.contextmanager
-def _signals_deferred():
-    """While releasing resources, a second Ctrl-C or SIGTERM must not stop us halfway."""
-    received = []
-    handler = lambda signum, frame: received.append(signum)
-    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield received
-    finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
