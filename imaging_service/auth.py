@@ -65,7 +65,7 @@ def verify(method, url, headers, body, lookup, region, now=None):
         raise _incomplete(f"Signed headers are missing from the request: {', '.join(missing)}")
     amz_date = received["x-amz-date"][0]
     try:
-        when = datetime.datetime.strptime(amz_date, SIGV4_TIMESTAMP).replace(tzinfo=datetime.timezone.utc)
+        when = datetime.datetime.strptime(amz_date, SIGV4_TIMESTAMP).replace(tzinfo=datetime.UTC)
     except ValueError:
         raise _incomplete(f"X-Amz-Date {amz_date!r} is not YYYYMMDDTHHMMSSZ") from None
     if day != amz_date[:8]:
@@ -91,7 +91,7 @@ def verify(method, url, headers, body, lookup, region, now=None):
         raise EC2Error("SignatureDoesNotMatch",
                        "The request signature we calculated does not match the signature you provided. "
                        "Check your AWS Secret Access Key and signing method.")
-    now = now or datetime.datetime.now(datetime.timezone.utc)
+    now = now or datetime.datetime.now(datetime.UTC)
     if abs(now - when) > MAX_SKEW:
         raise EC2Error("RequestExpired", f"Request has expired: X-Amz-Date {amz_date} is more than "
                                          f"{int(MAX_SKEW.total_seconds() // 60)} minutes from the server's "

@@ -85,7 +85,7 @@ def serve(settings):
 
 def credentials(args, settings):
     from imaging_service.app import prepare_state_dir
-    from imaging_service.credentials import Credentials, CredentialError
+    from imaging_service.credentials import CredentialError, Credentials
     from imaging_service.db import Database
     prepare_state_dir(settings.state_dir)
     db = Database(settings.database_url)

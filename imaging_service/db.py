@@ -39,9 +39,8 @@ class Database:
 
         write=True: the block changes rows it read (takes SQLite's write lock at once).
         """
-        with Session(self._write_engine if write else self.engine, expire_on_commit=False) as s:
-            with s.begin():
-                yield s
+        with Session(self._write_engine if write else self.engine, expire_on_commit=False) as s, s.begin():
+            yield s
 
     def upgrade(self):
         """Bring the schema to the newest migration (run at every start)."""

@@ -52,7 +52,7 @@ def query_name(shape, default):
 
 
 class _Node:
-    __slots__ = ("value", "children")
+    __slots__ = ("children", "value")
 
     def __init__(self):
         self.value, self.children = None, {}
@@ -183,6 +183,6 @@ def _value(element, shape, value):
 def iso8601(value):
     if isinstance(value, datetime.datetime):
         if value.tzinfo is not None:
-            value = value.astimezone(datetime.timezone.utc)
+            value = value.astimezone(datetime.UTC)
         return value.strftime("%Y-%m-%dT%H:%M:%S.") + f"{value.microsecond // 1000:03d}Z"
     return str(value)

@@ -29,7 +29,7 @@ def free_port():
 def cli(*args, env=None, check=True):
     """Run `imaging-service ARGS` (as `python -m imaging_service.cli`); the CompletedProcess."""
     result = subprocess.run([sys.executable, "-m", "imaging_service.cli", *map(str, args)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                            capture_output=True, text=True, cwd=ROOT, check=False,
                             env=dict(os.environ, **(env or {})))
     if check and result.returncode != 0:
         raise AssertionError(f"imaging-service {' '.join(map(str, args))}: exit {result.returncode}\n"
@@ -64,13 +64,12 @@ class Service(fixtures.Fixture):
         return ["--state-dir", self.state_dir, *self.args]
 
     def start(self):
-        log = open(self.log_path, "ab")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "imaging_service.cli", "serve", "--port", str(self.port),
-             "--engine", self.engine, *self.common_args()],
-            stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=dict(os.environ, **self.env),
-            start_new_session=True)
-        log.close()
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "imaging_service.cli", "serve", "--port", str(self.port),
+                 "--engine", self.engine, *self.common_args()],
+                stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=dict(os.environ, **self.env),
+                start_new_session=True)
         deadline = time.monotonic() + self.start_timeout
         while True:
             if self.process.poll() is not None:

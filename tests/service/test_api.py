@@ -40,8 +40,8 @@ class APITestCase(testtools.TestCase):
 class TestImportImage(APITestCase):
 
     def import_image(self, **kwargs):
-        args = dict(DiskContainers=[{"Format": "VMDK", "UserBucket": BUCKET, "Description": "disk"}],
-                    Description="my image", Platform="Linux")
+        args = {"DiskContainers": [{"Format": "VMDK", "UserBucket": BUCKET, "Description": "disk"}],
+                "Description": "my image", "Platform": "Linux"}
         args.update(kwargs)
         return self.ec2.import_image(**args)
 

@@ -27,7 +27,7 @@ def signed(access, secret, when=None, body=BODY, region="us-east-1"):
     request = AWSRequest(method="POST", url=URL, data=body,
                          headers={"Content-Type": "application/x-www-form-urlencoded; charset=utf-8"})
     signer = SigV4Auth(BotoCredentials(access, secret), "ec2", region)
-    when = when or datetime.datetime.now(datetime.timezone.utc)
+    when = when or datetime.datetime.now(datetime.UTC)
     request.context["timestamp"] = when.strftime(SIGV4_TIMESTAMP)
     signer._modify_request_before_signing(request)
     signature = signer.signature(signer.string_to_sign(request, signer.canonical_request(request)), request)
@@ -71,7 +71,7 @@ class TestVerify(testtools.TestCase):
         self.assertEqual(401, e.status)
 
     def test_clock_skew(self):
-        now = datetime.datetime.now(datetime.timezone.utc)
+        now = datetime.datetime.now(datetime.UTC)
         self.verify(*signed("AKIAGOOD", "s3cr3t", when=now - datetime.timedelta(minutes=14)))
         self.assertCode("RequestExpired", *signed("AKIAGOOD", "s3cr3t", when=now - datetime.timedelta(minutes=16)))
         self.assertCode("RequestExpired", *signed("AKIAGOOD", "s3cr3t", when=now + datetime.timedelta(minutes=16)))
