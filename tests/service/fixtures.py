@@ -110,3 +110,49 @@ class Service(fixtures.Fixture):
             service, endpoint_url=self.url, region_name=REGION, aws_access_key_id=access,
             aws_secret_access_key=secret,
             config=botocore.config.Config(retries={"max_attempts": 1}, connect_timeout=10, read_timeout=60))
+
+
+PG_BIN = "/usr/lib/postgresql/15/bin"
+
+
+class PostgreSQL(fixtures.Fixture):
+    """A PostgreSQL server of Debian's binaries in a temporary directory, on 127.0.0.1 and a
+    free port, run as the user `postgres` (it refuses root).  .url: an SQLAlchemy URL of a
+    fresh database.  Tests skip when the binaries are missing (see `missing()`)."""
+
+    @staticmethod
+    def missing():
+        """Why PostgreSQL cannot run here, or None."""
+        for tool in ("initdb", "pg_ctl"):
+            if not os.access(os.path.join(PG_BIN, tool), os.X_OK):
+                return f"{PG_BIN}/{tool} is missing (Debian package postgresql)"
+        try:
+            import pwd
+            pwd.getpwnam("postgres")
+        except KeyError:
+            return "no user postgres (Debian package postgresql makes it)"
+        return None
+
+    def _as_postgres(self, *argv):
+        subprocess.run(["runuser", "-u", "postgres", "--", *argv], check=True, capture_output=True, text=True)
+
+    def _setUp(self):
+        import pwd
+        user = pwd.getpwnam("postgres")
+        self.dir = os.path.join(self.useFixture(TempDir()).path, "pg")
+        os.mkdir(self.dir, 0o700)
+        os.chown(self.dir, user.pw_uid, user.pw_gid)
+        os.chmod(os.path.dirname(self.dir), 0o711)  # postgres must reach its directory
+        data = os.path.join(self.dir, "data")
+        self._as_postgres(f"{PG_BIN}/initdb", "-D", data, "-U", "postgres", "--auth=trust", "-E", "UTF8",
+                          "--no-sync")
+        self.port = free_port()
+        options = f"-c listen_addresses=127.0.0.1 -p {self.port} -k {self.dir} -c fsync=off -c max_connections=200"
+        self._as_postgres(f"{PG_BIN}/pg_ctl", "-D", data, "-o", options, "-l", os.path.join(self.dir, "log"),
+                          "-w", "-t", "60", "start")
+        self.addCleanup(self._as_postgres, f"{PG_BIN}/pg_ctl", "-D", data, "-m", "immediate", "-w", "stop")
+        import psycopg
+        with psycopg.connect(f"host=127.0.0.1 port={self.port} user=postgres dbname=postgres",
+                             autocommit=True) as conn:
+            conn.execute("CREATE DATABASE imaging")
+        self.url = f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/imaging"
