@@ -56,7 +56,7 @@ class Service:
         if self.settings.engine == "embedded":
             self._start_object_store()
             from imaging_service.worker import EmbeddedWorkers
-            self.workers = EmbeddedWorkers(self.db, self.settings, self.store)
+            self.workers = EmbeddedWorkers(self.db, self.settings, self.store, credentials=self.credentials)
             self.workers.start()
         self._maintenance = threading.Thread(target=self._maintain, name="maintenance", daemon=True)
         self._maintenance.start()
@@ -64,17 +64,14 @@ class Service:
     def _start_object_store(self):
         from imaging_service.objectstore import ObjectStore
         s = self.settings
-        endpoint = getattr(s, "s3_endpoint", None)
-        if endpoint:
-            self.store = ObjectStore(endpoint, getattr(s, "s3_region", None) or s.region,
-                                     getattr(s, "s3_access_key", None), getattr(s, "s3_secret_key", None))
+        if s.s3_endpoint:
+            self.store = ObjectStore(s.s3_endpoint, s.s3_region or s.region, s.s3_access_key, s.s3_secret_key)
             return
         # Embedded: SeaweedFS under the state directory; the service's own operator key pair
         # (made once) writes results; every user's key pair works there too.
         from imaging_service.seaweed import EmbeddedSeaweed
         access, secret = self._operator_key()
-        self.seaweed = EmbeddedSeaweed(os.path.join(s.state_dir, "seaweedfs"),
-                                       port=getattr(s, "s3_port", None) or None)
+        self.seaweed = EmbeddedSeaweed(s.state_dir, port=s.s3_port or None)
         self._sync_identities()
         self.seaweed.start()
         self.store = ObjectStore(self.seaweed.endpoint_url, s.region, access, secret)
@@ -124,8 +121,7 @@ class Service:
     def allowed_endpoints(self):
         if self.store is not None:
             return [self.store.endpoint_url]
-        endpoint = getattr(self.settings, "s3_endpoint", None)
-        return [endpoint] if endpoint else []
+        return [self.settings.s3_endpoint] if self.settings.s3_endpoint else []
 
     def check_url(self, url, name):
         """Refuse at submit a URL the workers may not fetch (not the object store)."""
@@ -133,6 +129,11 @@ class Service:
         ok, reason = url_allowed(url, self.allowed_endpoints())
         if not ok:
             raise invalid(name, url, f"Only URLs on the service's object store are fetched: {reason}.")
+
+    def submitted(self):
+        """A task was submitted: the embedded workers look at once."""
+        if self.workers is not None:
+            self.workers.wake()
 
     def health(self):
         """{part: "ok" or the reason}, cached for a few seconds."""
@@ -142,7 +143,7 @@ class Service:
         checks = {"toolkit": _check(_toolkit), "database": _check(self._database)}
         checks["object_store"] = _check(self.store.ping) if self.store is not None else "not run here"
         if self.workers is not None:
-            checks["workers"] = _check(getattr(self.workers, "health", lambda: None))
+            checks["workers"] = _check(self.workers.health)
         else:
             checks["workers"] = "not run here"
         self._health = (time.monotonic(), checks)

@@ -217,9 +217,11 @@ def _tag_params(params, resource_type):
 def _submit(ctx, kind, task_params, client_token=None, wait_for_upload=False):
     s = ctx.settings
     task_params["access_key"] = ctx.access_key  # the worker reads user buckets with the user's key
-    return tasks.submit(ctx.db, ctx.account, kind, task_params, client_token=client_token,
+    task = tasks.submit(ctx.db, ctx.account, kind, task_params, client_token=client_token,
                         wait_for_upload=wait_for_upload, max_active=s.max_active_tasks,
                         upload_expiry=s.upload_expiry)
+    ctx.service.submitted()
+    return task
 
 
 def _states_from_filters(filters):
