@@ -1,5 +1,6 @@
-"""The API through a real client: `imaging-service serve` (uvicorn, SQLite in a temporary
-state directory, no workers) and boto3's `ec2` client with endpoint_url, unchanged."""
+"""The API through real clients: `imaging-service serve` (uvicorn, SQLite in a temporary
+state directory, no workers; URLs are allowed on STORE, an object store that is never
+contacted here) with boto3's `ec2` client and the AWS CLI, both unchanged."""
 
 import json
 import os
@@ -16,13 +17,14 @@ from imaging_service.db import Database
 from tests.service import fixtures as sf
 
 BUCKET = {"S3Bucket": "images", "S3Key": "disk.vmdk"}
+STORE = "http://127.0.0.1:9"
 
 
 class APITestCase(testtools.TestCase):
 
     def setUp(self):
         super().setUp()
-        self.service = self.useFixture(sf.Service(engine="none"))
+        self.service = self.useFixture(sf.Service(engine="none", args=["--s3-endpoint", STORE]))
         self.access, self.secret, self.account = self.service.credential()
         self.ec2 = self.service.client(self.access, self.secret)
 
@@ -214,8 +216,28 @@ class TestErrorsAndIsolation(APITestCase):
 
 
 class TestLegacy(APITestCase):
-    """ImportVolume / ImportInstance need a manifest URL on an allowed object store: only
-    refusals here (the accepted flow is in test_pipeline, with the object store running)."""
+
+    def test_import_volume_and_instance(self):
+        url = f"{STORE}/{self.account}-uploads/disk.vmdk.manifest.xml?X-Amz-Signature=abc"
+        volume = self.ec2.import_volume(AvailabilityZone="us-east-1a", Description="vol",
+                                        Image={"Format": "VMDK", "Bytes": 5000, "ImportManifestUrl": url},
+                                        Volume={"Size": 1})["ConversionTask"]
+        self.assertRegex(volume["ConversionTaskId"], r"^import-vol-[0-9a-f]{8}$")
+        self.assertEqual(("active", url), (volume["State"], volume["ImportVolume"]["Image"]["ImportManifestUrl"]))
+        self.assertIn("ExpirationTime", volume)
+        instance = self.ec2.import_instance(
+            Platform="Linux", Description="inst",
+            LaunchSpecification={"Architecture": "x86_64", "InstanceType": "m1.small"},
+            DiskImages=[{"Image": {"Format": "RAW", "Bytes": 5000, "ImportManifestUrl": url},
+                         "Volume": {"Size": 1}}])["ConversionTask"]
+        self.assertRegex(instance["ConversionTaskId"], r"^import-i-[0-9a-f]{8}$")
+        self.assertEqual("active", instance["ImportInstance"]["Volumes"][0]["Status"])
+        found = self.ec2.describe_conversion_tasks()["ConversionTasks"]
+        self.assertEqual({volume["ConversionTaskId"], instance["ConversionTaskId"]},
+                         {t["ConversionTaskId"] for t in found})
+        self.assertError("InvalidParameterValue", self.ec2.import_volume, AvailabilityZone="z",
+                         Image={"Format": "VMDK", "Bytes": 5 * 1024 ** 3, "ImportManifestUrl": url},
+                         Volume={"Size": 1})
 
     def test_manifest_url_refused(self):
         for url in ("http://169.254.169.254/latest/meta-data/", "file:///etc/passwd",
@@ -254,3 +276,41 @@ class TestLegacy(APITestCase):
         i = self.ec2.describe_conversion_tasks(ConversionTaskIds=[instance.id])["ConversionTasks"][0]
         self.assertEqual(("cancelled", "no longer needed"), (i["State"], i["StatusMessage"]))
         self.assertError("IncorrectState", self.ec2.cancel_conversion_task, ConversionTaskId=instance.id)
+
+
+class TestAWSCLI(APITestCase):
+    """The AWS CLI (v1, from PyPI) unchanged, with --endpoint-url."""
+
+    def aws(self, *args):
+        home = self.useFixture(sf.TempDir()).path
+        env = {"PATH": os.environ["PATH"], "HOME": home, "AWS_ACCESS_KEY_ID": self.access,
+               "AWS_SECRET_ACCESS_KEY": self.secret, "AWS_DEFAULT_REGION": sf.REGION,
+               "AWS_CONFIG_FILE": os.path.join(home, "none"),
+               "AWS_SHARED_CREDENTIALS_FILE": os.path.join(home, "none")}
+        aws = os.path.join(os.path.dirname(sys.executable), "aws")
+        result = subprocess.run([aws, "--endpoint-url", self.service.url, "--output", "json", "ec2", *args],
+                                capture_output=True, text=True, env=env, check=False)
+        if result.returncode != 0:
+            raise AssertionError(f"aws ec2 {' '.join(args)}: exit {result.returncode}\n{result.stderr}")
+        return json.loads(result.stdout) if result.stdout.strip() else {}
+
+    def test_import_describe_cancel(self):
+        task_id = self.aws("import-image", "--description", "from the cli", "--disk-containers",
+                           "Format=VMDK,UserBucket={S3Bucket=images,S3Key=disk.vmdk}")["ImportTaskId"]
+        found = self.aws("describe-import-image-tasks", "--import-task-ids", task_id)["ImportImageTasks"]
+        self.assertEqual([(task_id, "active", "from the cli")],
+                         [(t["ImportTaskId"], t["Status"], t["Description"]) for t in found])
+        cancelled = self.aws("cancel-import-task", "--import-task-id", task_id)
+        self.assertEqual("deleted", cancelled["State"])
+
+    def test_describe_cancel_conversion_tasks(self):
+        # The AWS CLI has no import-volume / import-instance (awscli/customizations/removals.py
+        # takes them out); boto3 submits, the CLI follows and cancels.
+        url = f"{STORE}/{self.account}-uploads/disk.manifest.xml"
+        task = self.ec2.import_volume(AvailabilityZone="us-east-1a", Volume={"Size": 1}, Image={
+            "Format": "RAW", "Bytes": 4096, "ImportManifestUrl": url})["ConversionTask"]
+        found = self.aws("describe-conversion-tasks", "--conversion-task-ids", task["ConversionTaskId"])
+        self.assertEqual(["active"], [t["State"] for t in found["ConversionTasks"]])
+        self.aws("cancel-conversion-task", "--conversion-task-id", task["ConversionTaskId"])
+        found = self.aws("describe-conversion-tasks")["ConversionTasks"]
+        self.assertEqual(["cancelled"], [t["State"] for t in found])
