@@ -4,6 +4,7 @@ response -> botocore's parser gives back the values.  Sample values fill every m
 the shapes (lists of two, nested structures), so a member our code misnames fails."""
 
 import datetime
+import os
 
 import botocore.parsers
 import botocore.serialize
@@ -13,6 +14,8 @@ from dateutil.tz import tzutc
 from imaging_service import ec2api
 from imaging_service.errors import EC2Error
 from imaging_service.operations import HANDLERS
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def sample(shape, name="x", depth=0):
@@ -109,3 +112,19 @@ class TestParserErrors(testtools.TestCase):
     def test_invalid_action(self):
         e = self.assertRaises(EC2Error, ec2api.operation, "RunInstances", HANDLERS)
         self.assertEqual("InvalidAction", e.code)
+
+
+class TestDocs(testtools.TestCase):
+
+    def test_settings_table_is_current(self):
+        from imaging_service import config
+        with open(os.path.join(ROOT, "docs", "service.md")) as f:
+            text = f.read()
+        self.assertIn(config.BEGIN + "\n" + config.markdown() + config.END, text,
+                      "regenerate: python -m imaging_service.config --update docs/service.md")
+
+    def test_every_operation_documented(self):
+        with open(os.path.join(ROOT, "docs", "service.md")) as f:
+            text = f.read()
+        for action in HANDLERS:
+            self.assertIn(f"`{action}`", text)
