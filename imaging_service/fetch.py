@@ -75,26 +75,34 @@ def http_get(url, allowed_endpoints, what, method="GET", pool=None, headers=None
         if not ok:
             raise FetchError(f"{what}: {url.split('?')[0]} is refused: {reason}")
         try:
-            response = pool.request(method, url, preload_content=False, redirect=False, headers=headers)
+            # HEAD has no body to stream: read it whole, so the connection is clean for the next request.
+            response = pool.request(method, url, preload_content=method == "HEAD", redirect=False,
+                                    headers=headers)
         except urllib3.exceptions.HTTPError as e:
             raise FetchError(f"{what}: cannot reach {url.split('?')[0]}: {e}") from None
         if response.status in (301, 302, 303, 307, 308):
             location = response.headers.get("Location", "")
-            response.release_conn()
+            _done(response)
             url = urllib.parse.urljoin(url, location)
             continue
         if response.status == 404:
-            response.release_conn()
+            _done(response)
             raise FetchError(f"{what} does not exist (HTTP 404)")
         if response.status == 403:
-            response.release_conn()
+            _done(response)
             raise FetchError(f"{what}: access denied (HTTP 403: the presigned URL is expired, altered "
                              "or not the owner's)")
         if response.status >= 300:
-            response.release_conn()
+            _done(response)
             raise FetchError(f"{what}: HTTP {response.status} from the object store")
         return response
     raise FetchError(f"{what}: more than {MAX_REDIRECTS} redirects")
+
+
+def _done(response):
+    """Give a response's connection back to the pool with nothing left unread on it."""
+    response.drain_conn()
+    response.release_conn()
 
 
 def _md5_etag(headers):
@@ -110,7 +118,7 @@ def _copy_response(response, sink, expected, what):
     """Stream a response into the sink: exactly `expected` bytes, MD5 checked when the store gives one."""
     length = response.headers.get("Content-Length")
     if length is not None and expected is not None and int(length) != expected:
-        response.release_conn()
+        _done(response)
         raise FetchError(f"{what} is {length} bytes but the manifest says {expected}")
     md5, want = hashlib.md5(usedforsecurity=False), _md5_etag(response.headers)
     got = 0
@@ -124,7 +132,7 @@ def _copy_response(response, sink, expected, what):
     except urllib3.exceptions.HTTPError as e:
         raise FetchError(f"{what}: the transfer broke after {got} bytes: {e}") from None
     finally:
-        response.release_conn()
+        _done(response)
     if expected is not None and got != expected:
         raise FetchError(f"{what} is truncated: {got} of {expected} bytes")
     if want and md5.hexdigest() != want:
@@ -138,7 +146,7 @@ def load_manifest(url, allowed_endpoints):
     try:
         data = response.read(manifests.MAX_MANIFEST + 1)
     finally:
-        response.release_conn()
+        response.close()  # not drained: the rest of an oversized manifest is never read
     manifest = manifests.parse(data)
     for where, part_url in manifest.urls():
         ok, reason = url_allowed(part_url, allowed_endpoints)
@@ -164,7 +172,7 @@ def upload_state(source, allowed_endpoints, user_store=None):
                 else:
                     response = http_get(part.get_url, allowed_endpoints, what, pool=pool,
                                         headers={"Range": "bytes=0-0"})
-                response.release_conn()
+                _done(response)
             return True, "", False
         if "bucket" in source:
             found = user_store.head(source["bucket"], source["key"])
@@ -190,7 +198,7 @@ def source_size(source, allowed_endpoints, user_store=None):
         what = source["url"].split("?")[0]
         # A presigned URL is signed for GET only: ask for one byte and read the total.
         response = http_get(source["url"], allowed_endpoints, what, headers={"Range": "bytes=0-0"})
-        response.release_conn()
+        _done(response)
         total = (response.headers.get("Content-Range") or "").rpartition("/")[2]
         if not total.isdigit():
             total = response.headers.get("Content-Length") if response.status == 200 else None

@@ -16,7 +16,21 @@ import boto3
 import botocore.config
 import botocore.exceptions
 
+from imaging_service.config import Setting
+
 CHUNK = 1024 * 1024
+
+SETTINGS = [
+    Setting("s3_endpoint", "str", None,
+            "URL of the S3 object store (Ceph RGW, Swift s3api, MinIO, AWS); default: an embedded "
+            "SeaweedFS that the service starts under STATE_DIR", metavar="URL"),
+    Setting("s3_region", "str", None, "the object store's region; default: --region", metavar="REGION"),
+    Setting("s3_access_key", "str", None, "the service's own access key on an external object store "
+            "(it writes the results); embedded: made at first start", metavar="KEY"),
+    Setting("s3_secret_key", "str", None, "its secret key", metavar="SECRET"),
+    Setting("service_bucket", "str", "imaging-service",
+            "the bucket the service keeps converted images in (made when missing)", metavar="BUCKET"),
+]
 
 
 class ObjectStoreError(Exception):

@@ -16,6 +16,7 @@ import ctypes
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import selectors
 import shutil
@@ -29,6 +30,8 @@ import time
 from imaging_service import fetch, tasks
 from imaging_service.config import Setting
 from imaging_service.objectstore import ObjectStoreError
+
+log = logging.getLogger(__name__)
 
 SETTINGS = [
     Setting("elements_linux", "list", "mounters validate-linux inspect convert-qemu",
@@ -373,6 +376,9 @@ def _toolkit(job, report, elements, source, input_type, output, output_type, fet
                "output_type": output_type, "platform": platform, "work_dir": toolkit_work,
                "elements_path": list(_setting(settings, "elements_path", [])) or None,
                "options": element_options(settings)}
+    if "inspect" in elements:
+        # The report outlives the toolkit's work directory: the child reads it back.
+        request["options"].setdefault("INSPECTION_REPORT", os.path.join(job.work_dir, "inspection.json"))
     if job.scratch:
         request["scratch_limit"] = job.scratch.capacity
     timeout = _setting(settings, "hook_timeout")
@@ -387,10 +393,10 @@ def _toolkit(job, report, elements, source, input_type, output, output_type, fet
     try:
         with open(os.path.join(job.work_dir, "toolkit.log"), "ab") as log:
             child = subprocess.Popen(
-                [*toolkit_command(settings), request_path, result_path], stdin=subprocess.DEVNULL,
+                [*toolkit_command(settings), request_path, result_path, str(write_fd)], stdin=subprocess.DEVNULL,
                 stdout=log, stderr=subprocess.STDOUT, pass_fds=(write_fd,), cwd=job.work_dir,
                 env=_child_env(job.work_dir),
-                preexec_fn=lambda: _child_setup(write_fd))  # noqa: PLW1509 - setsid, dup2, prctl only
+                preexec_fn=_child_setup)  # noqa: PLW1509 - setsid and prctl only
     finally:
         os.close(write_fd)
     job.child_pids.append(child.pid)
@@ -401,6 +407,7 @@ def _toolkit(job, report, elements, source, input_type, output, output_type, fet
         _stop_child(child)
         job.child_pids.remove(child.pid)
     if not os.path.exists(result_path):
+        _log_tail(job, os.path.join(job.work_dir, "toolkit.log"))
         cleanup_toolkit_dir(toolkit_work)
         how = f"was killed by signal {-child.returncode}" if child.returncode < 0 \
             else f"exited with {child.returncode} and no result"
@@ -415,6 +422,14 @@ def _toolkit(job, report, elements, source, input_type, output, output_type, fet
     return outcome
 
 
+def _log_tail(job, path):
+    """The end of a toolkit child's own output, into the service log (not the user's message)."""
+    with contextlib.suppress(OSError), open(path, "rb") as f:
+        f.seek(max(0, os.path.getsize(path) - 4000))
+        log.warning("task %s: the toolkit child ended without a result; its output ends:\n%s",
+                    job.task.id, f.read().decode(errors="replace"))
+
+
 def _child_env(work_dir):
     env = {"PATH": os.pathsep.join([sysconfig.get_path("scripts"), os.environ.get("PATH", "/usr/bin:/bin")]),
            "LANG": "C.UTF-8", "TMPDIR": work_dir, "HOME": work_dir}
@@ -423,9 +438,8 @@ def _child_env(work_dir):
     return env
 
 
-def _child_setup(write_fd):
+def _child_setup():
     os.setsid()
-    os.dup2(write_fd, 3)
     # If the service dies (even by SIGKILL), the toolkit gets SIGTERM and unwinds.
     ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)
 

@@ -27,6 +27,13 @@ import boto3
 import botocore.config
 import botocore.exceptions
 
+from imaging_service.config import Setting
+
+SETTINGS = [
+    Setting("s3_port", "int", None, "port of the embedded object store's S3 gateway on 127.0.0.1; "
+            "default: a free one", metavar="PORT"),
+]
+
 USER_ACTIONS = ("Admin", "Read", "Write", "List", "Tagging")
 READY_TIMEOUT = 60
 

@@ -6,8 +6,8 @@ pipeline.run_task, each task's toolkit in its own child process group.
   byte; one that can never fit fails, one that cannot fit now waits;
 - heartbeats: every task's progress is its heartbeat; a housekeeping thread
   requeues tasks whose worker stopped heart-beating (a killed service:
-  retried up to `max_attempts`, then failed with a message), polls uploads
-  that tasks wait for, and expires old tasks;
+  retried up to `max_attempts`, then failed with a message) and polls the
+  uploads that tasks wait for (the service's maintenance expires tasks);
 - a task's work directory is removed when it ends, and at start every
   directory left by a killed service is released through the toolkit's
   journal (`euca-image-process --cleanup`) and removed.
@@ -83,6 +83,9 @@ class EmbeddedWorkers:
 
     def __init__(self, db, settings, store, credentials=None, allowed_endpoints=None):
         self.db, self.settings, self.store = db, settings, store
+        if credentials is None and getattr(settings, "key_file", None):
+            from imaging_service.credentials import Credentials
+            credentials = Credentials(db, settings.key_file)
         self.credentials = credentials
         self.allowed_endpoints = list(allowed_endpoints or [store.endpoint_url])
         self.count = int(getattr(settings, "workers", None) or 2)
@@ -204,7 +207,7 @@ class EmbeddedWorkers:
     # -- housekeeping -------------------------------------------------------------------------
 
     def _housekeeping(self):
-        last_orphans = last_expire = 0.0
+        last_orphans = 0.0
         while not self._stop.wait(1.0):
             now = time.monotonic()
             try:
@@ -214,11 +217,6 @@ class EmbeddedWorkers:
                         log.warning("task %s: worker %s stopped; now %s", found["id"], found["worker_id"],
                                     found["state"])
                         self._wake.set()
-                if now - last_expire >= 60:
-                    last_expire = now
-                    kwargs = {k: getattr(self.settings, k) for k in ("task_timeout", "retention")
-                              if getattr(self.settings, k, None) is not None}
-                    tasks.expire(self.db, **kwargs)
                 self._poll_uploads(now)
             except Exception:
                 log.exception("housekeeping failed")
