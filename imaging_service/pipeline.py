@@ -39,9 +39,6 @@ SETTINGS = [
             metavar="LIST"),
     Setting("elements_windows", "list", "mounters validate-windows inspect convert-qemu",
             "elements a Windows import runs", metavar="LIST"),
-    Setting("elements_auto", "list", "mounters validate-linux validate-windows inspect convert-qemu",
-            "elements an import of an unnamed platform runs (each validator runs only on its platform)",
-            metavar="LIST"),
     Setting("instance_validation", "bool", "true",
             "ImportImage and ImportInstance also boot the image (instance validators; a TCG boot "
             "takes 30 s or more)", metavar="BOOL"),
@@ -105,12 +102,13 @@ def _setting(settings, name, default=None):
     return default if value is None else value
 
 
-def elements_for(task, settings):
-    """The toolkit elements of a task: configuration, per kind and platform."""
+def elements_for(task, settings, platform=None):
+    """The toolkit elements of a task: configuration, per kind and platform (the task's,
+    or the one the mounters found when the user named none)."""
     if task.kind == "export-image":
         return list(_setting(settings, "export_elements", ["convert-qemu"]))
-    platform = (task.params.get("platform") or "auto").lower()
-    names = {"linux": "elements_linux", "windows": "elements_windows"}.get(platform, "elements_auto")
+    platform = (platform or task.params.get("platform") or "linux").lower()
+    names = {"windows": "elements_windows"}.get(platform, "elements_linux")
     default = next(s.default for s in SETTINGS if s.name == names).split()
     elements = list(_setting(settings, names, default))
     if task.kind in ("import-image", "import-instance") and _setting(settings, "instance_validation", True) \
@@ -132,7 +130,9 @@ def element_options(settings):
 def options_digest(task, settings):
     """What, besides the source, decides the result: the cache key's second half."""
     p = task.params
-    key = {"kind": task.kind, "elements": elements_for(task, settings), "options": element_options(settings),
+    platforms = ("linux", "windows") if (p.get("platform") or "auto") == "auto" else (p.get("platform"),)
+    elements = [elements_for(task, settings, platform) for platform in platforms]
+    key = {"kind": task.kind, "elements": elements, "options": element_options(settings),
            "format": p.get("format"), "platform": p.get("platform"), "architecture": p.get("architecture"),
            "elements_path": list(_setting(settings, "elements_path", []))}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
@@ -198,12 +198,16 @@ def _fetch(job, report, source, store, need_factor=2):
     check = _cancel_check(job, report)
 
     def progress(done, total):
-        report(fraction=done / total if total else None, done=done, total=total)
+        # BytesConverted counts converted bytes: a download moves Progress only.
+        report(fraction=done / total if total else None, total=total)
 
     limit = job.scratch.capacity if job.scratch else None
     try:
-        return fetch.fetch(source, os.path.join(job.work_dir, "source.img"), allowed_endpoints=job.allowed_endpoints,
-                           user_store=store, limit=limit, progress=progress, cancelled=check)
+        fetched = fetch.fetch(source, os.path.join(job.work_dir, "source.img"),
+                              allowed_endpoints=job.allowed_endpoints, user_store=store, limit=limit,
+                              progress=progress, cancelled=check)
+        report(fraction=1.0, total=fetched.size, force=True)
+        return fetched
     except fetch.Cancelled:
         raise TaskStopped() from None
     except fetch.FetchError as e:
@@ -263,9 +267,12 @@ def _import(job, report):
         cached = _from_cache(job, digest, options, fetched.size)
         if cached:
             return cached
+    platform = (task.params.get("platform") or "auto").lower()
+    if platform == "auto":
+        platform = _detect_platform(job, report, fetched, INPUT_TYPES[declared])
     output = os.path.join(job.work_dir, "output.raw")
-    outcome = _toolkit(job, report, elements_for(task, settings), fetched.path, INPUT_TYPES[declared],
-                       output, "raw", fetched, task.params.get("platform") or "auto")
+    outcome = _toolkit(job, report, elements_for(task, settings, platform), fetched.path, INPUT_TYPES[declared],
+                       output, "raw", fetched, platform)
     report("store", 0.0, force=True)
     kinds = RESOURCE_KINDS[task.kind]
     first_id = tasks.new_id({"image": "ami", "snapshot": "snap", "volume": "vol"}[kinds[0]])
@@ -287,6 +294,18 @@ def _import(job, report):
               "phase_durations": outcome.get("phase_durations")}
     report(message=_done_message(outcome), force=True)
     return result, resources
+
+
+def _detect_platform(job, report, fetched, input_type):
+    """The user named no platform: the mounters alone say which it is (each platform's
+    validators refuse the other's images, so they cannot all be run blind)."""
+    outcome = _toolkit(job, report, ["mounters"], fetched.path, input_type, None, None, fetched, "auto",
+                       name="toolkit-detect")
+    platform = outcome.get("platform")
+    if platform not in ("linux", "windows"):
+        raise TaskFailed(f"validate failed: the mounters found no Linux or Windows system in the image "
+                         f"(platform {platform or 'unknown'}); name the platform in the request")
+    return platform
 
 
 def _done_message(outcome):
@@ -368,10 +387,11 @@ def toolkit_command(settings):
     return argv
 
 
-def _toolkit(job, report, elements, source, input_type, output, output_type, fetched, platform):
-    """Run the toolkit over the fetched image in a child; returns its result record."""
+def _toolkit(job, report, elements, source, input_type, output, output_type, fetched, platform, name="toolkit"):
+    """Run the toolkit over the fetched image in a child; returns its result record.
+    Each run has its own work directory `name` (a toolkit work directory is used once)."""
     settings = job.settings
-    toolkit_work = os.path.join(job.work_dir, "toolkit")
+    toolkit_work = os.path.join(job.work_dir, name)
     request = {"elements": elements, "input": source, "input_type": input_type, "output": output,
                "output_type": output_type, "platform": platform, "work_dir": toolkit_work,
                "elements_path": list(_setting(settings, "elements_path", [])) or None,
@@ -384,14 +404,14 @@ def _toolkit(job, report, elements, source, input_type, output, output_type, fet
     timeout = _setting(settings, "hook_timeout")
     if timeout is not None:
         request["hook_timeout"] = timeout.total_seconds() if hasattr(timeout, "total_seconds") else float(timeout)
-    request_path = os.path.join(job.work_dir, "request.json")
-    result_path = os.path.join(job.work_dir, "result.json")
+    request_path = os.path.join(job.work_dir, f"{name}.request.json")
+    result_path = os.path.join(job.work_dir, f"{name}.result.json")
     with open(request_path, "w") as f:
         json.dump(request, f)
     report("validate", 0.0, force=True)
     read_fd, write_fd = os.pipe()
     try:
-        with open(os.path.join(job.work_dir, "toolkit.log"), "ab") as log:
+        with open(os.path.join(job.work_dir, f"{name}.log"), "ab") as log:
             child = subprocess.Popen(
                 [*toolkit_command(settings), request_path, result_path, str(write_fd)], stdin=subprocess.DEVNULL,
                 stdout=log, stderr=subprocess.STDOUT, pass_fds=(write_fd,), cwd=job.work_dir,
@@ -407,7 +427,7 @@ def _toolkit(job, report, elements, source, input_type, output, output_type, fet
         _stop_child(child)
         job.child_pids.remove(child.pid)
     if not os.path.exists(result_path):
-        _log_tail(job, os.path.join(job.work_dir, "toolkit.log"))
+        _log_tail(job, os.path.join(job.work_dir, f"{name}.log"))
         cleanup_toolkit_dir(toolkit_work)
         how = f"was killed by signal {-child.returncode}" if child.returncode < 0 \
             else f"exited with {child.returncode} and no result"
@@ -508,7 +528,9 @@ def _event(job, report, events, line, fetched):
             events.step = step
             _report(report, events, step=step, fraction=0.0)
     elif name == "progress" and e.get("total"):
-        _report(report, events, fraction=e["done"] / e["total"], done=e["done"], total=e["total"])
+        # In bytes of the user's image, whatever the hook counts in (virtual size, say).
+        fraction = max(0.0, min(1.0, e["done"] / e["total"]))
+        _report(report, events, fraction=fraction, done=int(fraction * fetched.size), total=fetched.size)
     elif name == "hook-end" and e.get("result") == "failed":
         events.failed_hooks.append((e.get("phase"), e.get("hook"), e.get("reason") or "no reason given"))
 
@@ -537,6 +559,14 @@ def _stop_child(child):
     child.wait()
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(child.pid, signal.SIGKILL)  # anything of the session left behind
+
+
+def cleanup_task_dir(work_dir):
+    """Release what killed toolkits left in a task's directory (their journals)."""
+    if os.path.isdir(work_dir):
+        for name in sorted(os.listdir(work_dir)):
+            if name.startswith("toolkit") and os.path.isdir(os.path.join(work_dir, name)):
+                cleanup_toolkit_dir(os.path.join(work_dir, name))
 
 
 def cleanup_toolkit_dir(toolkit_work):

@@ -152,7 +152,7 @@ class EmbeddedWorkers:
                 continue
             path = os.path.join(self.work_root, name)
             if os.path.isdir(path) and not os.path.islink(path):
-                pipeline.cleanup_toolkit_dir(os.path.join(path, "toolkit"))
+                pipeline.cleanup_task_dir(path)
                 shutil.rmtree(path, ignore_errors=True)
 
     # -- the worker threads ---------------------------------------------------------------------
@@ -191,7 +191,7 @@ class EmbeddedWorkers:
             tasks.fail(self.db, task.id, worker_id, f"{job.step or 'download'} failed: internal error: {e}")
         finally:
             self.scratch.release(task.id)
-            pipeline.cleanup_toolkit_dir(os.path.join(work_dir, "toolkit"))
+            pipeline.cleanup_task_dir(work_dir)
             shutil.rmtree(work_dir, ignore_errors=True)
             self.running.pop(task.id, None)
 
