@@ -2,6 +2,9 @@
 workers) and the Starlette app (`POST /` the EC2 Query API, `GET /healthz`).
 """
 
+import asyncio
+import concurrent.futures
+import functools
 import logging
 import os
 import threading
@@ -11,7 +14,6 @@ import urllib.parse
 import uuid
 
 from starlette.applications import Starlette
-from starlette.concurrency import run_in_threadpool
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
@@ -198,6 +200,13 @@ def handle_query(service, method, url, headers, body, form):
 
 
 def make_app(service):
+    # A few threads answer the requests (the handlers block on the database): with many
+    # more, Python's one lock makes every request wait for all the others.
+    executor = concurrent.futures.ThreadPoolExecutor(service.settings.api_threads, thread_name_prefix="api")
+
+    async def in_thread(function, *args):
+        return await asyncio.get_running_loop().run_in_executor(executor, functools.partial(function, *args))
+
     async def query(request):
         body = await request.body()
         if len(body) > MAX_BODY:
@@ -214,11 +223,11 @@ def make_app(service):
         host = request.headers.get("host", "")
         url = f"{request.url.scheme}://{host}{request.scope['path']}" + (f"?{raw_query}" if raw_query else "")
         headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in request.scope["headers"]]
-        status, xml = await run_in_threadpool(handle_query, service, request.method, url, headers, body, form)
+        status, xml = await in_thread(handle_query, service, request.method, url, headers, body, form)
         return Response(xml, status_code=status, media_type=XML)
 
     async def healthz(request):
-        checks = await run_in_threadpool(service.health)
+        checks = await in_thread(service.health)
         ok = all(v in ("ok", "not run here") for v in checks.values())
         return JSONResponse({"ok": ok, **checks}, status_code=200 if ok else 503)
 

@@ -74,7 +74,7 @@ def serve(settings):
         service.start()
         server = uvicorn.Server(uvicorn.Config(make_app(service), host=settings.listen, port=settings.port,
                                                log_level=settings.log_level, access_log=False,
-                                               lifespan="off"))
+                                               lifespan="off", timeout_keep_alive=75))
         logging.getLogger("imaging_service").info("EC2 API on http://%s:%s/ (state in %s)", settings.listen,
                                                   settings.port, settings.state_dir)
         server.run()

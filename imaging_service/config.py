@@ -116,6 +116,8 @@ SETTINGS = [
     Setting("task_timeout", "duration", "180m", "a conversion that runs longer is cancelled",
             metavar="TIME"),
     Setting("retention", "duration", "7d", "how long finished tasks are kept", metavar="TIME"),
+    Setting("api_threads", "int", 8, "requests answered at once (threads; each may hold a database "
+            "connection)", metavar="N"),
     Setting("log_level", "str", "info", "debug, info, warning or error", metavar="LEVEL"),
 ]
 
