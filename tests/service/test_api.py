@@ -314,3 +314,33 @@ class TestAWSCLI(APITestCase):
         self.aws("cancel-conversion-task", "--conversion-task-id", task["ConversionTaskId"])
         found = self.aws("describe-conversion-tasks")["ConversionTasks"]
         self.assertEqual(["cancelled"], [t["State"] for t in found])
+
+
+class TestExport(APITestCase):
+
+    def register_image(self):
+        db = self.db()
+        task = tasks.submit(db, self.account, "import-image", {"source": {"bucket": "b", "key": "k"}})
+        tasks.claim(db, "w")
+        return tasks.complete(db, task.id, "w", {}, [
+            {"kind": "image", "bucket": "imaging-service", "key": f"{task.id}.raw", "size": 1024 ** 3,
+             "format": "raw", "platform": "linux", "architecture": "x86_64"}]).result["image_id"]
+
+    def test_export_own_image_only(self):
+        image_id = self.register_image()
+        location = {"S3Bucket": f"{self.account}-exports", "S3Prefix": "out/"}
+        started = self.ec2.export_image(ImageId=image_id, DiskImageFormat="VMDK", S3ExportLocation=location,
+                                        Description="to vmdk")
+        task_id = started["ExportImageTaskId"]
+        self.assertRegex(task_id, r"^export-ami-[0-9a-f]{17}$")
+        self.assertEqual(("active", "VMDK", image_id), (started["Status"], started["DiskImageFormat"], started["ImageId"]))
+        found = self.ec2.describe_export_image_tasks(ExportImageTaskIds=[task_id])["ExportImageTasks"]
+        self.assertEqual([(task_id, location)], [(t["ExportImageTaskId"], t["S3ExportLocation"]) for t in found])
+        # Another account can neither see nor export it: the image "does not exist".
+        access, secret, _ = self.service.credential()
+        other = self.service.client(access, secret)
+        self.assertError("InvalidAMIID.NotFound", other.export_image, ImageId=image_id, DiskImageFormat="RAW",
+                         S3ExportLocation={"S3Bucket": "x"})
+        self.assertError("InvalidAMIID.NotFound", other.describe_images, ImageIds=[image_id])
+        self.assertEqual([], other.describe_images(Owners=["self"])["Images"])
+        self.assertError("InvalidConversionTaskId", other.describe_export_image_tasks, ExportImageTaskIds=[task_id])
