@@ -34,6 +34,11 @@ def sha256(path):
     return h.hexdigest()
 
 
+def qemu_convert_to_raw(src, dst):
+    subprocess.run(["qemu-img", "convert", "-O", "raw", src, dst], check=True)
+    return dst
+
+
 class PipelineTest(base.TestCase):
     needs_root = True
 
@@ -167,6 +172,22 @@ class TestImports(PipelineTest):
         self.assertEqual("completed", again["Status"])
         self.assertIn("from the cache", again["StatusMessage"])
         self.assertNotEqual(image_id, again["ImageId"])
+
+        # The way back out: the image as a VMDK in the user's bucket, written with the user's keys.
+        export_id = ec2.export_image(ImageId=image_id, DiskImageFormat="VMDK",
+                                     S3ExportLocation={"S3Bucket": bucket, "S3Prefix": "exports/"}
+                                     )["ExportImageTaskId"]
+        deadline = time.monotonic() + 120
+        while True:
+            export = ec2.describe_export_image_tasks(ExportImageTaskIds=[export_id])["ExportImageTasks"][0]
+            if export["Status"] in ("completed", "deleted") or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        self.assertEqual("completed", export["Status"], export)
+        exported = self.path("exported.vmdk")
+        store.client.download_file(bucket, f"exports/{export_id}.vmdk", exported)
+        converted = qemu_convert_to_raw(exported, self.path("exported.raw"))
+        self.assertEqual(sha256(raw), sha256(converted))
         self.assert_no_work_left()
 
     def test_import_volume_with_manifest(self):
