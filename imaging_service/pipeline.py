@@ -237,6 +237,8 @@ def _reserve(job, report, source, store, factor):
             raise TaskStopped()
         report()
         time.sleep(0.5)
+    if waited:
+        report(message="", force=True)
 
 
 def _cancel_check(job, report):
