@@ -12,7 +12,7 @@ import base64
 import datetime
 import functools
 import uuid
-import xml.etree.ElementTree as ET
+from xml.sax.saxutils import escape
 
 import botocore.session
 from botocore.utils import parse_timestamp
@@ -133,18 +133,21 @@ def _scalar(shape, text, where):
 
 def serialize_response(op_model, data, request_id=None):
     """The operation's result dict -> EC2 XML bytes (<ActionResponse xmlns=...>)."""
-    root = ET.Element(f"{op_model.name}Response", xmlns=namespace())
-    ET.SubElement(root, "requestId").text = request_id or str(uuid.uuid4())
+    root = f"{op_model.name}Response"
+    out = ['<?xml version="1.0" encoding="UTF-8"?>\n', f'<{root} xmlns="{namespace()}">',
+           f"<requestId>{escape(request_id or str(uuid.uuid4()))}</requestId>"]
     if op_model.output_shape is not None:
-        _members(root, op_model.output_shape, data or {})
-    return b'<?xml version="1.0" encoding="UTF-8"?>\n' + ET.tostring(root, encoding="utf-8")
+        _members(out, op_model.output_shape, data or {})
+    out.append(f"</{root}>")
+    return "".join(out).encode()
 
 
-def _members(parent, shape, data):
-    unknown = set(data) - set(shape.members)
+def _members(out, shape, data):
+    members = shape.members
+    unknown = [key for key in data if key not in members]
     if unknown:
         raise KeyError(f"{shape.name} has no members {sorted(unknown)}")
-    for key, member in shape.members.items():
+    for key, member in members.items():
         value = data.get(key)
         if value is None:
             continue
@@ -152,32 +155,36 @@ def _members(parent, shape, data):
         if member.type_name == "list" and member.serialization.get("flattened"):
             item = member.member.serialization.get("name", name)
             for element in value:
-                _value(ET.SubElement(parent, item), member.member, element)
+                _element(out, item, member.member, element)
         else:
-            _value(ET.SubElement(parent, name), member, value)
+            _element(out, name, member, value)
 
 
-def _value(element, shape, value):
+def _element(out, name, shape, value):
+    """<name>value</name>, the value written as its shape says."""
+    out.append(f"<{name}>")
     kind = shape.type_name
     if kind == "structure":
-        _members(element, shape, value)
+        _members(out, shape, value)
     elif kind == "list":
         item = shape.member.serialization.get("name", "member")
         for v in value:
-            _value(ET.SubElement(element, item), shape.member, v)
+            _element(out, item, shape.member, v)
     elif kind == "map":
         for k, v in value.items():
-            entry = ET.SubElement(element, "entry")
-            _value(ET.SubElement(entry, shape.key.serialization.get("name", "key")), shape.key, k)
-            _value(ET.SubElement(entry, shape.value.serialization.get("name", "value")), shape.value, v)
+            out.append("<entry>")
+            _element(out, shape.key.serialization.get("name", "key"), shape.key, k)
+            _element(out, shape.value.serialization.get("name", "value"), shape.value, v)
+            out.append("</entry>")
     elif kind == "boolean":
-        element.text = "true" if value else "false"
+        out.append("true" if value else "false")
     elif kind == "timestamp":
-        element.text = iso8601(value)
+        out.append(iso8601(value))
     elif kind == "blob":
-        element.text = base64.b64encode(value).decode()
+        out.append(base64.b64encode(value).decode())
     else:
-        element.text = str(value)
+        out.append(escape(str(value)))
+    out.append(f"</{name}>")
 
 
 def iso8601(value):
