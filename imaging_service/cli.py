@@ -8,6 +8,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 
 from imaging_service import config
@@ -70,8 +71,17 @@ def serve(settings):
 
     from imaging_service.app import Service, make_app
     service = Service(settings)
+    # uvicorn stops on SIGTERM/SIGINT and then raises the signal again for the handler that was
+    # there before it: make that one ours (a no-op), so that the workers and the object store
+    # are stopped below instead of the process dying at once.  A signal during the start
+    # (the object store takes seconds) is kept: the server then does not run.
+    stopping = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, frame: stopping.append(signum))
     try:
         service.start()
+        if stopping:
+            return 0
         server = uvicorn.Server(uvicorn.Config(make_app(service), host=settings.listen, port=settings.port,
                                                log_level=settings.log_level, access_log=False,
                                                lifespan="off", timeout_keep_alive=75))

@@ -105,9 +105,9 @@ class Service(fixtures.Fixture):
         found = json.loads(cli(*args).stdout)
         return found["access_key"], found["secret_key"], found["account_id"]
 
-    def client(self, access, secret, service="ec2"):
+    def client(self, access, secret, service="ec2", endpoint_url=None):
         return boto3.session.Session().client(
-            service, endpoint_url=self.url, region_name=REGION, aws_access_key_id=access,
+            service, endpoint_url=endpoint_url or self.url, region_name=REGION, aws_access_key_id=access,
             aws_secret_access_key=secret,
             config=botocore.config.Config(retries={"max_attempts": 1}, connect_timeout=10, read_timeout=60))
 

@@ -7,6 +7,7 @@ import os
 import stat
 import subprocess
 import sys
+import time
 import urllib.request
 
 import testtools
@@ -344,3 +345,37 @@ class TestExport(APITestCase):
         self.assertError("InvalidAMIID.NotFound", other.describe_images, ImageIds=[image_id])
         self.assertEqual([], other.describe_images(Owners=["self"])["Images"])
         self.assertError("InvalidConversionTaskId", other.describe_export_image_tasks, ExportImageTaskIds=[task_id])
+
+
+class TestEmbedded(testtools.TestCase):
+    """`serve` on embedded defaults: the object store and the workers start and stop with
+    it, and a key pair made by `credentials create` works on the object store too."""
+
+    def test_one_credential_for_api_and_object_store(self):
+        s3_port = sf.free_port()
+        service = self.useFixture(sf.Service(engine="embedded", args=["--s3-port", str(s3_port), "--workers", "1"]))
+        with urllib.request.urlopen(service.url + "/healthz") as r:
+            health = json.load(r)
+        self.assertEqual({"ok": True, "toolkit": "ok", "database": "ok", "object_store": "ok", "workers": "ok"},
+                         health)
+        access, secret, account = service.credential()
+        service.client(access, secret).describe_conversion_tasks()
+        store = f"http://127.0.0.1:{s3_port}"
+        s3 = service.client(access, secret, "s3", endpoint_url=store)
+        deadline = time.monotonic() + 30  # the service syncs the store's identities every 5 s
+        while True:
+            try:
+                s3.create_bucket(Bucket=f"{account}-images")
+                break
+            except ClientError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
+        s3.put_object(Bucket=f"{account}-images", Key="hello", Body=b"hi")
+        self.assertRaises(ClientError, service.client(access, "wrong", "s3", endpoint_url=store).list_objects_v2,
+                          Bucket=f"{account}-images")
+        weed = service.process.pid
+        service.stop()
+        self.assertEqual(0, service.process.returncode, service.log())
+        self.assertNotIn("weed", subprocess.run(["ps", "-o", "args=", "--ppid", str(weed)], capture_output=True,
+                                                text=True, check=False).stdout)
