@@ -15,7 +15,7 @@ from sqlalchemy import select
 
 from imaging_service.models import Account, Credential, utcnow
 
-CACHE_SECONDS = 60
+CACHE_SECONDS = 5
 ACCESS_ALPHABET = string.ascii_uppercase + string.digits
 
 

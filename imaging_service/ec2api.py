@@ -11,6 +11,7 @@ output shape.  No shape is written by hand here.
 import base64
 import datetime
 import functools
+import re
 import uuid
 from xml.sax.saxutils import escape
 
@@ -49,6 +50,10 @@ def query_name(shape, default):
         name = shape.serialization["name"]
         return name[0].upper() + name[1:]
     return default
+
+
+# Characters XML 1.0 cannot carry: a value echoed in a response must not break it.
+_NOT_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]")
 
 
 class _Node:
@@ -110,6 +115,8 @@ def _scalar(shape, text, where):
     kind = shape.type_name
     try:
         if kind == "string":
+            if _NOT_XML.search(text):
+                raise ValueError("It holds control characters.")
             if shape.enum and text not in shape.enum and text not in EXTRA_ENUM.get(shape.name, ()):
                 raise ValueError("It must be one of: " + ", ".join(shape.enum) + ".")
             return text

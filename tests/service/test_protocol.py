@@ -101,6 +101,9 @@ class TestParserErrors(testtools.TestCase):
             "Image.ImportManifestUrl": "u", "Volume.Size": "1"})
         self.assertIn("Image.Format", e.message)
 
+    def test_control_characters_refused(self):
+        self.assertCode("InvalidParameterValue", "ImportImage", {"Description": "a\x00b"})
+
     def test_unknown_parameter(self):
         self.assertCode("UnknownParameter", "DescribeImportImageTasks", {"Bogus": "1"})
 
