@@ -294,7 +294,7 @@ def _import(job, report):
     result = {"platform": platform, "architecture": architecture, "size": size, "bucket": bucket, "key": key,
               "source_digest": digest, "validators": outcome.get("validators"),
               "phase_durations": outcome.get("phase_durations")}
-    report(message=_done_message(outcome), force=True)
+    report(message=_user_text(job, _done_message(outcome)), force=True)
     return result, resources
 
 
@@ -440,7 +440,7 @@ def _toolkit(job, report, elements, source, input_type, output, output_type, fet
     if events.stopped:
         raise TaskStopped()
     if outcome["exit_code"] != 0:
-        raise TaskFailed(_failure_message(events, outcome))
+        raise TaskFailed(_user_text(job, _failure_message(events, outcome)))
     return outcome
 
 
@@ -542,6 +542,21 @@ def _report(report, events, **kwargs):
         report(**kwargs)
     except TaskStopped:
         events.stopped = True
+
+
+def source_name(source):
+    """How a user knows their image: s3://bucket/key, the URL without its signature, the manifest."""
+    if "bucket" in source:
+        return f"s3://{source['bucket']}/{source['key']}"
+    if "url" in source:
+        return source["url"].split("?")[0]
+    return "the image of the import manifest"
+
+
+def _user_text(job, text):
+    """A toolkit message as the user may see it: their image by its name, no host paths."""
+    text = text.replace(os.path.join(job.work_dir, "source.img"), source_name(job.task.params.get("source", {})))
+    return text.replace(job.work_dir + os.sep, "").replace(job.work_dir, "the task's work directory")
 
 
 def _failure_message(events, outcome):

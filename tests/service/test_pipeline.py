@@ -275,6 +275,20 @@ class TestFaults(PipelineTest):
                                   DiskContainers=[{"Format": "VMDK", "Url": url}])
             self.assertEqual("InvalidParameterValue", e.response["Error"]["Code"], url)
 
+    def test_image_pointing_at_host_files_refused(self):
+        """A qcow2 whose backing file is a host file: the toolkit refuses to follow it."""
+        self.start()
+        ec2, store, bucket, _account = self.user()
+        qcow2 = self.path("evil.qcow2")
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", "/etc/hostname", "-F", "raw", qcow2],
+                       check=True)
+        store.put_file(qcow2, bucket, "evil.qcow2")
+        task = self.wait_image(ec2, self.import_image(ec2, bucket, "evil.qcow2", fmt="QCOW2"))
+        self.assertEqual("deleted", task["Status"], task)
+        self.assertRegex(task["StatusMessage"], r"validate failed: .*backing file")
+        self.assertNotIn(self.service.state_dir, task["StatusMessage"])  # no host paths for the user
+        self.assert_no_work_left()
+
     def test_full_scratch_space(self):
         self.start("--scratch-space", "1M")
         ec2, store, bucket, _account = self.user()
