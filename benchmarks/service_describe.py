@@ -13,11 +13,15 @@ on one interpreter) call at once, each --calls times:
 
 Every call's wall time is taken at the client (signing, HTTP, parsing
 included); p50 and p99 over all calls. Target (issue 12): p99 <= 50 ms.
+The clients share the machine with the service, so a third figure shows the
+service alone: the same 100 callers sending requests signed once beforehand
+(botocore's signer) over plain http.client, no boto3 per call.
 
     .venv/bin/python benchmarks/service_describe.py [--calls N] [--database-url URL]
 """
 
 import argparse
+import http.client
 import multiprocessing
 import os
 import random
@@ -26,6 +30,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.parse
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -129,6 +134,46 @@ def measure(url, callers, calls, action):
             "rate": len(latencies) / elapsed}
 
 
+def measure_raw(url, callers, calls):
+    """The service alone: pre-signed DescribeConversionTasks requests from 100 threads."""
+    from botocore.auth import SigV4Auth
+    from botocore.awsrequest import AWSRequest
+    from botocore.credentials import Credentials as BotoCredentials
+    host = urllib.parse.urlsplit(url).netloc
+    body = b"Action=DescribeConversionTasks&Version=2016-11-15"
+    latencies, barrier = [], threading.Barrier(len(callers) + 1)
+
+    def caller(access, secret, _image_task):
+        request = AWSRequest(method="POST", url=url + "/", data=body, headers={
+            "Content-Type": "application/x-www-form-urlencoded; charset=utf-8", "Host": host})
+        SigV4Auth(BotoCredentials(access, secret), "ec2", "us-east-1").add_auth(request)
+        headers = dict(request.headers.items())
+        conn = http.client.HTTPConnection(host, timeout=60)
+        conn.request("POST", "/", body, headers)
+        conn.getresponse().read()
+        barrier.wait()
+        for _ in range(calls):
+            started = time.perf_counter()
+            conn.request("POST", "/", body, headers)
+            response = conn.getresponse()
+            response.read()
+            assert response.status == 200, response.status
+            latencies.append(time.perf_counter() - started)
+        conn.close()
+
+    threads = [threading.Thread(target=caller, args=c) for c in callers]
+    for t in threads:
+        t.start()
+    barrier.wait()
+    started = time.perf_counter()
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - started
+    latencies.sort()
+    return {"calls": len(latencies), "p50": statistics.median(latencies) * 1000,
+            "p99": latencies[max(0, int(len(latencies) * 0.99) - 1)] * 1000, "rate": len(latencies) / elapsed}
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--calls", type=int, default=10, help="calls per caller and action (default 10)")
@@ -160,6 +205,9 @@ def main():
                 print(f"{action:26s} {r['calls']} calls by {len(callers)} concurrent callers: "
                       f"p50 {r['p50']:.1f} ms, p99 {r['p99']:.1f} ms, max {r['max']:.1f} ms, "
                       f"{r['rate']:.0f} calls/s (target p99 <= {TARGET_P99_MS:.0f} ms)")
+            raw = measure_raw(service.url, callers, args.calls)
+            print(f"{'service alone':26s} {raw['calls']} pre-signed DescribeConversionTasks by {len(callers)} "
+                  f"threads: p50 {raw['p50']:.1f} ms, p99 {raw['p99']:.1f} ms, {raw['rate']:.0f} calls/s")
         finally:
             service.cleanUp()
     return 0 if ok else 1
