@@ -51,6 +51,9 @@ SETTINGS = [
     Setting("element_options", "list", None,
             "element options for every task, NAME=VALUE separated by spaces (as -e of euca-image-process)",
             metavar="LIST"),
+    Setting("optional_validators", "list", None,
+            "image validators (hook names, e.g. 50-linux-network) whose failure is only a warning "
+            "in the task's StatusMessage", metavar="LIST"),
     Setting("hook_timeout", "duration", None, "most time one hook may run (default: the toolkit's "
             "per-phase limits)", metavar="TIME"),
     Setting("cache", "bool", "true",
@@ -72,6 +75,14 @@ CHILD_TERM_GRACE = 3.0  # seconds between SIGTERM and SIGKILL of a cancelled too
 
 class TaskFailed(Exception):
     """The task fails; the message names the step and the reason."""
+
+
+class ValidationFailed(TaskFailed):
+    """The toolkit failed: its events and result say which hooks."""
+
+    def __init__(self, message, events, outcome):
+        super().__init__(message)
+        self.events, self.outcome = events, outcome
 
 
 class TaskStopped(Exception):
@@ -134,7 +145,8 @@ def options_digest(task, settings):
     elements = [elements_for(task, settings, platform) for platform in platforms]
     key = {"kind": task.kind, "elements": elements, "options": element_options(settings),
            "format": p.get("format"), "platform": p.get("platform"), "architecture": p.get("architecture"),
-           "elements_path": list(_setting(settings, "elements_path", []))}
+           "elements_path": list(_setting(settings, "elements_path", [])),
+           "optional_validators": sorted(_setting(settings, "optional_validators", []))}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
 
@@ -273,8 +285,8 @@ def _import(job, report):
     if platform == "auto":
         platform = _detect_platform(job, report, fetched, INPUT_TYPES[declared])
     output = os.path.join(job.work_dir, "output.raw")
-    outcome = _toolkit(job, report, elements_for(task, settings, platform), fetched.path, INPUT_TYPES[declared],
-                       output, "raw", fetched, platform)
+    outcome = _convert(job, report, elements_for(task, settings, platform), fetched, INPUT_TYPES[declared],
+                       output, platform)
     report("store", 0.0, force=True)
     kinds = RESOURCE_KINDS[task.kind]
     first_id = tasks.new_id({"image": "ami", "snapshot": "snap", "volume": "vol"}[kinds[0]])
@@ -296,6 +308,29 @@ def _import(job, report):
               "phase_durations": outcome.get("phase_durations")}
     report(message=_user_text(job, _done_message(outcome)), force=True)
     return result, resources
+
+
+def _convert(job, report, elements, fetched, input_type, output, platform):
+    """The toolkit's validation and conversion.  When the only validators that failed are ones
+    the operator made optional, the toolkit runs again without the validate phase (the first
+    run proved every other validator passes) and those failures become warnings."""
+    optional = set(_setting(job.settings, "optional_validators", []))
+    try:
+        return _toolkit(job, report, elements, fetched.path, input_type, output, "raw", fetched, platform)
+    except ValidationFailed as e:
+        hooks = {hook for phase, hook, _ in e.events.failed_hooks}
+        if not optional or not hooks <= optional or {p for p, _, _ in e.events.failed_hooks} != {"validate"}:
+            raise
+        first = e.outcome
+    outcome = _toolkit(job, report, elements, fetched.path, input_type, output, "raw", fetched, platform,
+                       name="toolkit-again", skip_phases=["validate"])
+    for v in first.get("validators") or []:
+        if v.get("hook") in optional and v.get("result") == "failed":
+            v["result"] = "warning"
+    outcome["validators"] = (first.get("validators") or []) + (outcome.get("validators") or [])
+    outcome["inspection"] = outcome.get("inspection") or first.get("inspection")
+    outcome["platform"] = outcome.get("platform") or first.get("platform")
+    return outcome
 
 
 def _detect_platform(job, report, fetched, input_type):
@@ -389,7 +424,8 @@ def toolkit_command(settings):
     return argv
 
 
-def _toolkit(job, report, elements, source, input_type, output, output_type, fetched, platform, name="toolkit"):
+def _toolkit(job, report, elements, source, input_type, output, output_type, fetched, platform, name="toolkit",
+             skip_phases=()):
     """Run the toolkit over the fetched image in a child; returns its result record.
     Each run has its own work directory `name` (a toolkit work directory is used once)."""
     settings = job.settings
@@ -397,7 +433,7 @@ def _toolkit(job, report, elements, source, input_type, output, output_type, fet
     request = {"elements": elements, "input": source, "input_type": input_type, "output": output,
                "output_type": output_type, "platform": platform, "work_dir": toolkit_work,
                "elements_path": list(_setting(settings, "elements_path", [])) or None,
-               "options": element_options(settings)}
+               "options": element_options(settings), "skip_phases": list(skip_phases)}
     if "inspect" in elements:
         # The report outlives the toolkit's work directory: the child reads it back.
         request["options"].setdefault("INSPECTION_REPORT", os.path.join(job.work_dir, "inspection.json"))
@@ -440,7 +476,7 @@ def _toolkit(job, report, elements, source, input_type, output, output_type, fet
     if events.stopped:
         raise TaskStopped()
     if outcome["exit_code"] != 0:
-        raise TaskFailed(_user_text(job, _failure_message(events, outcome)))
+        raise ValidationFailed(_user_text(job, _failure_message(events, outcome)), events, outcome)
     return outcome
 
 

@@ -289,6 +289,26 @@ class TestFaults(PipelineTest):
         self.assertNotIn(self.service.state_dir, task["StatusMessage"])  # no host paths for the user
         self.assert_no_work_left()
 
+    def test_optional_validator_is_a_warning(self):
+        """The operator made the network check optional: an image without network configuration
+        imports, with the validator's reason in StatusMessage; a root without fstab still fails."""
+        self.start("--optional-validators", "50-linux-network")
+        ec2, store, bucket, _account = self.user()
+        no_network = linux_disk(self.path("nonet.raw"), self.tmp,
+                                remove=("etc/network", "etc/cloud", "usr/bin/cloud-init"))
+        store.put_file(no_network, bucket, "nonet.raw")
+        no_fstab = linux_disk(self.path("nofstab.raw"), self.tmp, remove=("etc/network", "etc/fstab"))
+        store.put_file(no_fstab, bucket, "nofstab.raw")
+        warned = self.wait_image(ec2, self.import_image(ec2, bucket, "nonet.raw", fmt="RAW"))
+        self.assertEqual("completed", warned["Status"], warned)
+        self.assertRegex(warned["StatusMessage"], r"completed with warnings: .*50-linux-network: no DHCP")
+        failed = self.wait_image(ec2, self.import_image(ec2, bucket, "nofstab.raw", fmt="RAW"))
+        self.assertEqual("deleted", failed["Status"], failed)
+        # Named by the user's object, never the work directory's copy.
+        self.assertRegex(failed["StatusMessage"], r"^validate failed: hook mount/90-mount-check: "
+                                                  rf"s3://{bucket}/nofstab.raw: no recognisable root")
+        self.assert_no_work_left()
+
     def test_full_scratch_space(self):
         self.start("--scratch-space", "1M")
         ec2, store, bucket, _account = self.user()
