@@ -198,7 +198,7 @@ class EmbeddedWorkers:
     def _user_store(self, task):
         access_key = task.params.get("access_key")
         if self.credentials is None or not access_key:
-            return self.store if self.credentials is None else None
+            return None  # never fall back to the service's own keys for a user's bucket
         found = self.credentials.lookup(access_key)
         if found is None:
             return None
@@ -222,7 +222,10 @@ class EmbeddedWorkers:
                 log.exception("housekeeping failed")
 
     def _poll_uploads(self, now):
-        for task in tasks.waiting_uploads(self.db):
+        waiting = tasks.waiting_uploads(self.db)
+        ids = {task.id for task in waiting}
+        self._upload_checked = {k: v for k, v in self._upload_checked.items() if k in ids}
+        for task in waiting:
             if now - self._upload_checked.get(task.id, -1e9) < self.upload_poll:
                 continue
             self._upload_checked[task.id] = now
