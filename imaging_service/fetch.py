@@ -175,6 +175,8 @@ def upload_state(source, allowed_endpoints, user_store=None):
                 _done(response)
             return True, "", False
         if "bucket" in source:
+            if user_store is None:
+                return False, "the access key that submitted the task was revoked", True
             found = user_store.head(source["bucket"], source["key"])
             return found is not None, "" if found else f"s3://{source['bucket']}/{source['key']} is not there yet", \
                 False
