@@ -34,6 +34,15 @@ class TaskMachineTests:
     def submit(self, account=None, **kwargs):
         return tasks.submit(self.db, account or self.account, "import-image", dict(SOURCE), **kwargs)
 
+    def test_migrations_match_the_models(self):
+        from alembic.autogenerate import compare_metadata
+        from alembic.migration import MigrationContext
+
+        from imaging_service.models import Base
+        with self.db.engine.connect() as conn:
+            diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
+        self.assertEqual([], diff)
+
     def test_concurrent_claims_take_each_task_once(self):
         submitted = {self.submit().id for _ in range(60)}
         claimed, errors = [], []
