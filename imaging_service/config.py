@@ -51,13 +51,20 @@ def parse_bool(text):
     raise ValueError(f"{text!r} is not a boolean (true or false)")
 
 
+def parse_int(text):
+    try:
+        return int(text)
+    except (TypeError, ValueError):
+        raise ValueError(f"{text!r} is not a whole number") from None
+
+
 def parse_list(text):
     if isinstance(text, (list, tuple)):
         return [str(x) for x in text]
     return [x.strip() for x in str(text).replace(",", " ").split() if x.strip()]
 
 
-TYPES = {"str": str, "int": int, "bool": parse_bool, "size": parse_size, "duration": parse_duration,
+TYPES = {"str": str, "int": parse_int, "bool": parse_bool, "size": parse_size, "duration": parse_duration,
          "list": parse_list}
 
 

@@ -8,6 +8,7 @@ import os
 
 import botocore.parsers
 import botocore.serialize
+import fixtures
 import testtools
 from dateutil.tz import tzutc
 
@@ -132,3 +133,27 @@ class TestDocs(testtools.TestCase):
             text = f.read()
         for action in HANDLERS:
             self.assertIn(f"`{action}`", text)
+
+
+class TestConfig(testtools.TestCase):
+
+    def test_flag_over_environment_over_file_over_default(self):
+        from imaging_service import config
+        path = self.useFixture(fixtures.TempDir()).join("service.yaml")
+        with open(path, "w") as f:
+            f.write("port: 9000\nregion: eu-west-1\nmax_active_tasks: 5\n")
+        env = {"IMAGING_SERVICE_REGION": "us-west-2", "IMAGING_SERVICE_MAX_ACTIVE_TASKS": "7"}
+        s = config.resolve({"config": path, "max_active_tasks": "9", "state_dir": "/srv/s"}, environ=env)
+        self.assertEqual((9000, "us-west-2", 9), (s.port, s.region, s.max_active_tasks))
+        self.assertEqual(("/srv/s/secret.key", "sqlite:////srv/s/service.db"), (s.key_file, s.database_url))
+        self.assertEqual(datetime.timedelta(minutes=180), s.task_timeout)
+
+    def test_errors_name_where(self):
+        from imaging_service import config
+        e = self.assertRaises(config.ConfigError, config.resolve, {}, environ={"IMAGING_SERVICE_PORT": "x"})
+        self.assertIn("IMAGING_SERVICE_PORT: 'x' is not a whole number", str(e))
+        path = self.useFixture(fixtures.TempDir()).join("bad.yaml")
+        with open(path, "w") as f:
+            f.write("prot: 1\n")
+        e = self.assertRaises(config.ConfigError, config.resolve, {"config": path}, environ={})
+        self.assertIn("unknown settings prot", str(e))
