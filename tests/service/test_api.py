@@ -128,6 +128,8 @@ class TestImportImage(APITestCase):
         self.assertIn("DiskContainer.1.Url", e.response["Error"]["Message"])
         self.assertError("InvalidParameterValue", self.import_image,
                          DiskContainers=[{"Format": "VMDK", "Url": "file:///etc/shadow"}])
+        e = self.assertError("InvalidParameterValue", self.import_image, Encrypted=True)
+        self.assertIn("Encrypted", e.response["Error"]["Message"])
 
     def test_filters_and_pages(self):
         ids = [self.import_image()["ImportTaskId"] for _ in range(5)]
