@@ -13,6 +13,7 @@ pipeline.run_task, each task's toolkit in its own child process group.
   journal (`euca-image-process --cleanup`) and removed.
 """
 
+import datetime
 import logging
 import os
 import secrets
@@ -23,6 +24,7 @@ import time
 
 from imaging_service import fetch, pipeline, tasks
 from imaging_service.config import Setting
+from imaging_service.models import utcnow
 
 log = logging.getLogger(__name__)
 
@@ -231,8 +233,12 @@ class EmbeddedWorkers:
             self._upload_checked[task.id] = now
             ready, reason, fatal = fetch.upload_state(task.params.get("source", {}), self.allowed_endpoints,
                                                       self._user_store(task))
-            if fatal:
-                tasks.fail(self.db, task.id, None, f"download failed: {reason}")
+            expiring = task.expires_at is not None and \
+                task.expires_at <= utcnow() + datetime.timedelta(seconds=2 * self.upload_poll)
+            if fatal or (not ready and expiring):
+                # Said now, with what is missing, rather than as a bare expiry later.
+                why = reason if fatal else f"the upload did not complete before the task expired: {reason}"
+                tasks.fail(self.db, task.id, None, f"download failed: {why}")
                 self._upload_checked.pop(task.id, None)
             elif ready and tasks.mark_uploaded(self.db, task.id):
                 self._upload_checked.pop(task.id, None)

@@ -266,6 +266,18 @@ class TestFaults(PipelineTest):
             self.assertRegex(task["StatusMessage"], pattern)
         self.assert_no_work_left()
 
+    def test_missing_part_named_when_the_upload_expires(self):
+        self.start("--upload-expiry", "4s")
+        ec2, store, bucket, _account = self.user()
+        raw, _ = self.vmdk()
+        _, url = manifest.upload(store, raw, bucket, "gone/", "RAW", part_size=4 * MiB)
+        store.delete(bucket, "gone/disk.raw.part.3")
+        task = self.wait_conversion(ec2, self.legacy(ec2, url, os.path.getsize(raw)), timeout=60)
+        self.assertEqual("cancelled", task["State"], task)
+        self.assertRegex(task["StatusMessage"], r"download failed: the upload did not complete before the task "
+                                                r"expired: part 3 \(gone/disk.raw.part.3\) does not exist")
+        self.assert_no_work_left()
+
     def test_disallowed_url_refused_at_submit(self):
         self.start()
         ec2 = self.user()[0]
