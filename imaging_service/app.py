@@ -142,7 +142,7 @@ class Service:
         stamp, cached = self._health
         if cached is not None and time.monotonic() - stamp < HEALTH_CACHE_SECONDS:
             return cached
-        checks = {"toolkit": _check(_toolkit), "database": _check(self._database)}
+        checks = {"toolkit": _check(lambda: _toolkit(self.settings)), "database": _check(self._database)}
         checks["object_store"] = _check(self.store.ping) if self.store is not None else "not run here"
         if self.workers is not None:
             checks["workers"] = _check(self.workers.health)
@@ -165,12 +165,13 @@ def _check(probe):
     return "ok" if result in (None, True) else str(result)
 
 
-def _toolkit():
-    """The toolkit answers: its API imports and its stock elements resolve (a service
-    without its toolkit must be disabled)."""
+def _toolkit(settings):
+    """The toolkit answers: its API imports and every element list the tasks run resolves
+    on the configured elements path (a service without its toolkit must be disabled)."""
     from imaging_elements import api, elements  # noqa: F401
-    library = elements.find_elements(None)
-    elements.resolve(["mounters", "convert-qemu"], library)
+    library = elements.find_elements(":".join(settings.elements_path or []))
+    for name in ("elements_linux", "elements_windows", "instance_elements", "export_elements"):
+        elements.resolve(getattr(settings, name), library)
 
 
 # ---- the HTTP side -----------------------------------------------------------------------------

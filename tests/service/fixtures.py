@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 
 import boto3
@@ -45,8 +46,9 @@ class Service(fixtures.Fixture):
     .credential() -> (access, secret, account), .client(access, secret).
     """
 
-    def __init__(self, engine="none", args=(), env=None, state_dir=None, start_timeout=60):
+    def __init__(self, engine="none", args=(), env=None, state_dir=None, start_timeout=60, healthy=True):
         super().__init__()
+        self.healthy = healthy  # False: started once /healthz answers at all (503 too)
         self.engine, self.args, self.env = engine, list(args), dict(env or {})
         self.state_dir, self.start_timeout = state_dir, start_timeout
         self.process = None
@@ -78,6 +80,10 @@ class Service(fixtures.Fixture):
                 with urllib.request.urlopen(self.url + "/healthz", timeout=5) as r:
                     if r.status == 200:
                         return
+            except urllib.error.HTTPError as e:
+                if not self.healthy:
+                    return
+                e.close()
             except OSError:
                 pass
             if time.monotonic() > deadline:

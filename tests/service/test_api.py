@@ -390,3 +390,16 @@ class TestEmbedded(testtools.TestCase):
         self.assertEqual(0, service.process.returncode, service.log())
         self.assertNotIn("weed", subprocess.run(["ps", "-o", "args=", "--ppid", str(weed)], capture_output=True,
                                                 text=True, check=False).stdout)
+
+
+class TestHealth(testtools.TestCase):
+
+    def test_missing_element_disables_the_service(self):
+        service = self.useFixture(sf.Service(engine="none", healthy=False,
+                                             args=["--elements-linux", "mounters no-such-check convert-qemu"]))
+        e = self.assertRaises(urllib.error.HTTPError, urllib.request.urlopen, service.url + "/healthz")
+        self.assertEqual(503, e.code)
+        health = json.load(e)
+        self.assertFalse(health["ok"])
+        self.assertIn("no-such-check", health["toolkit"])
+        self.assertEqual("ok", health["database"])
