@@ -132,6 +132,12 @@ class Service:
         if not ok:
             raise invalid(name, url, f"Only URLs on the service's object store are fetched: {reason}.")
 
+    def require_toolkit(self):
+        """New tasks only while the toolkit answers (describe and cancel still work)."""
+        toolkit = self.health()["toolkit"]
+        if toolkit != "ok":
+            raise EC2Error("ServiceUnavailable", f"Imports are disabled: the imaging toolkit {toolkit}")
+
     def submitted(self):
         """A task was submitted: the embedded workers look at once."""
         if self.workers is not None:

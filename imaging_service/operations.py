@@ -223,6 +223,7 @@ def _no_encryption(params):
 
 def _submit(ctx, kind, task_params, client_token=None, wait_for_upload=False):
     s = ctx.settings
+    ctx.service.require_toolkit()
     task_params["access_key"] = ctx.access_key  # the worker reads user buckets with the user's key
     task = tasks.submit(ctx.db, ctx.account, kind, task_params, client_token=client_token,
                         wait_for_upload=wait_for_upload, max_active=s.max_active_tasks,

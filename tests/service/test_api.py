@@ -403,3 +403,10 @@ class TestHealth(testtools.TestCase):
         self.assertFalse(health["ok"])
         self.assertIn("no-such-check", health["toolkit"])
         self.assertEqual("ok", health["database"])
+        # Disabled for new imports; reading still works.
+        access, secret, _ = service.credential()
+        ec2 = service.client(access, secret)
+        error = self.assertRaises(ClientError, ec2.import_image, DiskContainers=[{"Format": "RAW", "UserBucket": BUCKET}])
+        self.assertEqual("ServiceUnavailable", error.response["Error"]["Code"])
+        self.assertIn("no-such-check", error.response["Error"]["Message"])
+        self.assertEqual([], ec2.describe_import_image_tasks()["ImportImageTasks"])
