@@ -179,6 +179,21 @@ class EmbeddedSeaweed:
         os.chmod(self.dir, 0o700)
         self._revoked = []  # a fresh gateway knows only the file
         self._write_config()
+        fixed_port = self.port is not None
+        for attempt in range(3):
+            try:
+                self._start_once()
+                return self
+            except SeaweedError:
+                # A port taken between our check and weed's bind: try other free ports.
+                if attempt == 2:
+                    raise
+                if not fixed_port:
+                    self.port = None
+                time.sleep(1)  # a fixed port may still be held by a store that is stopping
+        return self
+
+    def _start_once(self):
         ports = {name: free_port_pair() for name in ("master", "volume", "filer", "admin")}
         if self.port is None:
             self.port = free_port_pair()
@@ -197,7 +212,6 @@ class EmbeddedSeaweed:
         except BaseException:
             self.stop()
             raise
-        return self
 
     def _wait_ready(self):
         deadline = time.monotonic() + READY_TIMEOUT
