@@ -36,6 +36,7 @@ SETTINGS = [
 
 USER_ACTIONS = ("Admin", "Read", "Write", "List", "Tagging")
 READY_TIMEOUT = 60
+STOP_GRACE = 5  # seconds from SIGTERM to SIGKILL
 
 
 class SeaweedError(Exception):
@@ -101,10 +102,11 @@ def identity_config(identities):
 
 
 def _die_with_parent():
-    # The store must not outlive a killed service: SIGTERM when our parent dies.
+    # The store must not outlive a killed service.  SIGKILL: `weed mini` does not exit on
+    # SIGTERM or SIGINT once its admin worker is retrying (seen with 4.48).
     os.setsid()
     with contextlib.suppress(Exception):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 class EmbeddedSeaweed:
@@ -234,7 +236,7 @@ class EmbeddedSeaweed:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGTERM)
         try:
-            process.wait(15)
+            process.wait(STOP_GRACE)
         except subprocess.TimeoutExpired:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(process.pid, signal.SIGKILL)

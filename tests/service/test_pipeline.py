@@ -369,11 +369,13 @@ class TestFaults(PipelineTest):
         self.wait_step(task_id, "validate")
         time.sleep(2)
         service.stop(signal.SIGKILL)
-        # The toolkit child gets SIGTERM from the kernel (PR_SET_PDEATHSIG) and releases its mounts.
-        deadline = time.monotonic() + 20
-        while subprocess.run(["pgrep", "-f", f"{service.state_dir}/work"], stdout=subprocess.PIPE, check=False).stdout \
-                and time.monotonic() < deadline:
-            time.sleep(0.5)
+        # The toolkit child gets SIGTERM from the kernel (PR_SET_PDEATHSIG) and releases its mounts;
+        # the object store gets SIGKILL the same way.
+        for what, timeout in ((f"{service.state_dir}/work", 20), (f"{service.state_dir}/seaweedfs", 5)):
+            deadline = time.monotonic() + timeout
+            while subprocess.run(["pgrep", "-f", what], stdout=subprocess.PIPE, check=False).stdout:
+                self.assertLess(time.monotonic(), deadline, f"a process of {what} outlived the service")
+                time.sleep(0.5)
         service.start()
         with self.db().session() as s:
             self.assertIn(s.get(tasks.Task, task_id).state, ("converting", "pending"))
