@@ -23,7 +23,8 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from imaging_service import fetch, manifest
+from imaging_service import fetch, manifest, tasks
+from imaging_service.db import Database
 from imaging_service.objectstore import ObjectStore, ObjectStoreError
 from imaging_service.seaweed import free_port_pair
 from tests.guestimages import linux_disk
@@ -52,12 +53,14 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size-mib", type=int, default=1024)
     parser.add_argument("--dir", default="/var/tmp")
+    parser.add_argument("--nice", type=int, default=10,
+                        help="the service's --nice for its toolkit (the bare run has the caller's)")
     args = parser.parse_args()
     work = tempfile.mkdtemp(prefix="service-1g-", dir=args.dir)
     s3_port = free_port_pair()
     service = sf.Service(engine="embedded", state_dir=os.path.join(work, "state"), start_timeout=120, args=[
         "--cache", "false", "--instance-validation", "false", "--upload-poll", "1s", "--s3-port", str(s3_port),
-        "--elements-linux", " ".join(ELEMENTS)])
+        "--elements-linux", " ".join(ELEMENTS), "--nice", str(args.nice)])
     try:
         disk = make_disk(work, args.size_mib)
         size = os.path.getsize(disk)
@@ -81,11 +84,21 @@ def main():
         task_id = ec2.import_volume(AvailabilityZone="us-east-1a", Volume={"Size": -(-size // 1024 ** 3)},
                                     Image={"Format": "RAW", "Bytes": size, "ImportManifestUrl": url}
                                     )["ConversionTask"]["ConversionTaskId"]
+        db = Database("sqlite:///" + os.path.join(service.state_dir, "service.db"))
+        steps, last = [], None
         while True:
             task = ec2.describe_conversion_tasks(ConversionTaskIds=[task_id])["ConversionTasks"][0]
+            with db.session() as s:
+                row = s.get(tasks.Task, task_id)
+                if (row.state, row.step) != last:
+                    last = (row.state, row.step)
+                    steps.append((time.perf_counter() - started, row.step or row.state))
             if task["State"] in ("completed", "cancelled"):
                 break
             time.sleep(0.2)
+        db.dispose()
+        print("steps: " + ", ".join(f"{name} {b[0] - a[0]:.1f} s" for a, b, name in
+                                    zip(steps, steps[1:], [n for _, n in steps])), flush=True)
         served = time.perf_counter() - started
         if task["State"] != "completed":
             sys.exit(f"the import failed: {task.get('StatusMessage')}")
