@@ -128,10 +128,8 @@ class EmbeddedWorkers:
 
     def stop(self, timeout=30):
         """Stop the threads; running tasks' toolkits are stopped and left for a retry."""
-        self._stop.set()
+        self._stop.set()  # also every running job's `shutdown`
         self._wake.set()
-        for job in list(self.running.values()):
-            job.shutdown.set()
         for thread in self._threads:
             thread.join(timeout)
         self._threads = []
@@ -178,7 +176,7 @@ class EmbeddedWorkers:
         os.makedirs(work_dir, mode=0o700)
         job = pipeline.Job(db=self.db, task=task, worker_id=worker_id, settings=self.settings, store=self.store,
                            user_store=None, work_dir=work_dir, allowed_endpoints=self.allowed_endpoints,
-                           scratch=self.scratch, heartbeat=self.heartbeat)
+                           scratch=self.scratch, heartbeat=self.heartbeat, shutdown=self._stop)
         self.running[task.id] = job
         try:
             job.user_store = self._user_store(task)
