@@ -103,7 +103,6 @@ class Job:
     allowed_endpoints: list
     scratch: object = None     # worker.Scratch: reservations of the worker's scratch space
     heartbeat: float = 2.0
-    child_pids: list = dataclasses.field(default_factory=list)
     shutdown: threading.Event = dataclasses.field(default_factory=threading.Event)  # the service stops
     step: str | None = None
 
@@ -457,13 +456,11 @@ def _toolkit(job, report, elements, source, input_type, output, output_type, fet
                 preexec_fn=_child_setup)  # noqa: PLW1509 - setsid and prctl only
     finally:
         os.close(write_fd)
-    job.child_pids.append(child.pid)
     try:
         events = _follow(job, report, child, read_fd, fetched)
     finally:
         os.close(read_fd)
         _stop_child(child)
-        job.child_pids.remove(child.pid)
     if not os.path.exists(result_path):
         _log_tail(job, os.path.join(job.work_dir, f"{name}.log"))
         cleanup_toolkit_dir(toolkit_work)
@@ -534,14 +531,12 @@ def _follow(job, report, child, read_fd, fetched):
         else:
             time.sleep(0.1)
         now = time.monotonic()
-        if now - last_check >= 1.0:
+        if now - last_check >= 1.0:  # a cancel is seen within a second
             last_check = now
             if not events.stopped and report.stopped():
                 events.stopped = True
-            try:
-                report(force=True)  # the heartbeat
-            except TaskStopped:
-                events.stopped = True
+        if now - report.last >= job.heartbeat:
+            _report(report, events, force=True)  # the heartbeat, also while a hook says nothing
         if events.stopped and term_sent is None and child.poll() is None:
             # The toolkit's ProcessGuard turns SIGTERM into a cancel that releases everything.
             with contextlib.suppress(ProcessLookupError):
