@@ -21,6 +21,9 @@ class Database:
     def __init__(self, url, echo=False):
         self.url = url
         self.is_sqlite = url.startswith("sqlite")
+        if self.is_sqlite and (url.rstrip("/") == "sqlite:" or ":memory:" in url):
+            raise ValueError(f"database {url}: an in-memory SQLite database is not shared between the "
+                             "service's threads; give a file (sqlite:////path/service.db)")
         # Enough pooled connections for the API threads, the workers and the maintenance: a
         # connection closed and opened again under load costs far more than an idle one.
         kwargs = {"pool_size": 20, "max_overflow": 20}
