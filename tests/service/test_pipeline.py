@@ -8,6 +8,7 @@ import hashlib
 import os
 import signal
 import subprocess
+import threading
 import time
 
 from botocore.exceptions import ClientError
@@ -204,6 +205,57 @@ class TestImports(PipelineTest):
         self.assertEqual(os.path.getsize(raw), task["ImportVolume"]["BytesConverted"])
         volume = ec2.describe_volumes(VolumeIds=[volume_id])["Volumes"][0]
         self.assertEqual(volume_id, volume["VolumeId"])
+        self.assert_no_work_left()
+
+
+class TestLimits(PipelineTest):
+
+    def converting_sampler(self):
+        """Starts sampling how many tasks convert at once; returns a function giving the peak."""
+        db, peak, done = self.db(), [0], threading.Event()
+
+        def sample():
+            while not done.wait(0.1):
+                with db.session() as s:
+                    peak[0] = max(peak[0], s.query(tasks.Task).filter(tasks.Task.state == "converting").count())
+        thread = threading.Thread(target=sample, daemon=True)
+        thread.start()
+
+        def stop():
+            done.set()
+            thread.join()
+            return peak[0]
+        return stop
+
+    def test_concurrency_limit(self):
+        self.start("--workers", "1", "--cache", "false")
+        ec2, store, bucket, _account = self.user()
+        raw, _ = self.vmdk()
+        store.put_file(raw, bucket, "disk.raw")
+        stop = self.converting_sampler()
+        ids = [self.import_image(ec2, bucket, "disk.raw", fmt="RAW") for _ in range(3)]
+        found = [self.wait_image(ec2, task_id) for task_id in ids]
+        self.assertEqual(["completed"] * 3, [t["Status"] for t in found])
+        self.assertEqual(1, stop())
+
+    def test_scratch_reservation_waits(self):
+        """Two tasks, scratch space for one: the second waits, says so, then runs."""
+        self.start("--workers", "2", "--cache", "false", "--scratch-space", "60M")
+        ec2, store, bucket, _account = self.user()
+        raw, _ = self.vmdk()  # 26 MiB: a task reserves twice that
+        store.put_file(raw, bucket, "disk.raw")
+        ids = [self.import_image(ec2, bucket, "disk.raw", fmt="RAW") for _ in range(2)]
+        messages = set()
+        deadline = time.monotonic() + 180
+        while True:
+            found = ec2.describe_import_image_tasks(ImportTaskIds=ids)["ImportImageTasks"]
+            messages |= {t.get("StatusMessage") for t in found}
+            if all(t["Status"] in ("completed", "deleted") for t in found) or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        self.assertEqual(["completed"] * 2, [t["Status"] for t in found], found)
+        self.assertTrue(any("waiting for 54525952 bytes of scratch space" in (m or "") for m in messages),
+                        messages)
         self.assert_no_work_left()
 
 
