@@ -207,6 +207,34 @@ class TestImports(PipelineTest):
         self.assertEqual(volume_id, volume["VolumeId"])
         self.assert_no_work_left()
 
+    def test_import_snapshot_by_url_and_import_instance(self):
+        self.start()
+        ec2, store, bucket, _account = self.user()
+        raw, vmdk = self.vmdk()
+        store.put_file(vmdk, bucket, "disk.vmdk")
+        url = store.presign("get_object", bucket, "disk.vmdk")
+        snap_task = ec2.import_snapshot(DiskContainer={"Format": "VMDK", "Url": url})["ImportTaskId"]
+        _, manifest_url = manifest.upload(store, raw, bucket, "inst/", "RAW", part_size=8 * MiB)
+        instance_task = ec2.import_instance(
+            Platform="Linux", LaunchSpecification={"Architecture": "x86_64"},
+            DiskImages=[{"Image": {"Format": "RAW", "Bytes": os.path.getsize(raw),
+                                   "ImportManifestUrl": manifest_url}, "Volume": {"Size": 1}}]
+        )["ConversionTask"]["ConversionTaskId"]
+        deadline = time.monotonic() + 180
+        while True:
+            snap = ec2.describe_import_snapshot_tasks(ImportTaskIds=[snap_task])["ImportSnapshotTasks"][0]
+            if snap["SnapshotTaskDetail"]["Status"] in ("completed", "deleted") or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        self.assertEqual("completed", snap["SnapshotTaskDetail"]["Status"], snap)
+        snapshot_id = snap["SnapshotTaskDetail"]["SnapshotId"]
+        self.assertEqual(snapshot_id, ec2.describe_snapshots(SnapshotIds=[snapshot_id])["Snapshots"][0]["SnapshotId"])
+        task = self.wait_conversion(ec2, instance_task)
+        self.assertEqual("completed", task["State"], task)
+        volume_id = task["ImportInstance"]["Volumes"][0]["Volume"]["Id"]
+        self.assertEqual(volume_id, ec2.describe_volumes(VolumeIds=[volume_id])["Volumes"][0]["VolumeId"])
+        self.assert_no_work_left()
+
 
 class TestLimits(PipelineTest):
 
