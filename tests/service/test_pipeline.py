@@ -11,6 +11,7 @@ import subprocess
 import threading
 import time
 
+import testtools
 from botocore.exceptions import ClientError
 
 from imaging_service import manifest, tasks
@@ -233,6 +234,23 @@ class TestImports(PipelineTest):
         self.assertEqual("completed", task["State"], task)
         volume_id = task["ImportInstance"]["Volumes"][0]["Volume"]["Id"]
         self.assertEqual(volume_id, ec2.describe_volumes(VolumeIds=[volume_id])["Volumes"][0]["VolumeId"])
+        self.assert_no_work_left()
+
+
+@testtools.skipIf(sf.PostgreSQL.missing(), sf.PostgreSQL.missing())
+class TestOnPostgreSQL(PipelineTest):
+
+    def test_import_image_with_postgresql(self):
+        """The same workers and claims (SKIP LOCKED) on PostgreSQL: two imports, both completed."""
+        pg = self.useFixture(sf.PostgreSQL())
+        self.start("--database-url", pg.url, "--cache", "false")
+        ec2, store, bucket, _account = self.user()
+        _, vmdk = self.vmdk()
+        store.put_file(vmdk, bucket, "disk.vmdk")
+        ids = [self.import_image(ec2, bucket, "disk.vmdk") for _ in range(2)]
+        found = [self.wait_image(ec2, task_id) for task_id in ids]
+        self.assertEqual(["completed"] * 2, [t["Status"] for t in found], found)
+        self.assertEqual(2, len({t["ImageId"] for t in found}))
         self.assert_no_work_left()
 
 
