@@ -171,7 +171,8 @@ class TestImportImage(APITestCase):
         task_id = started["ImportTaskId"]
         self.assertRegex(task_id, r"^import-snap-")
         found = self.ec2.describe_import_snapshot_tasks(ImportTaskIds=[task_id])["ImportSnapshotTasks"][0]
-        self.assertEqual(("active", "RAW"), (found["SnapshotTaskDetail"]["Status"], found["SnapshotTaskDetail"]["Format"]))
+        detail = found["SnapshotTaskDetail"]
+        self.assertEqual(("active", "RAW"), (detail["Status"], detail["Format"]))
         self.assertEqual("deleted", self.ec2.cancel_import_task(ImportTaskId=task_id)["State"])
 
 
@@ -187,7 +188,8 @@ class TestErrorsAndIsolation(APITestCase):
             self.assertIn(task_id, e.response["Error"]["Message"])
             self.assertError("InvalidConversionTaskId", other.cancel_import_task, ImportTaskId=task_id)
         self.assertEqual([], other.describe_import_image_tasks()["ImportImageTasks"])
-        self.assertEqual("active", self.ec2.describe_import_image_tasks(ImportTaskIds=[mine])["ImportImageTasks"][0]["Status"])
+        tasks = self.ec2.describe_import_image_tasks(ImportTaskIds=[mine])["ImportImageTasks"]
+        self.assertEqual("active", tasks[0]["Status"])
 
     def test_malformed_ids(self):
         self.assertError("InvalidConversionTaskId.Malformed", self.ec2.describe_import_image_tasks,
@@ -353,7 +355,8 @@ class TestExport(APITestCase):
                                         Description="to vmdk")
         task_id = started["ExportImageTaskId"]
         self.assertRegex(task_id, r"^export-ami-[0-9a-f]{17}$")
-        self.assertEqual(("active", "VMDK", image_id), (started["Status"], started["DiskImageFormat"], started["ImageId"]))
+        self.assertEqual(("active", "VMDK", image_id),
+                         (started["Status"], started["DiskImageFormat"], started["ImageId"]))
         found = self.ec2.describe_export_image_tasks(ExportImageTaskIds=[task_id])["ExportImageTasks"]
         self.assertEqual([(task_id, location)], [(t["ExportImageTaskId"], t["S3ExportLocation"]) for t in found])
         # Another account can neither see nor export it: the image "does not exist".
@@ -418,7 +421,8 @@ class TestHealth(testtools.TestCase):
         # Disabled for new imports; reading still works.
         access, secret, _ = service.credential()
         ec2 = service.client(access, secret)
-        error = self.assertRaises(ClientError, ec2.import_image, DiskContainers=[{"Format": "RAW", "UserBucket": BUCKET}])
+        error = self.assertRaises(ClientError, ec2.import_image,
+                                  DiskContainers=[{"Format": "RAW", "UserBucket": BUCKET}])
         self.assertEqual("ServiceUnavailable", error.response["Error"]["Code"])
         self.assertIn("no-such-check", error.response["Error"]["Message"])
         self.assertEqual([], ec2.describe_import_image_tasks()["ImportImageTasks"])
