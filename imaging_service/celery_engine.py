@@ -9,7 +9,9 @@ a broker message only says "look at task ID".
 - a worker claims the task by id with a conditional UPDATE (pending ->
   converting), so a redelivered or duplicated message never runs a task
   twice; a task still converting under a worker that stopped heart-beating
-  is first requeued (tasks.requeue_orphans), then claimed;
+  is first requeued (tasks.requeue_orphans), then claimed; one whose worker
+  still heart-beats is left to it (the message is acknowledged: should that
+  worker die, every worker's housekeeping requeues and publishes it again);
 - late acknowledgement, reject-on-worker-lost and prefetch 1: a worker
   killed mid-task has its message redelivered, and holds no more messages
   than it runs;
@@ -30,7 +32,18 @@ import socket
 import threading
 import time
 
-from sqlalchemy import BigInteger, Boolean, Column, DateTime, Integer, MetaData, String, Table, select, update
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Column,
+    DateTime,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    select,
+    update,
+)
 
 from imaging_service import fetch, tasks
 from imaging_service.config import Setting
@@ -232,8 +245,9 @@ class CeleryWorker:
             tasks.requeue_orphans(db, local.orphan_after, local.max_attempts)
             state = state_of(db, task_id)
             if state == "converting":
-                self._retry_later(celery_task, "still running elsewhere (fresh heartbeat)",
-                                  max(1.0, local.orphan_after / 2))
+                # Its worker heart-beats: it finishes it.  Should that worker die, the
+                # housekeeping of every worker requeues the task and publishes it again.
+                return "running on another worker"
         if state != "pending":
             return f"nothing to do: {state}"  # ended, cancelled, or waiting for its upload
         if self.draining:
@@ -301,7 +315,7 @@ class CeleryWorker:
                     for task_id in stale_pending(self.db, self.redispatch_after):
                         log.info("task %s: pending for %s s; published again", task_id, self.redispatch_after)
                         self.app.send_task(TASK_NAME, args=[task_id])
-            except Exception:  # noqa: BLE001 -- keep housekeeping; say why
+            except Exception:
                 log.exception("housekeeping failed")
 
     def main(self, loglevel="INFO"):
@@ -330,6 +344,6 @@ class CeleryWorker:
             keeper.join(10)
             try:
                 forget(self.db, self.name)
-            except Exception:  # noqa: BLE001
+            except Exception:
                 log.exception("could not remove this worker's announcement")
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
