@@ -57,15 +57,15 @@ class RabbitMQ(fixtures.Fixture):
         self.start()
 
     def start(self, timeout=90):
-        self.log = open(os.path.join(self.dir, "server.out"), "ab")
-        self.process = subprocess.Popen([os.path.join(RABBIT_BIN, "rabbitmq-server")], env=self.env,
-                                        stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+        with open(os.path.join(self.dir, "server.out"), "ab") as log:
+            self.process = subprocess.Popen([os.path.join(RABBIT_BIN, "rabbitmq-server")], env=self.env,
+                                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + timeout
         while True:
             if self.process.poll() is not None:
                 raise AssertionError(f"rabbitmq-server exited with {self.process.returncode}: {self.output()}")
             done = subprocess.run([os.path.join(RABBIT_BIN, "rabbitmqctl"), "-q", "await_startup", "--timeout", "5"],
-                                  env=self.env, capture_output=True, text=True)
+                                  check=False, env=self.env, capture_output=True, text=True)
             if done.returncode == 0:
                 return
             if time.monotonic() > deadline:
@@ -80,7 +80,7 @@ class RabbitMQ(fixtures.Fixture):
         if self.process is None:
             return
         if self.process.poll() is None:
-            subprocess.run([os.path.join(RABBIT_BIN, "rabbitmqctl"), "-q", "stop"], env=self.env,
+            subprocess.run([os.path.join(RABBIT_BIN, "rabbitmqctl"), "-q", "stop"], check=False, env=self.env,
                            capture_output=True, timeout=60)
             try:
                 self.process.wait(30)
@@ -92,10 +92,10 @@ class RabbitMQ(fixtures.Fixture):
             pass
         self.process.wait()
         self.process = None
-        self.log.close()
 
     def _kill_epmd(self):
-        subprocess.run(["epmd", "-port", str(self.epmd_port), "-kill"], env=self.env, capture_output=True)
+        subprocess.run(["epmd", "-port", str(self.epmd_port), "-kill"], check=False, env=self.env,
+                       capture_output=True)
 
 
 class Cluster(fixtures.Fixture):

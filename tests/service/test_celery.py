@@ -9,6 +9,7 @@ import signal
 import time
 
 import testtools
+from botocore.exceptions import EndpointConnectionError
 
 from imaging_service import celery_engine, tasks
 from imaging_service.db import Database
@@ -128,7 +129,7 @@ class TestCeleryEngine(CeleryTest):
 
         # Kill a front-end: the other answers and dispatches.
         front_a.stop(signal.SIGKILL)
-        self.assertRaises(Exception, ec2_a.describe_import_image_tasks)
+        self.assertRaises(EndpointConnectionError, ec2_a.describe_import_image_tasks)
         key = self.upload_vmdk("after-kill.vmdk")
         task_id = self.import_image(ec2_b, key, ClientToken="after-kill")
         self.assertEqual(task_id, self.import_image(ec2_b, key, ClientToken="after-kill"))
