@@ -41,9 +41,11 @@ from sqlalchemy import (
     MetaData,
     String,
     Table,
+    inspect,
     select,
     update,
 )
+from sqlalchemy.exc import DBAPIError
 
 from imaging_service import fetch, tasks
 from imaging_service.config import Setting
@@ -72,7 +74,7 @@ workers_table = Table(
     Column("scratch_capacity", BigInteger, nullable=False),
     Column("scratch_free", BigInteger, nullable=False),
     Column("draining", Boolean, nullable=False, default=False),
-    Column("heartbeat_at", DateTime, nullable=False),
+    Column("heartbeat_at", DateTime(timezone=True), nullable=False),
 )
 
 
@@ -187,8 +189,19 @@ def forget(db, name):
         s.execute(workers_table.delete().where(workers_table.c.name == name))
 
 
+def ensure_schema(db):
+    """The announcements table, made by whoever needs it first (two workers starting at
+    once may both try: the loser finds it made)."""
+    try:
+        metadata.create_all(db.engine, checkfirst=True)
+    except DBAPIError:
+        if not inspect(db.engine).has_table(workers_table.name):
+            raise
+
+
 def live_workers(db, within):
     """Announcements heard in the last `within` seconds: list of dicts."""
+    ensure_schema(db)
     cutoff = utcnow() - datetime.timedelta(seconds=within)
     with db.session() as s:
         return [dict(r._mapping) for r in s.execute(select(workers_table)
@@ -221,7 +234,7 @@ class CeleryWorker:
         self.name = f"{socket.gethostname()}/{os.getpid()}-{secrets.token_hex(3)}"
         self.redispatch_after = seconds(getattr(settings, "redispatch_after", None), 600.0)
         self.draining = False
-        metadata.create_all(db.engine, checkfirst=True)
+        ensure_schema(db)
         self._register_task()
 
     def _register_task(self):

@@ -188,3 +188,39 @@ class TestCeleryEngine(CeleryTest):
             self.assertEqual("completed", self.wait(ec2, task_id, timeout=240)["Status"])
             self.assertEqual(1, self.row(task_id).attempts)
         self.assert_work_dirs_empty(workers)
+
+    def test_api_behaves_as_on_the_embedded_engine(self):
+        """A representative subset of tests/service/test_api.py on celery front-ends (no
+        worker runs here, so tasks stay pending until cancelled)."""
+        from botocore.exceptions import ClientError
+        c = self.cluster()
+        front_a, front_b = c.frontend(), c.frontend()
+        ec2_a, ec2_b = self.ec2(front_a), self.ec2(front_b)
+        key = self.upload_vmdk()
+        task_id = self.import_image(ec2_a, key, Description="my image", ClientToken="t1")
+        task = ec2_b.describe_import_image_tasks(ImportTaskIds=[task_id])["ImportImageTasks"][0]
+        self.assertEqual(("active", "pending", "my image"), (task["Status"], task["StatusMessage"],
+                                                             task["Description"]))
+        e = self.assertRaises(ClientError, self.import_image, ec2_b, key, Description="other", ClientToken="t1")
+        self.assertEqual("IdempotentParameterMismatch", e.response["Error"]["Code"])
+        e = self.assertRaises(ClientError, self.import_image, ec2_a, key, DryRun=True)
+        self.assertEqual("DryRunOperation", e.response["Error"]["Code"])
+        # Another account's task answers as one that does not exist.
+        other = c._credential(["--database-url", c.pg.url, "--key-file", c.key_file],
+                              os.path.join(c.dir, "admin"))
+        stranger = front_b.client(*other[:2])
+        self.assertEqual([], stranger.describe_import_image_tasks()["ImportImageTasks"])
+        e = self.assertRaises(ClientError, stranger.cancel_import_task, ImportTaskId=task_id)
+        self.assertIn("InvalidConversionTaskId", e.response["Error"]["Code"])
+        cancelled = ec2_b.cancel_import_task(ImportTaskId=task_id, CancelReason="changed my mind")
+        self.assertEqual(("active", "deleted"), (cancelled["PreviousState"], cancelled["State"]))
+        task = ec2_a.describe_import_image_tasks(ImportTaskIds=[task_id])["ImportImageTasks"][0]
+        self.assertEqual(("deleted", "changed my mind"), (task["Status"], task["StatusMessage"]))
+        # A worker that starts now gets the (published) message and leaves the cancelled task alone.
+        worker = c.worker()
+        deadline = time.monotonic() + 60
+        while not celery_engine.live_workers(self.db, 10) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        time.sleep(3)
+        self.assertEqual(("cancelled", 0), (self.row(task_id).state, self.row(task_id).attempts))
+        self.assertIn("nothing to do: cancelled", worker.log())
