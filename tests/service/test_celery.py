@@ -224,3 +224,25 @@ class TestCeleryEngine(CeleryTest):
         time.sleep(3)
         self.assertEqual(("cancelled", 0), (self.row(task_id).state, self.row(task_id).attempts))
         self.assertIn("nothing to do: cancelled", worker.log())
+
+
+class TestCeleryConfiguration(testtools.TestCase):
+
+    def test_app_settings(self):
+        from imaging_service import config
+        settings = config.resolve({"engine": "celery", "broker_url": "amqp://127.0.0.1:9//",
+                                   "state_dir": "/nonexistent"}, environ={})
+        app = celery_engine.make_celery(settings)
+        self.addCleanup(app.close)
+        conf = app.conf
+        self.assertEqual(("json", ["json"], 1, True, True),
+                         (conf.task_serializer, conf.accept_content, conf.worker_prefetch_multiplier,
+                          conf.task_acks_late, conf.task_reject_on_worker_lost))
+        queue = conf.task_queues[0]
+        self.assertEqual("imaging", queue.name)
+        self.assertGreater(queue.queue_arguments["x-consumer-timeout"], conf.task_time_limit * 1000)
+        self.assertGreater(conf.task_time_limit, settings.task_timeout.total_seconds())
+        self.assertLess(conf.task_time_limit * 1000, RabbitMQ.CONSUMER_TIMEOUT_MS)
+        self.assertRaises(config.ConfigError, config.resolve, {"engine": "celery-ish"}, environ={})
+        settings.broker_url = None
+        self.assertRaises(ValueError, celery_engine.make_celery, settings)
