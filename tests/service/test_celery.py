@@ -169,6 +169,25 @@ class TestCeleryEngine(CeleryTest):
         self.assertEqual(0, self.resources_of(task_id))
         self.assert_work_dirs_empty(workers)
 
+    def test_worker_without_room_declines(self):
+        """A worker whose scratch space cannot hold a task puts it back for one that can."""
+        c = self.cluster()
+        small = c.worker("--scratch-space", "64K")
+        big = c.worker()
+        front = c.frontend()
+        ec2 = self.ec2(front)
+        deadline = time.monotonic() + 60
+        while len(celery_engine.live_workers(self.db, 10)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        ids = [self.import_image(ec2, self.upload_vmdk(f"d{i}.vmdk")) for i in range(4)]
+        for task_id in ids:
+            self.assertEqual("completed", self.wait(ec2, task_id)["Status"])
+            task = self.row(task_id)
+            self.assertIn(f"/{big.process.pid}-", task.worker_id)
+            self.assertEqual(1, task.attempts)
+        self.assertIn("bytes of scratch", small.log())
+        self.assert_work_dirs_empty([small, big])
+
     def test_broker_stopped_and_restarted(self):
         c = self.cluster()
         workers = [c.worker(), c.worker()]
