@@ -21,12 +21,12 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import fixtures  # noqa: E402
+import fixtures
 
-from imaging_service.objectstore import ObjectStore  # noqa: E402
-from tests.guestimages import linux_disk  # noqa: E402
-from tests.imagebuild import MiB, qemu_convert  # noqa: E402
-from tests.service.celery_fixtures import Cluster  # noqa: E402
+from imaging_service.objectstore import ObjectStore
+from tests.guestimages import linux_disk
+from tests.imagebuild import MiB, qemu_convert
+from tests.service.celery_fixtures import Cluster
 
 ARGS = ["--instance-validation", "false", "--cache", "false", "--heartbeat", "1s", "--upload-poll", "1s",
         "--log-level", "warning", "--max-active-tasks", "100"]
