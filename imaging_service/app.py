@@ -46,7 +46,7 @@ class Service:
         self.db = Database(settings.database_url)
         self.db.upgrade()
         self.credentials = Credentials(self.db, settings.key_file)
-        self.store = self.seaweed = self.workers = None
+        self.store = self.seaweed = self.workers = self.dispatcher = None
         self._stop = threading.Event()
         self._maintenance = None
         self._identities = None
@@ -60,6 +60,12 @@ class Service:
             from imaging_service.worker import EmbeddedWorkers
             self.workers = EmbeddedWorkers(self.db, self.settings, self.store, credentials=self.credentials)
             self.workers.start()
+        elif self.settings.engine == "celery":  # workers elsewhere; the store must be a shared one
+            if not self.settings.s3_endpoint:
+                raise ValueError("the celery engine needs --s3-endpoint (an object store every machine reaches)")
+            self._start_object_store()
+            from imaging_service.celery_engine import Dispatcher
+            self.dispatcher = Dispatcher(self.settings)
         self._maintenance = threading.Thread(target=self._maintain, name="maintenance", daemon=True)
         self._maintenance.start()
 
@@ -116,6 +122,8 @@ class Service:
         finally:
             if self.seaweed is not None:
                 self.seaweed.stop()
+            if self.dispatcher is not None:
+                self.dispatcher.close()
             self.db.dispose()
 
     # ---- what the handlers ask -----------------------------------------------------------------
@@ -138,10 +146,13 @@ class Service:
         if toolkit != "ok":
             raise EC2Error("ServiceUnavailable", f"Imports are disabled: the imaging toolkit {toolkit}")
 
-    def submitted(self):
-        """A task was submitted: the embedded workers look at once."""
+    def submitted(self, task_id=None):
+        """A task was submitted (and committed): the embedded workers look at once; the
+        celery engine publishes it to the broker."""
         if self.workers is not None:
             self.workers.wake()
+        if self.dispatcher is not None and task_id is not None:
+            self.dispatcher.submitted(task_id)
 
     def health(self):
         """{part: "ok" or the reason}, cached for a few seconds."""

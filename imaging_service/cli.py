@@ -26,6 +26,12 @@ def parser():
                                               "the object store", epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     config.add_arguments(serve, rows)
+    # -- celery engine (docs/deployment.md): one worker machine --
+    worker = commands.add_parser("worker", help="run a celery-engine worker (conversions of tasks from "
+                                                "--broker-url) with its own --work-dir", epilog=EPILOG,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    config.add_arguments(worker, rows)
+    # -- end celery engine --
     creds = commands.add_parser("credentials", help="create, list or revoke access keys")
     verbs = creds.add_subparsers(dest="verb", required=True, metavar="VERB")
     create = verbs.add_parser("create", help="a new key pair, in a new account unless --account")
@@ -59,6 +65,8 @@ def main(argv=None):
     try:
         if args.command == "serve":
             return serve(settings)
+        if args.command == "worker":
+            return celery_worker(settings)
         return credentials(args, settings)
     except Exception as e:  # one line for the operator; the traceback with --log-level debug
         logging.getLogger("imaging_service").debug("failed", exc_info=True)
@@ -91,6 +99,27 @@ def serve(settings):
     finally:
         service.stop()
     return 0
+
+
+def celery_worker(settings):
+    """`imaging-service worker`: the celery engine's worker on this machine."""
+    from imaging_service.app import prepare_state_dir
+    from imaging_service.celery_engine import CeleryWorker
+    from imaging_service.credentials import Credentials
+    from imaging_service.db import Database
+    from imaging_service.objectstore import ObjectStore
+    if not settings.s3_endpoint:
+        raise ValueError("a worker needs --s3-endpoint (the object store the front-ends use)")
+    prepare_state_dir(settings.state_dir)
+    db = Database(settings.database_url)
+    try:
+        db.upgrade()
+        store = ObjectStore(settings.s3_endpoint, settings.s3_region or settings.region, settings.s3_access_key,
+                            settings.s3_secret_key)
+        return CeleryWorker(db, settings, store, Credentials(db, settings.key_file)).main(
+            loglevel=settings.log_level.upper())
+    finally:
+        db.dispose()
 
 
 def credentials(args, settings):

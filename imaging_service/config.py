@@ -24,7 +24,7 @@ from imaging_elements.config import parse_size
 PREFIX = "IMAGING_SERVICE_"
 # Modules whose SETTINGS lists are part of the table, in this order.
 MODULES = ("imaging_service.objectstore", "imaging_service.seaweed", "imaging_service.worker",
-           "imaging_service.pipeline")
+           "imaging_service.pipeline", "imaging_service.celery_engine")
 
 DURATION = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhd]?)$")
 
@@ -115,7 +115,8 @@ SETTINGS = [
             "default: STATE_DIR/secret.key", metavar="FILE"),
     Setting("region", "str", "us-east-1", "the region that request signatures must be scoped to"),
     Setting("engine", "str", "embedded",
-            "what runs the tasks: embedded (worker threads in this process) or none (API only; "
+            "what runs the tasks: embedded (worker threads in this process), celery (workers on "
+            "other machines through --broker-url; see docs/deployment.md) or none (API only; "
             "another process runs the workers)", metavar="ENGINE"),
     Setting("max_active_tasks", "int", 20, "most unfinished tasks one account may have", metavar="N"),
     Setting("upload_expiry", "duration", "7d",
@@ -187,8 +188,8 @@ def resolve(args=None, environ=os.environ, rows=None):
         out.database_url = "sqlite:///" + os.path.join(out.state_dir, "service.db")
     if not out.key_file:
         out.key_file = os.path.join(out.state_dir, "secret.key")
-    if out.engine not in ("embedded", "none"):
-        raise ConfigError(f"engine {out.engine!r}: expected embedded or none")
+    if out.engine not in ("embedded", "none", "celery"):
+        raise ConfigError(f"engine {out.engine!r}: expected embedded, celery or none")
     return out
 
 

@@ -228,7 +228,7 @@ def _submit(ctx, kind, task_params, client_token=None, wait_for_upload=False):
     task = tasks.submit(ctx.db, ctx.account, kind, task_params, client_token=client_token,
                         wait_for_upload=wait_for_upload, max_active=s.max_active_tasks,
                         upload_expiry=s.upload_expiry)
-    ctx.service.submitted()
+    ctx.service.submitted(task.id)
     return task
 
 
