@@ -21,16 +21,28 @@ class Database:
     def __init__(self, url, echo=False):
         self.url = url
         self.is_sqlite = url.startswith("sqlite")
-        kwargs = {}
+        if self.is_sqlite and (url.rstrip("/") == "sqlite:" or ":memory:" in url):
+            raise ValueError(f"database {url}: an in-memory SQLite database is not shared between the "
+                             "service's threads; give a file (sqlite:////path/service.db)")
+        # Enough pooled connections for the API threads, the workers and the maintenance: a
+        # connection closed and opened again under load costs far more than an idle one.
+        kwargs = {"pool_size": 20, "max_overflow": 20}
         if self.is_sqlite:
             # Python's sqlite3 opens transactions on its own; take that over (SQLAlchemy's recipe).
             kwargs["connect_args"] = {"timeout": 30, "isolation_level": None}
         else:
-            kwargs.update(pool_size=10, max_overflow=20, pool_pre_ping=True)
+            kwargs["pool_pre_ping"] = True
         self.engine = create_engine(url, echo=echo, **kwargs)
         if self.is_sqlite:
             event.listen(self.engine, "connect", _sqlite_connect)
             event.listen(self.engine, "begin", _sqlite_begin)
+            # WAL is a property of the file: set once here, not on every new connection (the
+            # pragma takes a lock, and would wait behind a writer).
+            raw = self.engine.raw_connection()
+            try:
+                raw.cursor().execute("PRAGMA journal_mode=WAL")
+            finally:
+                raw.close()
         self._write_engine = self.engine.execution_options(sqlite_immediate=True)
 
     @contextlib.contextmanager
@@ -56,7 +68,6 @@ class Database:
 
 def _sqlite_connect(dbapi_connection, record):
     cursor = dbapi_connection.cursor()
-    cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.execute("PRAGMA busy_timeout=30000")

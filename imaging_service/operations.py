@@ -493,6 +493,12 @@ def describe_export_image_tasks(ctx, params):
     return {"ExportImageTasks": views, "NextToken": token}
 
 
+def cancel_export_task(ctx, params):
+    check_task_id(params["ExportTaskId"], ("export-image",))
+    _cancel(ctx, params["ExportTaskId"], ("export-image",), "cancelled by the user")
+    return {}
+
+
 HANDLERS = {
     "ImportImage": import_image,
     "ImportSnapshot": import_snapshot,
@@ -508,4 +514,5 @@ HANDLERS = {
     "DescribeVolumes": describe_volumes,
     "ExportImage": export_image,
     "DescribeExportImageTasks": describe_export_image_tasks,
+    "CancelExportTask": cancel_export_task,
 }

@@ -356,6 +356,10 @@ class TestExport(APITestCase):
         self.assertError("InvalidAMIID.NotFound", other.describe_images, ImageIds=[image_id])
         self.assertEqual([], other.describe_images(Owners=["self"])["Images"])
         self.assertError("InvalidConversionTaskId", other.describe_export_image_tasks, ExportImageTaskIds=[task_id])
+        self.assertError("InvalidConversionTaskId", other.cancel_export_task, ExportTaskId=task_id)
+        self.ec2.cancel_export_task(ExportTaskId=task_id)
+        found = self.ec2.describe_export_image_tasks(ExportImageTaskIds=[task_id])["ExportImageTasks"]
+        self.assertEqual([("deleted", "cancelled by the user")], [(t["Status"], t["StatusMessage"]) for t in found])
 
 
 class TestEmbedded(testtools.TestCase):
