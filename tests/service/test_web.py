@@ -1,0 +1,230 @@
+"""The queue page in a real browser: Debian's chromium and chromedriver driven by Selenium,
+headless, against `imaging-service serve` with its embedded store and workers.  Imports are
+submitted with the `imaging` command.  Screenshots go to $IMG_TEST_ARTIFACTS (or a
+directory printed in the test's output)."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+
+from tests.service.test_pipeline import PipelineTest
+
+CHROMEDRIVER = "/usr/bin/chromedriver"
+CHROMIUM = "/usr/bin/chromium"
+STEP_HOOK = "#!/bin/bash\n# a validator that takes a few seconds: progress can be watched\nsleep 6\n"
+
+
+def artifacts_dir(name):
+    root = os.environ.get("IMG_TEST_ARTIFACTS") or os.path.join(tempfile.gettempdir(), "imaging-test-artifacts")
+    path = os.path.join(root, name)
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
+class WebTest(PipelineTest):
+
+    def setUp(self):
+        super().setUp()
+        for path in (CHROMEDRIVER, CHROMIUM):
+            if not os.access(path, os.X_OK):
+                self.skipTest(f"{path} is missing (Debian packages chromium, chromium-driver)")
+        self.shots = artifacts_dir("test_web")
+        print(f"screenshots: {self.shots}", file=sys.stderr)
+
+    def browser(self):
+        from selenium import webdriver
+        from selenium.webdriver.chrome.service import Service as DriverService
+        options = webdriver.ChromeOptions()
+        options.binary_location = CHROMIUM
+        profile = tempfile.mkdtemp(prefix="chromium-", dir=self.tmp)
+        for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                    "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-dev-shm-usage",
+                    f"--user-data-dir={profile}", "--window-size=1280,900"):
+            options.add_argument(arg)
+        driver = webdriver.Chrome(service=DriverService(executable_path=CHROMEDRIVER), options=options)
+        self.addCleanup(shutil.rmtree, profile, True)
+        self.addCleanup(driver.quit)
+        driver.implicitly_wait(0)
+        return driver
+
+    def shot(self, driver, name):
+        # The whole page, not only the window.
+        height = driver.execute_script("return document.documentElement.scrollHeight")
+        driver.set_window_size(1280, max(900, min(height + 40, 4000)))
+        driver.save_screenshot(os.path.join(self.shots, f"{name}.png"))
+
+    def until(self, what, predicate, timeout=60, driver=None):
+        deadline = time.monotonic() + timeout
+        while True:
+            value = predicate()
+            if value:
+                return value
+            if time.monotonic() > deadline:
+                page = driver.page_source[-3000:] if driver is not None else ""
+                raise AssertionError(f"timed out waiting for {what}\n{page}\n{self.service.log()[-3000:]}")
+            time.sleep(0.2)
+
+    def user_keys(self):
+        """A new account's (access, secret, account, bucket); the bucket made with its keys
+        (which also waits until the embedded store knows them)."""
+        from imaging_service.objectstore import ObjectStore, ObjectStoreError
+        access, secret, account = self.service.credential()
+        store = ObjectStore(f"http://127.0.0.1:{self.s3_port}", "us-east-1", access, secret)
+        bucket = f"web-{account}"
+        self.until("the store to know the keys", lambda: _ok(store.ensure_bucket, bucket, ObjectStoreError),
+                   timeout=30)
+        return access, secret, account, bucket
+
+    def sign_in(self, driver, access, secret):
+        from selenium.webdriver.common.by import By
+        driver.get(self.service.url + "/queue")
+        self.assertIn("/login", driver.current_url)
+        driver.find_element(By.ID, "access_key").send_keys(access)
+        driver.find_element(By.ID, "secret_key").send_keys(secret)
+        driver.find_element(By.ID, "sign-in").click()
+        self.until("the queue", lambda: driver.current_url.endswith("/queue"), driver=driver)
+
+    def imaging(self, access, secret, *args):
+        env = dict(os.environ, AWS_ACCESS_KEY_ID=access, AWS_SECRET_ACCESS_KEY=secret,
+                   AWS_DEFAULT_REGION="us-east-1", AWS_ENDPOINT_URL_EC2=self.service.url,
+                   AWS_ENDPOINT_URL_S3=f"http://127.0.0.1:{self.s3_port}", TMPDIR=self.tmp)
+        env.pop("AWS_PROFILE", None)
+        result = subprocess.run([sys.executable, "-m", "imaging_service.clients.imaging", *args],
+                                check=False, capture_output=True, text=True, env=env, timeout=300)
+        self.assertEqual(0, result.returncode, f"imaging {args}:\n{result.stdout}\n{result.stderr}")
+        return result.stdout
+
+    def test_queue_page(self):
+        from selenium.webdriver.common.by import By
+        hook = self.path("elements", "test-step", "validate.d", "10-step")
+        os.makedirs(os.path.dirname(hook))
+        with open(hook, "w") as f:
+            f.write(STEP_HOOK)
+        os.chmod(hook, 0o755)
+        self.start("--workers", "1", "--elements-path", self.path("elements"),
+                   "--elements-linux", "mounters validate-linux test-step convert-qemu")
+        access, secret, account, bucket = self.user_keys()
+        other_access, other_secret, other_account, other_bucket = self.user_keys()
+        other_ec2 = self.service.client(other_access, other_secret)
+        _, vmdk = self.vmdk()
+
+        driver = self.browser()
+        self.sign_in(driver, access, secret)
+        self.assertIn("Nothing is running", driver.page_source)
+        cookie = driver.get_cookie("imaging_session")
+        self.assertTrue(cookie["httpOnly"])
+        self.assertEqual("Strict", cookie["sameSite"])
+
+        # The other account's task (it fails: its object does not exist).
+        other_id = other_ec2.import_image(
+            DiskContainers=[{"Format": "VMDK", "UserBucket": {"S3Bucket": other_bucket, "S3Key": "none.vmdk"}}],
+            Platform="Linux")["ImportTaskId"]
+
+        first = json.loads(self.imaging(access, secret, "import", vmdk, "--bucket", bucket, "--no-wait", "--json",
+                                        "--platform", "Linux", "-d", "first"))["id"]
+        second = json.loads(self.imaging(access, secret, "import", vmdk, "--bucket", bucket, "--key", "second.vmdk",
+                                         "--no-wait", "--json", "--platform", "Linux"))["id"]
+
+        # The queue shows both (the page reloads itself when new tasks appear), not the other's.
+        self.until("both tasks on the queue", lambda: first in driver.page_source and second in driver.page_source,
+                   driver=driver)
+        self.assertNotIn(other_id, driver.page_source)
+
+        # Watch the first task's progress change on its page, without a reload.
+        driver.get(f"{self.service.url}/tasks/{first}")
+        driver.execute_script("window.notReloaded = true;")
+        seen = set()
+
+        def progress_moved():
+            seen.add(driver.find_element(By.CSS_SELECTOR, "[data-field=progress]").text)
+            return len(seen) >= 2
+        self.until(f"the progress of {first} to change (seen {seen})", progress_moved, timeout=120, driver=driver)
+        self.assertTrue(driver.execute_script("return window.notReloaded === true;"), "the page reloaded")
+        self.shot(driver, "1-task-converting")
+        driver.get(self.service.url + "/queue")
+        self.shot(driver, "2-queue-running")
+
+        # Cancel the second (it waits behind the first: one worker).
+        driver.get(f"{self.service.url}/tasks/{second}")
+        driver.find_element(By.ID, "cancel").click()
+        self.until("the cancel", lambda: "cancelled=1" in driver.current_url, driver=driver)
+        self.until("cancelled", lambda: driver.find_element(By.CSS_SELECTOR, "[data-field=state]").text
+                   == "cancelled", driver=driver)
+        self.assertIn("cancelled by the user on the queue page", driver.page_source)
+        self.shot(driver, "3-task-cancelled")
+
+        # The first completes; its log shows the validators and the registered image.
+        driver.get(f"{self.service.url}/tasks/{first}")
+        self.until("completed", lambda: driver.find_element(By.CSS_SELECTOR, "[data-field=state]").text
+                   == "completed", timeout=180, driver=driver)
+        self.until("the download button", lambda: driver.find_elements(By.ID, "download"), driver=driver)
+        log = driver.find_element(By.ID, "log").text
+        self.assertIn("validator", log)
+        self.assertIn("registered ami-", log)
+        self.shot(driver, "4-task-completed-log")
+
+        # Download: a presigned URL of the store, the converted raw image.
+        href = driver.find_element(By.ID, "download").get_attribute("href")
+        self.assertTrue(href.endswith(f"/tasks/{first}/download"))
+
+        driver.get(self.service.url + "/queue")
+        self.assertNotIn(other_id, driver.page_source)
+        self.shot(driver, "5-queue-finished")
+
+        # Another account's task answers as one that does not exist.
+        driver.get(f"{self.service.url}/tasks/{other_id}")
+        self.assertIn(f"No task {other_id}", driver.page_source)
+
+        # A cancel without the session's CSRF token is refused (the session cookie alone is not enough).
+        session = {"imaging_session": driver.get_cookie("imaging_session")["value"]}
+        status = post(f"{self.service.url}/tasks/{first}/cancel", {"csrf": "forged"}, session)
+        self.assertEqual(403, status)
+
+        # The operator sees every account's tasks and the workers.
+        op_access, op_secret, _ = self.service.credential(operator=True)
+        operator = self.browser()
+        self.sign_in(operator, op_access, op_secret)
+        self.until("the other account's task", lambda: other_id in operator.page_source, driver=operator)
+        self.assertIn(first, operator.page_source)
+        self.assertIn("Workers", operator.page_source)
+        self.assertIn("scratch space", operator.page_source)
+        self.assertIn(other_account, operator.page_source)
+        self.assertIn(account, operator.page_source)
+        self.shot(operator, "6-operator-queue")
+
+        # Pages are readable with JavaScript off: the server renders them.
+        status, body = get(f"{self.service.url}/tasks/{first}", session)
+        self.assertEqual(200, status)
+        self.assertIn("completed", body)
+
+
+def _ok(function, arg, errors):
+    try:
+        function(arg)
+        return True
+    except errors:
+        return False
+
+
+def post(url, form, cookies):
+    request = urllib.request.Request(url, data=urllib.parse.urlencode(form).encode(), method="POST",
+                                     headers={"Cookie": "; ".join(f"{k}={v}" for k, v in cookies.items())})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as r:
+            return r.status
+    except urllib.error.HTTPError as e:
+        e.close()
+        return e.code
+
+
+def get(url, cookies):
+    request = urllib.request.Request(url, headers={"Cookie": "; ".join(f"{k}={v}" for k, v in cookies.items())})
+    with urllib.request.urlopen(request, timeout=10) as r:
+        return r.status, r.read().decode()
