@@ -142,7 +142,7 @@ def cmd_import(args, ec2, s3):
     if fmt == "img":
         fmt = "raw"
     check_image(args.file, fmt)
-    bucket = args.bucket or f"imaging-{args.access_key.lower()}"
+    bucket = args.bucket
     key = args.key or f"{args.prefix or ''}{os.path.basename(args.file)}"
     upload(s3, args.file, bucket, key, quiet=args.quiet or args.json)
     container = {"Format": fmt.upper(), "UserBucket": {"S3Bucket": bucket, "S3Key": key}}
@@ -242,7 +242,9 @@ def parser():
     imp = verbs.add_parser("import", parents=[common], help="upload FILE, import it, follow it to its end")
     imp.add_argument("file", metavar="FILE")
     imp.add_argument("-f", "--format", help="RAW, VMDK, VHD, VHDX or QCOW2 (default: the file's extension)")
-    imp.add_argument("-b", "--bucket", help="bucket to upload to (default: imaging-ACCESSKEY, made if missing)")
+    imp.add_argument("-b", "--bucket", default=os.environ.get("IMAGING_BUCKET"), required=not os.environ.get(
+        "IMAGING_BUCKET"), help="bucket to upload to, made if missing (or IMAGING_BUCKET); on the service's "
+        "embedded store an account's buckets are named ACCOUNTID-...")
     imp.add_argument("--key", help="object key (default: PREFIX + the file's name)")
     imp.add_argument("--prefix", help="key prefix")
     imp.add_argument("--snapshot", action="store_true", help="ImportSnapshot instead of ImportImage")

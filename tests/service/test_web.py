@@ -77,7 +77,7 @@ class WebTest(PipelineTest):
         from imaging_service.objectstore import ObjectStore, ObjectStoreError
         access, secret, account = self.service.credential()
         store = ObjectStore(f"http://127.0.0.1:{self.s3_port}", "us-east-1", access, secret)
-        bucket = f"web-{account}"
+        bucket = f"{account}-web"  # the embedded store: an account's buckets start with its id
         self.until("the store to know the keys", lambda: _ok(store.ensure_bucket, bucket, ObjectStoreError),
                    timeout=30)
         return access, secret, account, bucket
