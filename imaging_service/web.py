@@ -179,7 +179,7 @@ def _log(task, resources):
         lines.append(("", f"phase {phase}", f"{seconds:.1f} s" if isinstance(seconds, (int, float))
                       else str(seconds), "info"))
     for v in result.get("validators") or []:
-        level = {"passed": "ok", "failed": "error", "warning": "warning"}.get(v.get("result"), "info")
+        level = {"ok": "ok", "passed": "ok", "failed": "error", "warning": "warning"}.get(v.get("result"), "info")
         detail = v.get("reason") or v.get("description") or ""
         lines.append(("", f"validator {v.get('hook', '?')}", f"{v.get('result', '?')}"
                       + (f": {detail}" if detail else ""), level))
@@ -224,7 +224,7 @@ class Web:
     def page(self, request, name, session, status_code=200, **context):
         context.update(request=request, session=session)
         response = self.templates.TemplateResponse(request, name, context, status_code=status_code)
-        response.headers["Content-Security-Policy"] = ("default-src 'self'; img-src 'self' data:; "
+        response.headers["Content-Security-Policy"] = ("default-src 'self'; img-src 'self' data:; style-src 'self' 'unsafe-inline'; "
                                                        "frame-ancestors 'none'; form-action 'self'")
         response.headers["X-Content-Type-Options"] = "nosniff"
         response.headers["Referrer-Policy"] = "same-origin"

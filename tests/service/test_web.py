@@ -136,6 +136,10 @@ class WebTest(PipelineTest):
         self.until("both tasks on the queue", lambda: first in driver.page_source and second in driver.page_source,
                    driver=driver)
         self.assertNotIn(other_id, driver.page_source)
+        # The waiting task's bar is empty (its width is the progress, 0).
+        width = driver.execute_script(
+            f"return document.querySelector('[data-task=\"{second}\"] [data-field=bar]').getBoundingClientRect().width")
+        self.assertEqual(0, width)
 
         # Watch the first task's progress change on its page, without a reload.
         driver.get(f"{self.service.url}/tasks/{first}")
