@@ -203,7 +203,7 @@ def _submit_legacy(args, ec2, s3, call):
         raise ClientError("argument -x/--expires: value must be positive")
     check_image(args.source, fmt.lower())
     image_bytes = _image_bytes(args, args.source)
-    volume_size = args.volume_size or int(math.ceil(image_bytes / 2 ** 30))
+    volume_size = args.volume_size or math.ceil(image_bytes / 2 ** 30)
     manifest_url = args.manifest_url
     if not manifest_url:
         try:
