@@ -256,12 +256,14 @@ def _describe(ctx, params, kind, ids_name):
     ids = params.get(ids_name) or []
     for task_id in ids:
         check_task_id(task_id, (kind,))
-    try:
-        found, token = tasks.query(ctx.db, ctx.account, (kind,), ids=ids or None,
-                                   states=_states_from_filters(params.get("Filters")),
-                                   limit=_max_results(params), next_token=params.get("NextToken"))
-    except ValueError as e:
-        raise invalid("NextToken", params.get("NextToken"), str(e)) from None
+    if params.get("NextToken"):
+        try:
+            tasks.decode_token(params["NextToken"])
+        except ValueError as e:
+            raise invalid("NextToken", params["NextToken"], str(e)) from None
+    found, token = tasks.query(ctx.db, ctx.account, (kind,), ids=ids or None,
+                               states=_states_from_filters(params.get("Filters")),
+                               limit=_max_results(params), next_token=params.get("NextToken"))
     missing_ids = sorted(set(ids) - {t.id for t in found})
     if missing_ids and not params.get("NextToken") and not params.get("Filters") and not token:
         raise not_found(missing_ids[0])

@@ -110,6 +110,14 @@ class TestImportImage(APITestCase):
                          Description="another image")
         other = self.import_image(ClientToken="token-2")
         self.assertNotEqual(first["ImportTaskId"], other["ImportTaskId"])
+        # Another key of the same account repeating the request gets the same task.
+        result = sf.cli("credentials", "create", "--json", "--account", self.account,
+                        "--state-dir", self.service.state_dir)
+        second = json.loads(result.stdout)
+        ec2 = self.service.client(second["access_key"], second["secret_key"])
+        again = ec2.import_image(DiskContainers=[{"Format": "VMDK", "UserBucket": BUCKET, "Description": "disk"}],
+                                 Description="my image", Platform="Linux", ClientToken="token-1")
+        self.assertEqual(first["ImportTaskId"], again["ImportTaskId"])
 
     def test_dry_run(self):
         self.assertError("DryRunOperation", self.import_image, DryRun=True)

@@ -86,6 +86,17 @@ class TestVerify(testtools.TestCase):
         v2 = [(n, "AWS AKIAGOOD:abc") if n == "Authorization" else (n, v) for n, v in headers]
         self.assertCode("IncompleteSignature", v2, body)
 
+    def test_query_string_is_signed(self):
+        url = URL + "?Action=DescribeConversionTasks&Version=2016-11-15&ConversionTaskId.1=import-vol-0123abcd"
+        request = AWSRequest(method="GET", url=url)
+        SigV4Auth(BotoCredentials("AKIAGOOD", "s3cr3t"), "ec2", "us-east-1").add_auth(request)
+        headers = list(request.headers.items()) + [("Host", "127.0.0.1:8773")]
+        self.assertEqual(("AKIAGOOD", "account-1"),
+                         auth.verify("GET", url, headers, b"", self.keys.get, "us-east-1"))
+        e = self.assertRaises(EC2Error, auth.verify, "GET", url.replace("0123abcd", "0123abce"), headers, b"",
+                              self.keys.get, "us-east-1")
+        self.assertEqual("SignatureDoesNotMatch", e.code)
+
     def test_wrong_region(self):
         self.assertCode("AuthFailure", *signed("AKIAGOOD", "s3cr3t", region="eu-west-1"))
 

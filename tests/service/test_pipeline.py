@@ -8,8 +8,10 @@ import hashlib
 import os
 import signal
 import subprocess
+import threading
 import time
 
+import testtools
 from botocore.exceptions import ClientError
 
 from imaging_service import manifest, tasks
@@ -204,6 +206,102 @@ class TestImports(PipelineTest):
         self.assertEqual(os.path.getsize(raw), task["ImportVolume"]["BytesConverted"])
         volume = ec2.describe_volumes(VolumeIds=[volume_id])["Volumes"][0]
         self.assertEqual(volume_id, volume["VolumeId"])
+        self.assert_no_work_left()
+
+    def test_import_snapshot_by_url_and_import_instance(self):
+        self.start()
+        ec2, store, bucket, _account = self.user()
+        raw, vmdk = self.vmdk()
+        store.put_file(vmdk, bucket, "disk.vmdk")
+        url = store.presign("get_object", bucket, "disk.vmdk")
+        snap_task = ec2.import_snapshot(DiskContainer={"Format": "VMDK", "Url": url})["ImportTaskId"]
+        _, manifest_url = manifest.upload(store, raw, bucket, "inst/", "RAW", part_size=8 * MiB)
+        instance_task = ec2.import_instance(
+            Platform="Linux", LaunchSpecification={"Architecture": "x86_64"},
+            DiskImages=[{"Image": {"Format": "RAW", "Bytes": os.path.getsize(raw),
+                                   "ImportManifestUrl": manifest_url}, "Volume": {"Size": 1}}]
+        )["ConversionTask"]["ConversionTaskId"]
+        deadline = time.monotonic() + 180
+        while True:
+            snap = ec2.describe_import_snapshot_tasks(ImportTaskIds=[snap_task])["ImportSnapshotTasks"][0]
+            if snap["SnapshotTaskDetail"]["Status"] in ("completed", "deleted") or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        self.assertEqual("completed", snap["SnapshotTaskDetail"]["Status"], snap)
+        snapshot_id = snap["SnapshotTaskDetail"]["SnapshotId"]
+        self.assertEqual(snapshot_id, ec2.describe_snapshots(SnapshotIds=[snapshot_id])["Snapshots"][0]["SnapshotId"])
+        task = self.wait_conversion(ec2, instance_task)
+        self.assertEqual("completed", task["State"], task)
+        volume_id = task["ImportInstance"]["Volumes"][0]["Volume"]["Id"]
+        self.assertEqual(volume_id, ec2.describe_volumes(VolumeIds=[volume_id])["Volumes"][0]["VolumeId"])
+        self.assert_no_work_left()
+
+
+@testtools.skipIf(sf.PostgreSQL.missing(), sf.PostgreSQL.missing())
+class TestOnPostgreSQL(PipelineTest):
+
+    def test_import_image_with_postgresql(self):
+        """The same workers and claims (SKIP LOCKED) on PostgreSQL: two imports, both completed."""
+        pg = self.useFixture(sf.PostgreSQL())
+        self.start("--database-url", pg.url, "--cache", "false")
+        ec2, store, bucket, _account = self.user()
+        _, vmdk = self.vmdk()
+        store.put_file(vmdk, bucket, "disk.vmdk")
+        ids = [self.import_image(ec2, bucket, "disk.vmdk") for _ in range(2)]
+        found = [self.wait_image(ec2, task_id) for task_id in ids]
+        self.assertEqual(["completed"] * 2, [t["Status"] for t in found], found)
+        self.assertEqual(2, len({t["ImageId"] for t in found}))
+        self.assert_no_work_left()
+
+
+class TestLimits(PipelineTest):
+
+    def converting_sampler(self):
+        """Starts sampling how many tasks convert at once; returns a function giving the peak."""
+        db, peak, done = self.db(), [0], threading.Event()
+
+        def sample():
+            while not done.wait(0.1):
+                with db.session() as s:
+                    peak[0] = max(peak[0], s.query(tasks.Task).filter(tasks.Task.state == "converting").count())
+        thread = threading.Thread(target=sample, daemon=True)
+        thread.start()
+
+        def stop():
+            done.set()
+            thread.join()
+            return peak[0]
+        return stop
+
+    def test_concurrency_limit(self):
+        self.start("--workers", "1", "--cache", "false")
+        ec2, store, bucket, _account = self.user()
+        raw, _ = self.vmdk()
+        store.put_file(raw, bucket, "disk.raw")
+        stop = self.converting_sampler()
+        ids = [self.import_image(ec2, bucket, "disk.raw", fmt="RAW") for _ in range(3)]
+        found = [self.wait_image(ec2, task_id) for task_id in ids]
+        self.assertEqual(["completed"] * 3, [t["Status"] for t in found])
+        self.assertEqual(1, stop())
+
+    def test_scratch_reservation_waits(self):
+        """Two tasks, scratch space for one: the second waits, says so, then runs."""
+        self.start("--workers", "2", "--cache", "false", "--scratch-space", "60M")
+        ec2, store, bucket, _account = self.user()
+        raw, _ = self.vmdk()  # 26 MiB: a task reserves twice that
+        store.put_file(raw, bucket, "disk.raw")
+        ids = [self.import_image(ec2, bucket, "disk.raw", fmt="RAW") for _ in range(2)]
+        messages = set()
+        deadline = time.monotonic() + 180
+        while True:
+            found = ec2.describe_import_image_tasks(ImportTaskIds=ids)["ImportImageTasks"]
+            messages |= {t.get("StatusMessage") for t in found}
+            if all(t["Status"] in ("completed", "deleted") for t in found) or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        self.assertEqual(["completed"] * 2, [t["Status"] for t in found], found)
+        self.assertTrue(any("waiting for 54525952 bytes of scratch space" in (m or "") for m in messages),
+                        messages)
         self.assert_no_work_left()
 
 
