@@ -103,7 +103,7 @@ def one(ec2, task_id):
 def follow(ec2, task_id, quiet=False, interval=1.0, timeout=None):
     """Poll a task until it ends, with a progress bar on stderr; its last view."""
     bar = None if quiet else tqdm(total=100, desc="convert", unit="%", file=sys.stderr, dynamic_ncols=True,
-                                  bar_format="{desc}: {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}] {postfix}")
+                                  bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed}<{remaining}{postfix}")
     deadline = None if timeout is None else time.monotonic() + timeout
     try:
         while True:
