@@ -117,6 +117,44 @@ class ClientsTest(PipelineTest):
         self.assertEqual([], self.keys())  # nothing was uploaded
         self.assertEqual([], json.loads(self.imaging("list", "--json").stdout))
 
+    def test_part_checksums_checked_by_the_reader(self):
+        """What `imaging import` uploads carries SHA-256 checksums per part; the worker's check
+        (imaging_service.integrity) passes on the object and names a damaged byte's object."""
+        from imaging_service import integrity
+        from imaging_service.clients import imaging
+        path = self.path("random.img")
+        with open(path, "wb") as f:
+            f.write(os.urandom(20 * 1024 * 1024))  # three 8 MiB parts
+        s3 = self.s3()
+        imaging.upload(s3, path, self.bucket, "random.img", quiet=True)
+        body = s3.get_object(Bucket=self.bucket, Key="random.img")["Body"].read()
+
+        check = integrity.expected(s3, self.bucket, "random.img")
+        self.assertEqual([8 << 20, 8 << 20, 4 << 20], check.sizes)
+        for i in range(0, len(body), 1 << 20):
+            check.update(body[i:i + (1 << 20)])
+        check.verify()
+
+        damaged = bytearray(body)
+        damaged[9 << 20] ^= 1  # in the second part
+        check = integrity.expected(s3, self.bucket, "random.img")
+        check.update(bytes(damaged))
+        with self.assertRaises(integrity.IntegrityError) as e:
+            check.verify()
+        self.assertIn(f"s3://{self.bucket}/random.img is corrupt", str(e.exception))
+
+        check = integrity.expected(s3, self.bucket, "random.img")
+        check.update(body[:-1])
+        with self.assertRaises(integrity.IntegrityError):
+            check.verify()
+
+        # A damaged part is refused by the store as it arrives (the checksum travels with it).
+        from botocore.exceptions import ClientError
+        with self.assertRaises(ClientError) as e:
+            s3.put_object(Bucket=self.bucket, Key="bad", Body=b"hello",
+                          ChecksumSHA256="AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=")
+        self.assertEqual("BadDigest", e.exception.response["Error"]["Code"])
+
     # ---- euca2ools' commands ------------------------------------------------------------------------
 
     def test_euca_import_volume_describe(self):
