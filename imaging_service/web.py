@@ -193,8 +193,10 @@ def _log(task, resources):
         level = {"completed": "ok", "failed": "error"}.get(task.state, "warning")
         when = task.finished_at.strftime(fmt) if task.finished_at else ""
         lines.append((when, task.state, task.status_message or "", level))
-    elif task.status_message:
-        lines.append((task.updated_at.strftime(fmt) if task.updated_at else "", "now", task.status_message, "info"))
+    else:
+        now = f"{STATE_WORDS.get(task.state, task.state)}" + (f", step {task.step}" if task.step else "") + \
+            f", {int(task.progress or 0)}%" + (f": {task.status_message}" if task.status_message else "")
+        lines.append((task.updated_at.strftime(fmt) if task.updated_at else "", "now", now, "info"))
     return lines
 
 
