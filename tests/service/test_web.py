@@ -3,6 +3,7 @@ headless, against `imaging-service serve` with its embedded store and workers.  
 submitted with the `imaging` command.  Screenshots go to $IMG_TEST_ARTIFACTS (or a
 directory printed in the test's output)."""
 
+import base64
 import json
 import os
 import shutil
@@ -14,6 +15,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 
+from tests.service import fixtures as sf
 from tests.service.test_pipeline import PipelineTest
 
 CHROMEDRIVER = "/usr/bin/chromedriver"
@@ -232,3 +234,95 @@ def get(url, cookies):
     request = urllib.request.Request(url, headers={"Cookie": "; ".join(f"{k}={v}" for k, v in cookies.items())})
     with urllib.request.urlopen(request, timeout=10) as r:
         return r.status, r.read().decode()
+
+
+class SessionTest(PipelineTest):
+    """The session and its checks over plain HTTP (no browser): API-only service."""
+
+    def setUp(self):
+        super().setUp()
+        self.service = self.useFixture(sf.Service(engine="none", state_dir=self.path("state")))
+
+    def login(self, access, secret, next_url="/queue"):
+        request = urllib.request.Request(
+            self.service.url + "/login", method="POST",
+            data=urllib.parse.urlencode({"access_key": access, "secret_key": secret, "next": next_url}).encode())
+        opener = urllib.request.build_opener(_NoRedirect)
+        try:
+            with opener.open(request, timeout=10) as r:
+                return r.status, r.headers, r.read().decode()
+        except urllib.error.HTTPError as e:
+            with e:
+                return e.code, e.headers, e.read().decode()
+
+    def cookie(self, headers):
+        value = headers["Set-Cookie"].split(";")[0].split("=", 1)[1]
+        return {"imaging_session": value}
+
+    def test_sign_in_checks(self):
+        access, secret, _ = self.service.credential()
+        other_access, other_secret, _ = self.service.credential()
+        # A wrong secret and an unknown key: the same answer, no cookie.
+        for a, s in ((access, "wrong"), ("AKIANOSUCHKEY", secret)):
+            status, headers, body = self.login(a, s)
+            self.assertEqual(401, status)
+            self.assertIsNone(headers.get("Set-Cookie"))
+            self.assertIn("do not match an active credential", body)
+        # A good pair: HttpOnly, SameSite=Strict; `next` only to a local path.
+        status, headers, _ = self.login(access, secret, next_url="//evil.example/x")
+        self.assertEqual(303, status)
+        self.assertEqual("/queue", headers["Location"])
+        cookie_header = headers["Set-Cookie"].lower()
+        self.assertIn("httponly", cookie_header)
+        self.assertIn("samesite=strict", cookie_header)
+        session = self.cookie(headers)
+        status, body = get(self.service.url + "/queue", session)
+        self.assertEqual(200, status)
+
+        # Another account's task answers as one that does not exist, on every route.
+        other = self.service.client(other_access, other_secret)
+        other_id = other.import_image(DiskContainers=[{"Format": "VMDK", "UserBucket": {
+            "S3Bucket": "b", "S3Key": "k.vmdk"}}], Platform="Linux")["ImportTaskId"]
+        for path in (f"/tasks/{other_id}", f"/tasks/{other_id}/events", f"/tasks/{other_id}/download"):
+            with self.assertRaises(urllib.error.HTTPError) as e:
+                get(self.service.url + path, session)
+            self.assertEqual(404, e.exception.code, path)
+            e.exception.close()
+        csrf = json.loads(base64_json(session["imaging_session"]))["csrf"]
+        self.assertEqual(404, post(f"{self.service.url}/tasks/{other_id}/cancel", {"csrf": csrf}, session))
+        _, body = get(self.service.url + "/queue/events", session)
+        self.assertEqual([], json.loads(body)["tasks"])
+
+        # A cookie changed by the client is not a session.
+        signature = session["imaging_session"].partition(".")[2]
+        payload = json.loads(base64_json(session["imaging_session"]))
+        payload["operator"] = True
+        forged = {"imaging_session": base64.urlsafe_b64encode(json.dumps(payload).encode()).decode().rstrip("=")
+                  + "." + signature}
+        with self.assertRaises(urllib.error.HTTPError) as e:
+            get(self.service.url + "/queue/events", forged)
+        self.assertEqual(401, e.exception.code)
+        e.exception.close()
+
+        # A revoked key's sessions end.
+        sf.cli("credentials", "revoke", access, "--state-dir", self.service.state_dir)
+        deadline = time.monotonic() + 15  # the service's credential cache lasts 5 s
+        while True:
+            try:
+                get(self.service.url + "/queue/events", session)
+            except urllib.error.HTTPError as e:
+                e.close()
+                self.assertEqual(401, e.code)
+                break
+            self.assertLess(time.monotonic(), deadline)
+            time.sleep(0.5)
+
+
+def base64_json(cookie_value):
+    raw = cookie_value.split(".")[0]
+    return base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4)).decode()
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args, **kwargs):
+        return None
