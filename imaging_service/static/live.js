@@ -41,6 +41,12 @@
     });
   }
 
+  function reload(why) {
+    // Kept for the next page (tests read it): why the page reloaded itself.
+    try { window.sessionStorage.setItem("imaging-reload", why); } catch (e) { /* private mode */ }
+    window.location.reload();
+  }
+
   var known = {};
   document.querySelectorAll("[data-task]").forEach(function (row) {
     known[row.getAttribute("data-task")] = true;
@@ -48,29 +54,29 @@
 
   function tick() {
     fetch(url, {credentials: "same-origin", cache: "no-store"}).then(function (r) {
-      if (r.status === 401) { window.location.reload(); return null; }
+      if (r.status === 401) { reload("signed out"); return null; }
       return r.ok ? r.json() : null;
     }).then(function (data) {
       if (!data) { return; }
       var live = document.querySelector("[data-updated]");
       if (live) { live.hidden = false; }
       var list = data.tasks || [data];
-      var reload = false;
+      var why = "";
       list.forEach(function (t) {
         var row = root.querySelector('[data-task="' + t.id + '"]');
-        if (!row) { reload = true; return; }
+        if (!row) { why = "new task " + t.id; return; }
         var was = row.querySelector('[data-field="state"]');
         if (was && !terminal[was.className.replace(/.*state-/, "")] && terminal[t.state] && data.tasks) {
-          reload = true;  // a task finished: it moves to the finished table
+          why = "task " + t.id + " finished";  // it moves to the finished table
         }
         update(row, t);
         if (t.log) { renderLog(root.querySelector('[data-field="log"]'), t.log); }
         if (!data.tasks && terminal[t.state]) {
           document.querySelectorAll("[data-hide-when-done]").forEach(function (f) { f.hidden = true; });
-          if (t.downloadable && !document.getElementById("download")) { reload = true; }
+          if (t.downloadable && !document.getElementById("download")) { why = "result ready"; }
         }
       });
-      if (reload) { window.location.reload(); }
+      if (why) { reload(why); }
     }).catch(function () { /* the next tick tries again */ });
   }
   setInterval(tick, 2000);

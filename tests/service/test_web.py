@@ -20,7 +20,7 @@ from tests.service.test_pipeline import PipelineTest
 
 CHROMEDRIVER = "/usr/bin/chromedriver"
 CHROMIUM = "/usr/bin/chromium"
-STEP_HOOK = "#!/bin/bash\n# a validator that takes a few seconds: progress can be watched\nsleep 6\n"
+STEP_HOOK = "#!/bin/bash\n# a validator that takes a few seconds: progress can be watched\nsleep 8\n"
 
 
 def artifacts_dir(name):
@@ -88,6 +88,8 @@ class WebTest(PipelineTest):
         from selenium.webdriver.common.by import By
         driver.get(self.service.url + "/queue")
         self.assertIn("/login", driver.current_url)
+        if not os.path.exists(os.path.join(self.shots, "0-sign-in.png")):
+            self.shot(driver, "0-sign-in")
         driver.find_element(By.ID, "access_key").send_keys(access)
         driver.find_element(By.ID, "secret_key").send_keys(secret)
         driver.find_element(By.ID, "sign-in").click()
@@ -110,7 +112,7 @@ class WebTest(PipelineTest):
         with open(hook, "w") as f:
             f.write(STEP_HOOK)
         os.chmod(hook, 0o755)
-        self.start("--workers", "1", "--elements-path", self.path("elements"),
+        self.start("--workers", "1", "--cache", "false", "--elements-path", self.path("elements"),
                    "--elements-linux", "mounters validate-linux test-step convert-qemu")
         access, secret, account, bucket = self.user_keys()
         other_access, other_secret, other_account, other_bucket = self.user_keys()
@@ -149,10 +151,15 @@ class WebTest(PipelineTest):
         seen = set()
 
         def progress_moved():
-            seen.add(driver.find_element(By.CSS_SELECTOR, "[data-field=progress]").text)
+            # The text and the marker read at once: values seen only on this very page count.
+            text, same_page = driver.execute_script(
+                "return [document.querySelector('[data-field=progress]').textContent, window.notReloaded === true];")
+            why = driver.execute_script("return window.sessionStorage.getItem('imaging-reload');")
+            self.assertTrue(same_page, f"the page reloaded ({why}) before its progress changed in place "
+                                       f"(seen {seen})")
+            seen.add(text)
             return len(seen) >= 2
         self.until(f"the progress of {first} to change (seen {seen})", progress_moved, timeout=120, driver=driver)
-        self.assertTrue(driver.execute_script("return window.notReloaded === true;"), "the page reloaded")
         self.shot(driver, "1-task-converting")
         driver.get(self.service.url + "/queue")
         self.shot(driver, "2-queue-running")
@@ -204,6 +211,12 @@ class WebTest(PipelineTest):
         self.assertIn(other_account, operator.page_source)
         self.assertIn(account, operator.page_source)
         self.shot(operator, "6-operator-queue")
+        # A failed task's page names the failing step and the reason.
+        operator.get(f"{self.service.url}/tasks/{other_id}")
+        self.assertEqual("failed", operator.find_element(By.CSS_SELECTOR, "[data-field=state]").text)
+        self.assertIn("download failed", operator.find_element(By.CSS_SELECTOR, ".message").text)
+        self.assertIn("none.vmdk", operator.find_element(By.CSS_SELECTOR, ".message").text)
+        self.shot(operator, "7-operator-failed-task")
 
         # Pages are readable with JavaScript off: the server renders them.
         status, body = get(f"{self.service.url}/tasks/{first}", session)
