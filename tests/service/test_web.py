@@ -145,26 +145,28 @@ class WebTest(PipelineTest):
             f"return document.querySelector('[data-task=\"{second}\"] [data-field=bar]').getBoundingClientRect().width")
         self.assertEqual(0, width)
 
-        # Watch the first task's progress change on its page, without a reload.
-        driver.get(f"{self.service.url}/tasks/{first}")
+        # Watch the second task's progress change in place on its page: it waits behind the first
+        # (one worker), then downloads and sits in the slow validator (8 s).
+        driver.get(f"{self.service.url}/tasks/{second}")
         driver.execute_script("window.notReloaded = true;")
-        seen = set()
+        seen = []
 
         def progress_moved():
             # The text and the marker read at once: values seen only on this very page count.
-            text, same_page = driver.execute_script(
-                "return [document.querySelector('[data-field=progress]').textContent, window.notReloaded === true];")
-            why = driver.execute_script("return window.sessionStorage.getItem('imaging-reload');")
+            text, same_page, why = driver.execute_script(
+                "return [document.querySelector('[data-field=progress]').textContent, window.notReloaded === true,"
+                " window.sessionStorage.getItem('imaging-reload')];")
             self.assertTrue(same_page, f"the page reloaded ({why}) before its progress changed in place "
                                        f"(seen {seen})")
-            seen.add(text)
-            return len(seen) >= 2
-        self.until(f"the progress of {first} to change (seen {seen})", progress_moved, timeout=120, driver=driver)
+            if text not in seen:
+                seen.append(text)
+            return len(seen) >= 2 and text != "0"
+        self.until(f"the progress of {second} to change (seen {seen})", progress_moved, timeout=120, driver=driver)
         self.shot(driver, "1-task-converting")
         driver.get(self.service.url + "/queue")
         self.shot(driver, "2-queue-running")
 
-        # Cancel the second (it waits behind the first: one worker).
+        # Cancel it while it converts.
         driver.get(f"{self.service.url}/tasks/{second}")
         driver.find_element(By.ID, "cancel").click()
         self.until("the cancel", lambda: "cancelled=1" in driver.current_url, driver=driver)
