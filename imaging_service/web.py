@@ -32,7 +32,7 @@ from imaging_service.errors import EC2Error
 from imaging_service.models import Resource, Task, utcnow
 
 SETTINGS = [
-    Setting("web_secure_cookie", "bool", False,
+    Setting("web_secure_cookie", "bool", "false",
             "mark the queue page's session cookie Secure (set it when the service is behind HTTPS)",
             metavar="BOOL"),
     Setting("web_session_hours", "int", 12, "how long a sign-in on the queue page lasts", metavar="HOURS"),
