@@ -332,6 +332,14 @@ class SessionTest(PipelineTest):
             self.assertLess(time.monotonic(), deadline)
             time.sleep(0.5)
 
+    def test_secure_cookie_when_configured(self):
+        self.service = self.useFixture(sf.Service(engine="none", state_dir=self.path("state2"),
+                                                  args=["--web-secure-cookie", "true"]))
+        access, secret, _ = self.service.credential()
+        status, headers, _ = self.login(access, secret)
+        self.assertEqual(303, status)
+        self.assertIn("secure", headers["Set-Cookie"].lower().split("; "))
+
 
 def base64_json(cookie_value):
     raw = cookie_value.split(".")[0]
