@@ -60,23 +60,32 @@ class Sessions:
         self.seconds = hours * 3600
 
     def make(self, access_key, account_id, operator):
-        payload = {"access_key": access_key, "account": account_id, "operator": bool(operator),
-                   "csrf": secrets.token_urlsafe(24), "expires": int(time.time()) + self.seconds}
-        raw = base64.urlsafe_b64encode(json.dumps(payload, separators=(",", ":")).encode()).decode().rstrip("=")
-        return f"{raw}.{self._sign(raw)}"
+        return self._pack({"kind": "session", "access_key": access_key, "account": account_id,
+                           "operator": bool(operator), "csrf": secrets.token_urlsafe(24),
+                           "expires": int(time.time()) + self.seconds})
 
-    def read(self, value):
-        """The payload of a valid, unexpired cookie value, else None."""
-        raw, _, signature = (value or "").partition(".")
+    def make_token(self, access_key, hours=1):
+        """A sign-in token for the page (`python -m imaging_service.web token`): the operator hands
+        it to a user instead of the secret; it signs in as that access key until it expires."""
+        return self._pack({"kind": "login", "access_key": access_key, "nonce": secrets.token_urlsafe(8),
+                           "expires": int(time.time() + hours * 3600)})
+
+    def read(self, value, kind="session"):
+        """The payload of a valid, unexpired value of this kind (a token is no cookie), else None."""
+        raw, _, signature = (value or "").strip().partition(".")
         if not raw or not hmac.compare_digest(self._sign(raw), signature):
             return None
         try:
             payload = json.loads(base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4)))
         except ValueError:
             return None
-        if not isinstance(payload, dict) or payload.get("expires", 0) < time.time():
+        if not isinstance(payload, dict) or payload.get("kind") != kind or payload.get("expires", 0) < time.time():
             return None
         return payload
+
+    def _pack(self, payload):
+        raw = base64.urlsafe_b64encode(json.dumps(payload, separators=(",", ":")).encode()).decode().rstrip("=")
+        return f"{raw}.{self._sign(raw)}"
 
     def _sign(self, raw):
         return base64.urlsafe_b64encode(hmac.new(self.key, raw.encode(), hashlib.sha256).digest()).decode().rstrip("=")
@@ -226,7 +235,8 @@ class Web:
     def page(self, request, name, session, status_code=200, **context):
         context.update(request=request, session=session)
         response = self.templates.TemplateResponse(request, name, context, status_code=status_code)
-        response.headers["Content-Security-Policy"] = ("default-src 'self'; img-src 'self' data:; style-src 'self' 'unsafe-inline'; "
+        response.headers["Content-Security-Policy"] = ("default-src 'self'; img-src 'self' data:; "
+                                                       "style-src 'self' 'unsafe-inline'; "
                                                        "frame-ancestors 'none'; form-action 'self'")
         response.headers["X-Content-Type-Options"] = "nosniff"
         response.headers["Referrer-Policy"] = "same-origin"
@@ -238,15 +248,23 @@ class Web:
 
     async def login(self, request):
         form = await _form(request)
-        access = (form.get("access_key") or "").strip()
-        secret = (form.get("secret_key") or "").strip()
         next_url = _safe_next(form.get("next"))
-        found = self.service.credentials.lookup(access) if access else None
-        # Constant-time comparison, and the same answer for an unknown key and a wrong secret.
-        expected = found[0] if found else secrets.token_urlsafe(30)
-        if found is None or not hmac.compare_digest(expected.encode(), secret.encode()):
-            return self.page(request, "login.html", None, status_code=401, next=next_url, access_key=access,
-                             error="The access key and secret key do not match an active credential.")
+        if form.get("token"):
+            token = self.sessions.read(form["token"], kind="login")
+            found = self.service.credentials.lookup(token["access_key"]) if token else None
+            if found is None:
+                return self.page(request, "login.html", None, status_code=401, next=next_url,
+                                 error="The sign-in token is not valid: expired, changed, or its key revoked.")
+            access = token["access_key"]
+        else:
+            access = (form.get("access_key") or "").strip()
+            secret = (form.get("secret_key") or "").strip()
+            found = self.service.credentials.lookup(access) if access else None
+            # Constant-time comparison, and the same answer for an unknown key and a wrong secret.
+            expected = found[0] if found else secrets.token_urlsafe(30)
+            if found is None or not hmac.compare_digest(expected.encode(), secret.encode()):
+                return self.page(request, "login.html", None, status_code=401, next=next_url, access_key=access,
+                                 error="The access key and secret key do not match an active credential.")
         account = found[1]
         response = RedirectResponse(next_url, status_code=303)
         response.set_cookie(COOKIE, self.sessions.make(access, account.id, account.is_operator),
@@ -424,3 +442,34 @@ def routes(service):
     """The queue page's routes, for app.make_app."""
     return Web(service).routes()
 
+
+def main(argv=None):
+    """python -m imaging_service.web token ACCESS_KEY [--hours H] [settings]: print a sign-in token."""
+    import argparse
+    import sys
+
+    from imaging_service import config
+    from imaging_service.credentials import Credentials
+    from imaging_service.db import Database
+    p = argparse.ArgumentParser(prog="python -m imaging_service.web", description="a sign-in token for the queue page")
+    verbs = p.add_subparsers(dest="verb", required=True)
+    token = verbs.add_parser("token", help="a token that signs in as ACCESS_KEY on the queue page")
+    token.add_argument("access_key", metavar="ACCESS_KEY")
+    token.add_argument("--hours", type=float, default=1.0, help="how long the token is valid (default 1)")
+    rows = config.all_settings()
+    config.add_arguments(token, rows)
+    args = p.parse_args(argv)
+    settings = config.resolve({k: v for k, v in vars(args).items() if k in {r.name for r in rows}})
+    db = Database(settings.database_url)
+    try:
+        if Credentials(db, settings.key_file).lookup(args.access_key) is None:
+            print(f"imaging_service.web: error: no active access key {args.access_key}", file=sys.stderr)
+            return 1
+    finally:
+        db.dispose()
+    print(Sessions(settings.key_file).make_token(args.access_key, args.hours))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

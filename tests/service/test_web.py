@@ -332,6 +332,39 @@ class SessionTest(PipelineTest):
             self.assertLess(time.monotonic(), deadline)
             time.sleep(0.5)
 
+    def test_sign_in_token(self):
+        access, _, _ = self.service.credential()
+        made = subprocess.run([sys.executable, "-m", "imaging_service.web", "token", access, "--hours", "0.5",
+                               "--state-dir", self.service.state_dir], capture_output=True, text=True, check=True)
+        token = made.stdout.strip()
+
+        def login_token(value):
+            request = urllib.request.Request(self.service.url + "/login", method="POST",
+                                             data=urllib.parse.urlencode({"token": value}).encode())
+            try:
+                with urllib.request.build_opener(_NoRedirect).open(request, timeout=10) as r:
+                    return r.status, r.headers
+            except urllib.error.HTTPError as e:
+                with e:
+                    return e.code, e.headers
+        status, headers = login_token(token)
+        self.assertEqual(303, status)
+        session = self.cookie(headers)
+        self.assertEqual(200, get(self.service.url + "/queue", session)[0])
+        # A changed token, or a session cookie offered as a token, is refused.
+        self.assertEqual(401, login_token(token[:-2] + ("AA" if not token.endswith("AA") else "BB"))[0])
+        self.assertEqual(401, login_token(session["imaging_session"])[0])
+        # A token is not a session cookie either.
+        with self.assertRaises(urllib.error.HTTPError) as e:
+            get(self.service.url + "/queue/events", {"imaging_session": token})
+        self.assertEqual(401, e.exception.code)
+        e.exception.close()
+        # An unknown key gets no token.
+        result = subprocess.run([sys.executable, "-m", "imaging_service.web", "token", "AKIANOSUCHKEY",
+                                 "--state-dir", self.service.state_dir], capture_output=True, text=True, check=False)
+        self.assertEqual(1, result.returncode)
+        self.assertIn("no active access key AKIANOSUCHKEY", result.stderr)
+
     def test_secure_cookie_when_configured(self):
         self.service = self.useFixture(sf.Service(engine="none", state_dir=self.path("state2"),
                                                   args=["--web-secure-cookie", "true"]))
