@@ -249,5 +249,7 @@ def make_app(service):
         ok = all(v in ("ok", "not run here") for v in checks.values())
         return JSONResponse({"ok": ok, **checks}, status_code=200 if ok else 503)
 
+    from imaging_service import web  # the queue page for people (issue 13)
     return Starlette(routes=[Route("/", query, methods=["GET", "POST"]),
-                             Route("/healthz", healthz, methods=["GET"])])
+                             Route("/healthz", healthz, methods=["GET"]),
+                             *web.routes(service)])

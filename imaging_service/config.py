@@ -24,7 +24,7 @@ from imaging_elements.config import parse_size
 PREFIX = "IMAGING_SERVICE_"
 # Modules whose SETTINGS lists are part of the table, in this order.
 MODULES = ("imaging_service.objectstore", "imaging_service.seaweed", "imaging_service.worker",
-           "imaging_service.pipeline", "imaging_service.celery_engine")
+           "imaging_service.pipeline", "imaging_service.celery_engine", "imaging_service.web")
 
 DURATION = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhd]?)$")
 
