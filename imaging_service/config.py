@@ -209,8 +209,12 @@ def update(path):
         text = f.read()
     head, _, rest = text.partition(BEGIN + "\n")
     _, _, tail = rest.partition(END)
-    with open(path, "w") as f:
-        f.write(head + BEGIN + "\n" + markdown() + END + tail)
+    if not rest:
+        raise SystemExit(f"{path}: no {BEGIN!r} line to put the table after")
+    table = markdown()  # first: an import that fails must not leave the file cut short
+    with open(path + ".tmp", "w") as f:
+        f.write(head + BEGIN + "\n" + table + END + tail)
+    os.replace(path + ".tmp", path)
 
 
 if __name__ == "__main__":
