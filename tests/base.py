@@ -2,8 +2,10 @@
 
 import os
 import re
+import select
 import subprocess
 import sys
+import time
 
 import fixtures
 import testtools
@@ -131,3 +133,19 @@ class TestCase(testtools.TestCase):
             raise AssertionError(f"{name} {' '.join(map(str, args))}: exit {result.returncode}, "
                                  f"expected {check}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}")
         return result
+
+
+def read_until(fd, marker, timeout=60):
+    """What a pty says until `marker` (None: until it closes)."""
+    data, deadline = b"", time.monotonic() + timeout
+    while time.monotonic() < deadline and (marker is None or marker not in data):
+        ready, _, _ = select.select([fd], [], [], 0.5)
+        if ready:
+            try:
+                chunk = os.read(fd, 4096)
+            except OSError:
+                break
+            if not chunk:
+                break
+            data += chunk
+    return data

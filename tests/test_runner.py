@@ -3,7 +3,6 @@
 import json
 import os
 import pty
-import select
 import signal
 import subprocess
 import sys
@@ -462,29 +461,15 @@ class BreakTest(RunnerCase):
             os.environ.update(ELEMENTS_PATH=self.elements, TMPDIR=self.tmp)
             os.execv(sys.executable, [sys.executable, os.path.join(base.BIN, "euca-image-process"),
                                       "--work-dir", self.work, "--break", "after-mount", "a"])
-        output = self.read_until(fd, b"after-mount] ")
+        output = base.read_until(fd, b"after-mount] ")
         self.assertIn(b"[euca-image-process after-mount]", output)
         os.write(fd, b'echo "phase=$IMG_PHASE hook-env=${IMG_WORK_DIR:+yes}"; exit 0\n')
-        output = self.read_until(fd, None)
+        output = base.read_until(fd, None)
         _, status = os.waitpid(pid, 0)
         self.assertEqual(0, os.waitstatus_to_exitcode(status), output)
         self.assertIn(b"hook-env=yes", output)
         self.assertEqual(["10-m", "10-v"], self.traced())
 
-    @staticmethod
-    def read_until(fd, marker, timeout=30):
-        data, deadline = b"", time.monotonic() + timeout
-        while time.monotonic() < deadline and (marker is None or marker not in data):
-            ready, _, _ = select.select([fd], [], [], 0.5)
-            if ready:
-                try:
-                    chunk = os.read(fd, 4096)
-                except OSError:
-                    break
-                if not chunk:
-                    break
-                data += chunk
-        return data
 
 
 class ConfigTest(base.TestCase):

@@ -11,12 +11,10 @@ import hashlib
 import json
 import os
 import pty
-import select
 import shutil
 import stat
 import subprocess
 import sys
-import time
 
 from imaging_elements import config, sandbox
 from tests import base, guestimages, imagebuild
@@ -298,12 +296,12 @@ class HostileGuest(base.TestCase):
                                       "-i", image, "-t", "partition", "-o", self.path("out.img"),
                                       "-e", "DB_PASSWORD=hunter2hunter2", "--break", "before-install",
                                       "mounters", "attack", "copy"])
-        output = read_until(fd, b"before-install] ")
+        output = base.read_until(fd, b"before-install] ")
         self.assertIn(b"[euca-image-process before-install]", output)
         os.write(fd, b"mount -o remount,bind,rw /run/img/python 2>/dev/null && echo RE''MOUNTED; "
                      b"echo SECRET=${#IMG_DB_PASSWORD} UID=$(id -u) HOST=$(hostname); grep CapEff /proc/self/status; "
                      b"exit 0\n")
-        output = read_until(fd, None).decode(errors="replace")
+        output = base.read_until(fd, None).decode(errors="replace")
         _, status = os.waitpid(pid, 0)
         self.assertEqual(0, os.waitstatus_to_exitcode(status), output)
         self.assertIn("SECRET=0 UID=0 HOST=imaging-sandbox", output)
@@ -363,20 +361,6 @@ class SandboxSettings(base.TestCase):
         self.assertEqual("linux", env["IMG_PLATFORM"])
 
 
-def read_until(fd, marker, timeout=60):
-    """What a pty says until `marker` (None: until it closes)."""
-    data, deadline = b"", time.monotonic() + timeout
-    while time.monotonic() < deadline and (marker is None or marker not in data):
-        ready, _, _ = select.select([fd], [], [], 0.5)
-        if ready:
-            try:
-                chunk = os.read(fd, 4096)
-            except OSError:
-                break
-            if not chunk:
-                break
-            data += chunk
-    return data
 
 
 def copy_with_libs(binary, root, dest):
