@@ -411,7 +411,7 @@ class TestWithoutBoot(base.TestCase):
         for path in outside + ["/outside-systemd", "/outside-root"]:
             self.assertFalse(os.path.exists(path), path)
         unit = os.path.join(tree, "outside-systemd", "img-instance-validate.service")
-        self.assertIn("ExecStart=/bin/sh /etc/img-instance-validate/agent", open(unit).read())
+        self.assertIn("ExecStart=/bin/sh /etc/img-instance-validate/img-agent", open(unit).read())
         self.assertEqual("/etc/systemd/system/img-instance-validate.service", os.readlink(os.path.join(
             tree, "outside-systemd", "multi-user.target.wants", "img-instance-validate.service")))
         keys = os.path.join(tree, "outside-root", ".ssh", "authorized_keys")
@@ -425,3 +425,7 @@ class TestWithoutBoot(base.TestCase):
         self.assertEqual(0o600, os.stat(os.path.join(agent, "instance-key")).st_mode & 0o777)
         self.assertTrue(os.path.isfile(os.path.join(agent, "lib", "img-functions")))
         self.assertTrue(os.path.isfile(os.path.join(agent, "lib", "imaging_elements", "hooklib.py")))
+        # The agent is the element's own file, copied as it is.
+        shipped = os.path.join(base.ROOT, "elements", "instance-validate-linux", "agent", "img-agent")
+        self.assertEqual(open(shipped, "rb").read(), open(os.path.join(agent, "img-agent"), "rb").read())
+        self.assertEqual([], os.listdir(os.path.join(agent, "secrets")))
