@@ -522,8 +522,8 @@ class Results:
                 description = said["fail"] or f"exit {code}" + (f": {clean(last[0])}" if last else "")
             if code == "127" and not said["fail"]:
                 description = f"exit 127: the guest cannot run the hook ({clean(output.strip()[-200:])})"
-            warnings = said["warn"] + [f"status line refused (a guest may send describe, progress, warn "
-                                       f"and fail only): {line}" for line in said["refused"]]
+            warnings = [f"status line refused (a guest may send describe, progress, warn and fail "
+                        f"only): {line}" for line in said["refused"]] + said["warn"]
             self._store(name, {"ok": ok, "skipped": False, "description": clean(description, 2 * MAX_TEXT),
                                "output": output, "warnings": warnings[:MAX_WARN]}, now,
                         guest_seconds=int(args[4]) / 100 if args[4].isdigit() and len(args[4]) < 9 else None)

@@ -348,6 +348,29 @@ class TestWithoutBoot(base.TestCase):
                          (d["ok"], d["description"]))
         self.assertEqual((False, "no result from the guest"), (e["ok"], e["description"]))
 
+    def test_results_from_a_hostile_guest_are_bounded(self):
+        import base64
+        b64 = lambda text: base64.b64encode(text.encode()).decode()  # noqa: E731
+        results = instance.Results("tok", ["10-a", "20-b"])
+        status = "\n".join(json.dumps(m) for m in (
+            {"set": {"IMG_OUTPUT": "/etc/passwd"}}, {"frob": 1}, {"describe": "a\x1b[2J\nERROR b"},
+            {"progress": {"done": 1, "total": 2}}))
+        status += "\n" + "\n".join(json.dumps({"warn": f"w{i}"}) for i in range(50))
+        results.feed(b"IMGV tok BEGIN\n" + b"x" * (instance.LINE_LIMIT + 1), 1.0)
+        self.assertLessEqual(len(results.buffer), instance.LINE_LIMIT)  # no end in sight: forgotten
+        results.feed(b"y" * instance.LINE_LIMIT + b"IMGV tok RESULT 20-b 0 - -\n", 2.0)  # its end
+        output = b64("out \x1b]0;t\x07")
+        results.feed(f"IMGV tok RESULT 10-a 0 {b64(status)} {output}\nIMGV tok DONE\n".encode(), 3.0)
+        self.assertEqual(1, results.dropped)
+        a, b = results.ordered()
+        self.assertEqual("no result from the guest", b["description"])  # glued to the long line: dropped
+        self.assertEqual("a\\x1b[2J\\x0aERROR b", a["description"])
+        self.assertEqual("out \\x1b]0;t\\x07", a["output"])
+        self.assertEqual(instance.MAX_WARN, len(a["warnings"]))
+        refused = [w for w in a["warnings"] if w.startswith("status line refused")]
+        self.assertEqual(2, len(refused))
+        self.assertIn("IMG_OUTPUT", refused[0])
+
     def test_guest_environment_has_no_host_paths_or_secrets(self):
         env = instance.guest_environment({
             "IMG_PLATFORM": "linux", "IMG_NAME": "web", "IMG_WORK_DIR": "/var/tmp/w", "IMG_JOURNAL": "/j",
