@@ -12,6 +12,7 @@ names the bound.
 """
 
 import hashlib
+import json
 import os
 import resource
 
@@ -152,3 +153,30 @@ class TestHostileGuest(PhaseCase):
         error = self.assertRaises(instance.InstanceError, self.run_phase, self.image, "raw", hooks,
                                   IMG_INSTANCE_OVERLAY_LIMIT="48M")
         self.assertIn(f"more than IMG_INSTANCE_OVERLAY_LIMIT={48 * MiB} bytes to its disk", str(error))
+
+
+class TestThroughTheDriver(PhaseCase):
+    """The same guest through euca-image-process: the output stays where the operator said."""
+
+    def test_hostile_validators_through_euca_image_process(self):
+        element = os.path.join(self.tmp, "elements", "hostile", "instance-validate.d")
+        os.makedirs(element)
+        write_hook(element, "10-steer", STEER)
+        write_hook(element, "30-snoop", SNOOP)
+        image = imagebuild.debian_boot_disk()
+        output, status = self.path("out.raw"), self.path("status.jsonl")
+        result = self.run_bin("euca-image-process", "-i", image, "-o", output, "-T", "raw", "--platform", "linux",
+                              "--elements-path", os.path.dirname(os.path.dirname(element)),
+                              "-e", f"DB_PASSWORD={SECRET}", "--status-file", status, "hostile", check=0)
+        with open(status) as f:
+            text = f.read()
+        ends = {e["hook"]: e for e in map(json.loads, text.splitlines())
+                if e.get("event") == "hook-end" and e.get("phase") == "instance-validate"}
+        self.assertEqual(("ok", "snooped"), (ends["30-snoop"]["result"], ends["30-snoop"]["description"]))
+        self.assertEqual("ok", ends["10-steer"]["result"])
+        self.assertFalse(os.path.exists("/etc/hostile-output"))
+        self.assertEqual(sha256(image), sha256(output))  # the output is the image, where the operator said
+        for stream in (result.stdout, result.stderr, text):
+            self.assertNotIn(SECRET, stream)
+            self.assertNotIn("\x1b", stream)
+        self.assertIn("status line refused", result.stderr)
