@@ -19,7 +19,7 @@ import resource
 import testtools.content
 
 from imaging_elements import instance
-from tests import imagebuild
+from tests import base, imagebuild
 from tests.test_instance import PhaseCase, write_hook
 
 MiB = imagebuild.MiB
@@ -166,8 +166,9 @@ class TestThroughTheDriver(PhaseCase):
         image = imagebuild.debian_boot_disk()
         output, status = self.path("out.raw"), self.path("status.jsonl")
         result = self.run_bin("euca-image-process", "-i", image, "-o", output, "-T", "raw", "--platform", "linux",
-                              "--elements-path", os.path.dirname(os.path.dirname(element)),
-                              "-e", f"DB_PASSWORD={SECRET}", "--status-file", status, "hostile", check=0)
+                              "--elements-path", f"{os.path.dirname(os.path.dirname(element))}:"
+                              f"{os.path.join(base.ROOT, 'elements')}", "-e", f"DB_PASSWORD={SECRET}",
+                              "--status-file", status, "convert-qemu", "hostile", check=0)
         with open(status) as f:
             text = f.read()
         ends = {e["hook"]: e for e in map(json.loads, text.splitlines())
