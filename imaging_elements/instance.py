@@ -8,9 +8,10 @@ instance-validate.d.  The story (docs/instance-validators.md tells it whole):
    overlay, deleted at the end.
 2. Injection.  qemu-storage-daemon serves the overlay as a writable FUSE
    file; the guest's root filesystem in it is mounted (a loop device at the
-   partition's offset, nodev,nosuid) and gets the agent (a POSIX sh script
-   started by a systemd unit), the hooks, lib/img-functions, and an SSH key
-   in root's authorized_keys, as a cloud's node controller injects one.
+   partition's offset, nodev,nosuid) and gets the agent (the element's
+   agent/img-agent, a POSIX sh script started by a systemd unit), the hooks,
+   lib/img-functions, the secrets a hook declares (needs-secret) and an SSH
+   key in root's authorized_keys, as a cloud's node controller injects one.
    Guest paths are resolved inside the image (imaging_elements.guest).
 3. Boot.  qemu-system-x86_64 with KVM when KVM really boots a kernel here,
    else TCG; whole disks through their own boot loader, partition (AMI)
@@ -21,7 +22,9 @@ instance-validate.d.  The story (docs/instance-validators.md tells it whole):
 4. The agent waits for the boot to settle, runs each hook (`accepts` first
    when the hook declares it) and reports on the second serial port
    (ttyS1, COM2 for a Windows guest): lines `IMGV TOKEN KIND ...` with base64
-   payloads.  Then it powers the instance off.
+   payloads.  Then it powers the instance off.  Every byte of it is the
+   guest's: lines, texts, the console, the overlay are bounded here, and only
+   describe, warn and fail are taken from a hook's status lines.
 5. The host follows the console (ttyS0), the results port and SeaBIOS's debug
    port: a kernel panic, an emergency shell or "no bootable device" ends the
    boot at once, a silent guest at IMG_INSTANCE_TIMEOUT.  qemu is in the
@@ -82,7 +85,9 @@ KERNEL_LIMIT = 512 << 20       # a kernel or initrd read from the image, at most
 HOST_ONLY = {"IMG_JOURNAL", "IMG_JOURNAL_SCOPE", "IMG_STATUS_FD", "IMG_LIB", "IMG_PYTHON",
              "IMG_WORK_DIR", "IMG_SCRATCH_DIR", "IMG_MOUNT_POINT", "IMG_IMAGE", "IMG_INPUT",
              "IMG_OUTPUT", "IMG_KERNEL", "IMG_RAMDISK", "IMG_CONVERT_OUTPUT", "IMG_DISK",
-             "IMG_ELEMENT_DIR", "IMG_INSPECTION_REPORT"}
+             "IMG_ELEMENT_DIR", "IMG_INSPECTION_REPORT", "IMG_ELEMENTS_PATH", "IMG_LOG_FILE",
+             "IMG_EVENTS_FILE", "IMG_EVENTS_FD", "IMG_CLEANUP", "IMG_RESULT_JSON", "IMG_SANDBOX_LIMITS",
+             "IMG_SCRATCH_LIMIT", "IMG_BREAK", "IMG_KEEP_WORK_DIR"}
 
 # Console lines that mean the guest will never reach the agent.
 FATAL = [
