@@ -493,8 +493,8 @@ class Results:
             else:
                 self.dropped += 1
         if len(self.buffer) > LINE_LIMIT:  # a line with no end in sight: forget it
+            self.dropped += not self.dropping
             self.buffer, self.dropping = b"", True
-            self.dropped += 1
 
     def _line(self, line, now):
         words = line.split(" ")

@@ -358,6 +358,7 @@ class TestWithoutBoot(base.TestCase):
         status += "\n" + "\n".join(json.dumps({"warn": f"w{i}"}) for i in range(50))
         results.feed(b"IMGV tok BEGIN\n" + b"x" * (instance.LINE_LIMIT + 1), 1.0)
         self.assertLessEqual(len(results.buffer), instance.LINE_LIMIT)  # no end in sight: forgotten
+        results.feed(b"z" * (instance.LINE_LIMIT + 1), 1.5)  # the same line goes on
         results.feed(b"y" * instance.LINE_LIMIT + b"IMGV tok RESULT 20-b 0 - -\n", 2.0)  # its end
         output = b64("out \x1b]0;t\x07")
         results.feed(f"IMGV tok RESULT 10-a 0 {b64(status)} {output}\nIMGV tok DONE\n".encode(), 3.0)
