@@ -372,6 +372,23 @@ class TestWithoutBoot(base.TestCase):
         self.assertEqual(2, len(refused))
         self.assertIn("IMG_OUTPUT", refused[0])
 
+    def test_what_the_guest_writes_is_bounded(self):
+        inst = instance._Instance([("10-a", "/x")], {"IMG_INSTANCE_CONSOLE_LIMIT": "1M",
+                                                     "IMG_INSTANCE_OVERLAY_LIMIT": "2M"}, None, None)
+        inst.overlay = self.path("overlay.qcow2")
+        with open(inst.overlay, "wb") as f:
+            f.write(b"x" * (2 * MiB))
+        self.assertIsNone(inst._over_bound(instance.RESULTS_LIMIT, MiB))
+        self.assertIn("more than 4194304 bytes on the results port", inst._over_bound(instance.RESULTS_LIMIT + 1, 0))
+        self.assertIn(f"IMG_INSTANCE_CONSOLE_LIMIT={MiB} bytes", inst._over_bound(0, MiB + 1))
+        with open(inst.overlay, "ab") as f:
+            f.write(b"x" * 8192)
+        self.assertIn(f"IMG_INSTANCE_OVERLAY_LIMIT={2 * MiB} bytes to its disk", inst._over_bound(0, 0))
+        # qemu's own hard bound (RLIMIT_FSIZE) is above both.
+        self.assertGreater(inst._file_bound(), 2 * MiB)
+        self.assertRaises(instance.InstanceError, instance._Instance, [], {"IMG_INSTANCE_OVERLAY_LIMIT": "lots"},
+                          None, None)
+
     def test_guest_environment_has_no_host_paths_or_secrets(self):
         env = instance.guest_environment({
             "IMG_PLATFORM": "linux", "IMG_NAME": "web", "IMG_WORK_DIR": "/var/tmp/w", "IMG_JOURNAL": "/j",
