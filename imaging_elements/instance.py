@@ -948,14 +948,14 @@ class _Instance:
     def _file_bound(self):
         return max(self.overlay_limit + (self.overlay_limit >> 3), self.console_limit) + (64 << 20)
 
-    def _over_bound(self, received, console_size):
+    def _over_bound(self, results_size, console_size):
         """Why the guest must be stopped for what it wrote, or None."""
-        if received > RESULTS_LIMIT:
+        if results_size > RESULTS_LIMIT:
             return (f"the guest sent more than {RESULTS_LIMIT} bytes on the results port (ttyS1); "
                     "stopped it")
         if console_size > self.console_limit:
             return (f"the guest wrote more than IMG_INSTANCE_CONSOLE_LIMIT={self.console_limit} bytes "
-                    "to its console; stopped it")
+                    "to its console (or the BIOS debug port); stopped it")
         try:
             written = os.stat(self.overlay).st_blocks * 512
         except OSError:
@@ -969,15 +969,16 @@ class _Instance:
         """Read the results port, the console and the BIOS log until the agent is
         done, the guest fails, qemu exits or the time is up; returns (fatal
         reason or None, when the agent began or None)."""
-        up_at, console, bios, received = None, "", "", 0
+        up_at, console, bios = None, "", ""
         with open(results_path, "rb") as res, open(self.console, "rb") as con, \
                 open(self.bios_log, "rb") as bio:
             while True:
                 exited = process.poll() is not None  # before reading: nothing is lost
                 now = time.monotonic()
                 data = res.read(65536)
-                received += len(data)
-                reason = self._over_bound(received, os.fstat(con.fileno()).st_size)
+                # What the files hold, not what was read yet: a fast guest is ahead of us.
+                reason = self._over_bound(os.fstat(res.fileno()).st_size,
+                                          max(os.fstat(con.fileno()).st_size, os.fstat(bio.fileno()).st_size))
                 if reason:
                     return reason, up_at
                 if data:
