@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Benchmark the converters: a 1 GiB-class streamOptimized VMDK -> raw through
 euca-image-process (element convert-qemu), against bare `qemu-img convert` on
-the same file, run alternately in this one script.
+the same file, run alternately in this one script (benchmarks/compare.py).
 
 Targets (issue 5): wall time overhead <= 5 % (ratio printed) and output
 allocation <= 1.05 x that of qemu-img's output.
@@ -27,6 +27,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from benchmarks.compare import alternate, load, report  # noqa: E402
 from tests import imagebuild  # noqa: E402
 
 MiB = imagebuild.MiB
@@ -84,23 +85,25 @@ def main():
                      "-i", vmdk, "-o", ours_out, "-T", "raw", "convert-qemu"]
         # Warm the page cache once so that neither side pays for the first read.
         subprocess.run(["cat", vmdk], stdout=subprocess.DEVNULL, check=True)
-        bare, ours = [], []
-        for run in range(args.runs):
-            pairs = [(bare, bare_argv, bare_out), (ours, ours_argv, ours_out)]
-            for times, argv, out in (pairs if run % 2 == 0 else pairs[::-1]):
+
+        def side(argv, out):
+            def run():
                 if os.path.exists(out):
                     os.unlink(out)
                 os.sync()   # neither side waits for the other's dirty pages
-                times.append(timed(argv))
-            print(f"run {run + 1}: qemu-img {bare[-1]:.2f} s, euca-image-process {ours[-1]:.2f} s", flush=True)
+                return timed(argv)
+            return run
+
+        print(load() + " (before)")
+        ours, bare = alternate(side(ours_argv, ours_out), side(bare_argv, bare_out), args.runs, warmup=0)
+        ratio = report("VMDK -> raw, start to exit", "euca-image-process", ours, "qemu-img convert", bare,
+                       unit="s", scale=1, digits=2)
+        print(load() + " (after)")
         subprocess.run(["cmp", bare_out, ours_out], check=True)
         b, o = statistics.median(bare), statistics.median(ours)
-        ratio = o / b
+        print(f"fixed cost {o - b:+.2f} s; overhead ratio {ratio:.3f} ({(ratio - 1) * 100:+.1f} %; "
+              f"target <= 1.05: {'ok' if ratio <= 1.05 else 'OVER TARGET'})")
         alloc_ratio = allocated(ours_out) / allocated(bare_out)
-        print(f"median: qemu-img convert {b:.2f} s, euca-image-process {o:.2f} s "
-              f"(fixed cost {o - b:+.2f} s)")
-        print(f"overhead ratio {ratio:.3f} ({(ratio - 1) * 100:+.1f} %; target <= 1.05: "
-              f"{'ok' if ratio <= 1.05 else 'OVER TARGET'})")
         print(f"allocation: qemu-img {allocated(bare_out) / MiB:.1f} MiB, euca-image-process "
               f"{allocated(ours_out) / MiB:.1f} MiB; ratio {alloc_ratio:.3f} (target <= 1.05: "
               f"{'ok' if alloc_ratio <= 1.05 else 'OVER TARGET'})")

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Benchmark: boot + every stock instance validator + power-off of a Debian 12 disk.
 
-    sudo python3 benchmarks/instance.py [--runs 3] [--baseline-runs 1] [--no-baseline] [--image DISK]
+    sudo python3 benchmarks/instance.py [--runs 3] [--no-baseline] [--image DISK]
 
 Each run is `imaging_elements.instance.run_phase` with the hooks of
 elements/instance-validate-linux on tests.imagebuild.debian_boot_disk() (a
@@ -14,8 +14,8 @@ calls it. Printed per run and as the median of --runs:
   checks     the validators, inside the guest;
   off        the last result to qemu's exit.
 The baseline is a plain boot of the same disk with qemu (same machine, TCG,
--snapshot) to its serial login prompt; the ratio is total / baseline, the cost
-of validating over just booting.  The machine's load average is printed: on a
+-snapshot) to its serial login prompt, alternated with ours in the same run;
+the ratio is total / baseline, the cost of validating over just booting.  The machine's load average is printed: on a
 shared machine, other work slows TCG down a lot.
 """
 
@@ -34,6 +34,7 @@ sys.path.insert(0, ROOT)
 from imaging_elements import hooks as hooks_mod  # noqa: E402
 from imaging_elements import instance  # noqa: E402
 from imaging_elements.journal import Journal  # noqa: E402
+from benchmarks.compare import alternate, load, report  # noqa: E402
 from tests.imagebuild import debian_boot_disk  # noqa: E402
 
 TARGET = 30.0
@@ -97,7 +98,6 @@ def run_baseline(image):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--baseline-runs", type=int, default=1)
     parser.add_argument("--no-baseline", action="store_true")
     parser.add_argument("--image", help="a bootable raw disk (default: the test Debian 12 disk)")
     parser.add_argument("--accel", choices=("auto", "kvm", "tcg"), default=None)
@@ -108,22 +108,27 @@ def main():
     print(f"image: {image}")
     print(f"cpus: {os.cpu_count()}, load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     runs = []
-    for index in range(args.runs):
+
+    def ours():
         run = run_ours(image, args.accel)
         runs.append(run)
-        print(f"run {index + 1}: total {run['total']:.1f} s (accel {run['accel']}: up {run['up']} s, "
+        print(f"run {len(runs)}: total {run['total']:.1f} s (accel {run['accel']}: up {run['up']} s, "
               f"checks {run['checks']} s, off {run['off']} s); load {os.getloadavg()[0]:.2f}", flush=True)
-    median = statistics.median(r["total"] for r in runs)
+        return run["total"]
+
+    if args.no_baseline:
+        totals = [ours() for _ in range(args.runs)]
+    else:
+        # The anchor, a plain boot of the same disk, alternates with ours (benchmarks/compare.py).
+        totals, base = alternate(ours, lambda: run_baseline(image), args.runs, warmup=0)
+        report("boot + instance validators + power-off, against a plain boot to the login prompt",
+               "instance-validate", totals, "qemu boot to login", base, unit="s", scale=1)
+    median = statistics.median(totals)
     parts = {k: statistics.median(r[k] for r in runs if r[k] is not None) for k in ("up", "checks", "off")}
     print(f"boot + instance validators + power-off, median of {len(runs)}: {median:.1f} s "
           f"(up {parts['up']:.1f} s, checks {parts['checks']:.1f} s, off {parts['off']:.1f} s)")
     print(f"target {TARGET:.0f} s: {'met' if median <= TARGET else 'NOT met'} (ratio {median / TARGET:.2f})")
-    if not args.no_baseline:
-        base = [run_baseline(image) for _ in range(args.baseline_runs)]
-        baseline = statistics.median(base)
-        print(f"baseline: plain qemu boot to the login prompt, median of {len(base)}: {baseline:.1f} s")
-        print(f"ratio total / baseline: {median / baseline:.2f}")
-
+    print(load() + " (after)")
 
 if __name__ == "__main__":
     main()

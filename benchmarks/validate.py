@@ -9,8 +9,9 @@ Printed per run and as the median of --runs:
   mount+validate  the mount and validate phases (mount, all validators, the report),
                   from the process's own status events: the target is <= 2 s;
   process         the whole command, start to exit (with start-up and unwinding).
-The baseline is `virt-inspector` on the same VMDK (it boots a libguestfs
-appliance; TCG here), timed the same way; the ratio is baseline / ours.
+The anchor is `virt-inspector` on the same VMDK, timed the same way and
+alternated with ours (benchmarks/compare.py) when libguestfs-tools is
+installed; it boots an appliance, which needs KVM to be fair (TCG here).
 The image is tests/images/mkdebian's root, built once and cached
 (tests/guestimages.debian_vmdk).
 """
@@ -27,6 +28,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from benchmarks.compare import alternate, report  # noqa: E402
 from tests.guestimages import debian_vmdk, virt_inspector_env  # noqa: E402
 
 TARGET = 2.0
@@ -82,14 +84,15 @@ def main():
           f"{TARGET:.0f} s target), whole process {median_total:.2f} s")
     env = None if args.no_baseline else virt_inspector_env()
     if env is None:
-        print("baseline: virt-inspector not run" + ("" if args.no_baseline else " (libguestfs-tools not installed)"))
+        print("anchor: virt-inspector not run" + ("" if args.no_baseline else
+              " (libguestfs-tools not installed; it needs KVM to be fair, and this machine has none)"))
         return
+    print("anchor: virt-inspector under TCG (no KVM here: unfair to libguestfs)")
     run_baseline(image, env)  # warm-up: builds libguestfs' appliance once
-    baseline = statistics.median(run_baseline(image, env) for _ in range(args.baseline_runs))
-    print(f"baseline: virt-inspector median of {args.baseline_runs}: {baseline:.2f} s")
-    print(f"ratio: virt-inspector / euca-image-process = {baseline / median:.1f}x (mount+validate), "
-          f"{baseline / median_total:.1f}x (whole process)")
-
+    ours, theirs = alternate(lambda: run_ours(image)[0], lambda: run_baseline(image, env), args.baseline_runs,
+                             warmup=0)
+    report("mount + validate + inspect", "euca-image-process", ours, "virt-inspector", theirs, unit="s", scale=1,
+           digits=2)
 
 if __name__ == "__main__":
     main()

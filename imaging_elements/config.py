@@ -46,8 +46,15 @@ SETTINGS = (
     Setting("keep_work_dir", ("--keep-work-dir",), "IMG_KEEP_WORK_DIR",
             "keep the work directory at the end (its resources are still released)", kind="flag"),
     Setting("scratch_limit", ("--scratch-limit",), "IMG_SCRATCH_LIMIT",
-            "most bytes the scratch space may hold (e.g. 20G); checked before conversions and after "
-            "every hook", metavar="SIZE"),
+            "most bytes the scratch space may hold (e.g. 20G, at least 1M): the scratch directory "
+            "becomes a filesystem of that size, so a writer stops at the limit (exit 4)",
+            metavar="SIZE"),
+    Setting("hook_timeout", ("--hook-timeout",), "IMG_HOOK_TIMEOUT",
+            "most seconds one hook may run before its processes are killed; default: per phase "
+            "(see Hook time limits)", metavar="SECONDS"),
+    Setting("result_json", ("--result-json",), "IMG_RESULT_JSON",
+            "write the result (docs/api.md, ProcessResult) to this file as JSON at the end",
+            metavar="PATH"),
     Setting("breaks", ("--break",), "IMG_BREAK",
             "stop for a shell at these points: before-PHASE, after-PHASE, after-error (comma "
             "separated; the variable `break` is read too, as in diskimage-builder)", metavar="LIST"),
@@ -85,11 +92,12 @@ EXIT_CODES = (
     (0, "success"),
     (1, "a hook failed, or a validator that is not optional"),
     (2, "bad usage: options, elements, hook headers, a break point without a terminal"),
-    (3, "bad input: unreadable, unknown or mismatched image type"),
+    (3, ("bad input: unreadable, unknown or mismatched image type, or a hook said the input is "
+         "damaged (status `bad-input`)")),
     (4, "not enough space for a conversion (scratch limit or free space)"),
     (5, "the process succeeded but releasing a resource failed"),
     (130, "interrupted (Ctrl-C)"),
-    (143, "terminated (SIGTERM)"),
+    (143, "terminated (SIGTERM), or cancelled through the API's cancel event"),
 )
 
 # A variable is secret when its name (any case) holds one of these words
@@ -103,6 +111,13 @@ def is_secret_name(name):
     """Whether the variable `name` holds a secret (see SECRET_NAME)."""
     return bool(SECRET_NAME.search(name))
 
+
+# Default time limit of one hook, by phase (seconds): generous, so that a real
+# image never meets it, and a hook that hangs (a guest's interpreter that
+# sleeps forever) still ends.
+HOOK_TIMEOUTS = {"unbundle": 6 * 3600, "mount": 1800, "validate": 1800, "install": 1800,
+                 "convert": 6 * 3600, "instance-validate": 3600, "crypt": 6 * 3600,
+                 "bundle": 6 * 3600, "cleanup": 1800}
 
 SIZE = re.compile(r"^(\d+(?:\.\d+)?)\s*([KMGTP]?)(i?B?)$", re.IGNORECASE)
 
@@ -152,10 +167,10 @@ def parse(argv, environ=os.environ):
 
 def markdown():
     lines = ["# Configuration", "",
-             "Generated from `imaging_elements/config.py` by `python -m imaging_elements.config`; "
-             "do not edit by hand.", "",
-             "Every setting of `euca-image-process` is an option and an environment variable; "
-             "the option wins.", "",
+             ("Generated from `imaging_elements/config.py` by `python -m imaging_elements.config`; "
+              "do not edit by hand."), "",
+             ("Every setting of `euca-image-process` is an option and an environment variable; "
+              "the option wins."), "",
              "| option | variable | default | meaning |", "|---|---|---|---|"]
     for s in SETTINGS:
         flags = ", ".join(f"`{f}`" for f in s.flags) + (f" {s.metavar}" if s.metavar else "")
@@ -163,6 +178,11 @@ def markdown():
                      f"{s.default if s.default is not None else ''} | {s.help} |")
     lines += ["", "## Exit codes", "", "| code | meaning |", "|---|---|"]
     lines += [f"| {code} | {text} |" for code, text in EXIT_CODES]
+    lines += ["", "## Hook time limits", "",
+              ("A hook that runs longer than its phase's limit is killed with its process group, "
+               "and the process fails naming the hook and the limit. `--hook-timeout` sets one "
+               "limit for every phase."), "", "| phase | limit (s) |", "|---|---|"]
+    lines += [f"| {phase} | {limit} |" for phase, limit in HOOK_TIMEOUTS.items()]
     return "\n".join(lines) + "\n"
 
 

@@ -15,8 +15,8 @@ import os
 import re
 
 from imaging_elements import config
+from imaging_elements.resources import ELEMENTS as PROJECT_ELEMENTS
 
-PROJECT_ELEMENTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "elements")
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 NOT_ELEMENTS = {"__pycache__", "tests"}
 

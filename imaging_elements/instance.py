@@ -48,13 +48,9 @@ from imaging_elements import bootdisk, config, confine, disk, hooklib, qemuimg
 from imaging_elements import hooks as hooks_mod
 from imaging_elements.guest import Guest, GuestPathError
 from imaging_elements.journal import Journal
+from imaging_elements.monitor import clean as clean_text
+from imaging_elements.resources import ELEMENTS, LIB, PACKAGE
 
-try:  # where the project's files are (imaging_elements/resources.py, once it exists)
-    from imaging_elements.resources import ELEMENTS, LIB
-except ImportError:
-    _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    ELEMENTS, LIB = os.path.join(_ROOT, "elements"), os.path.join(_ROOT, "lib")
-PACKAGE = os.path.dirname(os.path.abspath(__file__))
 AGENT = os.path.join("agent", "img-agent")  # in the element's directory
 STOCK_ELEMENT = "instance-validate-linux"
 SCOPE = "instance-validate"
@@ -405,25 +401,14 @@ def inject(root, hooks, env, token, settle, hook_timeout):
 
 # -- the results protocol ----------------------------------------------------------
 
-# Control characters (and the Unicode line and direction marks) shown as escapes;
-# the same rule as monitor.clean on the runner branch: use that one once merged.
-_CONTROL = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
-_CONTROL_BUT_LINES = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
-
-
-def _escape(match):
-    code = ord(match.group())
-    return f"\\x{code:02x}" if code < 256 else f"\\u{code:04x}"
-
-
 def clean(text, limit=MAX_TEXT):
     """One line of guest text, safe for a terminal, a log line or an event, at most `limit` characters."""
-    return _CONTROL.sub(_escape, text[:limit])[:limit]
+    return clean_text(text[:limit])[:limit]
 
 
 def clean_output(text):
-    """A hook's output from the guest: its last OUTPUT_LIMIT characters, lines kept, controls escaped."""
-    return _CONTROL_BUT_LINES.sub(_escape, text[-OUTPUT_LIMIT:].replace("\r\n", "\n"))
+    """A hook's output from the guest: its last OUTPUT_LIMIT characters, lines kept, each cleaned."""
+    return "\n".join(clean_text(line) for line in text[-OUTPUT_LIMIT:].replace("\r\n", "\n").split("\n"))
 
 
 def _b64(text):

@@ -1,12 +1,44 @@
 """State feedback: one small interface, a JSON-lines and a text implementation.
 
 Events are flat dicts with an "event" name: process-start, process-end,
-phase-start, phase-end, hook-start, hook-end, accepts, progress, warning, log.
+phase-start, phase-end, hook-start, hook-end, accepts, progress, warning, log
+(docs/events.md has their schema).
 """
 
 import json
+import re
 import sys
 import time
+
+# C0 and C1 controls (but tab), DEL, and the Unicode line separators and
+# bidirectional overrides: shown as escapes, so that no text from a hook or
+# an image can move a terminal's cursor or start a line of its own.
+_CONTROL = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+
+
+def _escape(match):
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code < 256 else f"\\u{code:04x}"
+
+
+def clean(text):
+    """Text (from a hook or an image) safe for a terminal, a log line or an event:
+    every control character shown as an escape.  Cleaning twice changes nothing."""
+    return _CONTROL.sub(_escape, text)
+
+
+def clean_lines(text):
+    """Text of several lines for a terminal or a log: each line cleaned, and every line
+    after the first indented, so that none can pass for a line of the log."""
+    return "\n    ".join(clean(line) for line in text.split("\n"))
+
+
+def _clean_value(value):
+    if isinstance(value, str):
+        return clean(value)
+    if isinstance(value, list):
+        return [_clean_value(v) for v in value]
+    return value
 
 
 class Monitor:
@@ -24,7 +56,9 @@ class JsonMonitor(Monitor):
         self.stream = stream
 
     def event(self, name, **fields):
-        record = {"time": round(time.time(), 3), "event": name, **fields}
+        # The runner cleans what hooks say; this is the last line of defence for the rest.
+        record = {"time": round(time.time(), 3), "event": name,
+                  **{key: _clean_value(value) for key, value in fields.items()}}
         self.stream.write(json.dumps(record, sort_keys=True) + "\n")
         self.stream.flush()
 
@@ -53,7 +87,7 @@ class TextMonitor(Monitor):
         if self.quiet and level == "INFO":
             return
         stamp = time.strftime("%Y-%m-%d %H:%M:%S")
-        line = f"{stamp} {level:<5} {text}"
+        line = f"{stamp} {level:<5} {clean_lines(text)}"
         if self._bar is not None:
             self._bar.write(line, file=self.stream)
         else:

@@ -10,33 +10,92 @@ import contextlib
 import fcntl
 import json
 import os
+import re
 import selectors
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import traceback
 from collections import deque
 
-from imaging_elements import config, elements, hooks, imagetype, sandbox
-from imaging_elements.journal import Journal
+from imaging_elements import config, elements, hooklib, hooks, imagetype, sandbox
+from imaging_elements.journal import Journal, describe
+from imaging_elements.monitor import clean
+from imaging_elements.resources import BIN, LIB
+from imaging_elements.resources import PYTHONPATH as ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-LIB = os.path.join(ROOT, "lib")
-BIN = os.path.join(ROOT, "bin")
 SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 OUTPUT_TAIL = 20
+MiB = 1024 * 1024
+VAR_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+PLATFORMS = ("auto", "linux", "windows", "unknown")
+
+# Bounds on what a hook (or a guest behind it) can make the runner hold or print.
+MAX_LINE = 8192        # bytes of one output or status line; the rest of the line is dropped
+MAX_MESSAGE = 2000     # characters of one describe/warn/fail text
+MAX_DESCRIBE, MAX_WARN = 20, 100
+MAX_VALUE = 4096       # characters of a value a hook sets
+MAX_LOGGED = 10000     # output lines of one hook in the log; then only its last lines are kept
+PROGRESS_EVERY = 0.1   # seconds between two progress events of one hook
+
+# State the runner owns or acts on (paths, types, the journal, ...): a hook
+# may not set it, except the phases named in SETTABLE.  Hooks that run inside
+# the image (chroot, instance) may set nothing at all.
+RUNNER_STATE = frozenset("IMG_" + name for name in elements.RUNNER_VARIABLES) | {
+    "IMG_SIZE", "IMG_KERNEL", "IMG_RAMDISK", "IMG_INSPECTION_REPORT"}
+# What -e (a request's options and environment) may not set: the runner's own
+# state has options of its own, or is not the operator's to give.
+NOT_OPTIONS = RUNNER_STATE - {"IMG_INSPECTION_REPORT", "IMG_SIZE", "IMG_KERNEL", "IMG_RAMDISK"}
+SETTABLE = {
+    # A container mounter hands the raw view on; the root finder says the platform.
+    "mount": frozenset(("IMG_DISK", "IMG_DISK_TYPE", "IMG_PLATFORM")),
+}
+
+
+class _LineReader:
+    """Split a byte stream into lines of at most MAX_LINE bytes, holding no more."""
+
+    def __init__(self):
+        self.buffer, self.cut = bytearray(), False
+
+    def feed(self, data):
+        lines, start = [], 0
+        while (end := data.find(b"\n", start)) >= 0:
+            self._add(data[start:end])
+            lines.append(self.flush())
+            start = end + 1
+        self._add(data[start:])
+        return lines
+
+    def _add(self, data):
+        room = MAX_LINE - len(self.buffer)
+        if len(data) > room:
+            self.cut = True
+        self.buffer += data[:max(room, 0)]
+
+    def pending(self):
+        return bool(self.buffer) or self.cut
+
+    def flush(self):
+        line = bytes(self.buffer) + (b" [line cut]" if self.cut else b"")
+        self.buffer, self.cut = bytearray(), False
+        return line
 
 
 class Phase:
     """where: host, chroot or instance.  kind: how the phase's hooks are run:
     all (every accepting hook), validate (all, results kept, optional ones
     warn), chain (a planned chain of converters), transform (every accepting
-    hook replaces the image)."""
+    hook replaces the image).  release_mount: the mount phase's resources are
+    let go first (the phase reads or boots the image file)."""
 
-    def __init__(self, name, where, kind, context=()):
+    def __init__(self, name, where, kind, context=(), release_mount=False):
         self.name, self.where, self.kind, self.context = name, where, kind, context
+        self.release_mount = release_mount
 
 
 PHASES = (
@@ -44,8 +103,8 @@ PHASES = (
     Phase("mount", "host", "all", ("disk-type",)),
     Phase("validate", "host", "validate", ("platform",)),
     Phase("install", "chroot", "all", ("platform",)),
-    Phase("convert", "host", "chain", ("source-type", "dest-type")),
-    Phase("instance-validate", "instance", "validate", ("platform",)),
+    Phase("convert", "host", "chain", ("source-type", "dest-type"), release_mount=True),
+    Phase("instance-validate", "instance", "validate", ("platform",), release_mount=True),
     Phase("crypt", "host", "chain", ("source-crypt", "dest-crypt")),
     Phase("bundle", "host", "chain", ("source-type", "dest-type")),
     Phase("cleanup", "host", "all"),
@@ -66,37 +125,124 @@ class Terminated(BaseException):
     """SIGTERM, raised in the main thread so that the ExitStack unwinds."""
 
 
-def _terminate(signum, frame):
-    raise Terminated()
+class Cancelled(BaseException):
+    """The caller's cancel event was set: unwind as for SIGTERM."""
+
+    def __init__(self, code, message):
+        super().__init__(message)
+        self.code = code
+
+
+# Exit code and message of a cancelled process, by the signal that caused it.
+CANCEL_CODES = {signal.SIGINT: (130, "interrupted"), signal.SIGTERM: (143, "terminated by SIGTERM"),
+                None: (143, "cancelled")}
+
+# What a process run in the main thread may be interrupted by: ProcessGuard's
+# signal handler raises there (as SIGTERM always did), except while resources
+# are being released.  Other threads see only their cancel event.
+_main = {"running": 0, "deferred": 0}
+
+
+def _in_main_thread():
+    return threading.current_thread() is threading.main_thread()
+
+
+def interrupt_main(signum):
+    """Called by ProcessGuard's signal handler (main thread): raise into a run there."""
+    if _main["running"] and not _main["deferred"]:
+        raise KeyboardInterrupt() if signum == signal.SIGINT else Terminated()
+
+
+@contextlib.contextmanager
+def _main_running():
+    main = _in_main_thread()
+    _main["running"] += main
+    try:
+        yield
+    finally:
+        _main["running"] -= main
+
+
+@contextlib.contextmanager
+def _signals_deferred():
+    """While releasing resources, a Ctrl-C or SIGTERM must not stop us halfway."""
+    main = _in_main_thread()
+    _main["deferred"] += main
+    try:
+        yield
+    finally:
+        _main["deferred"] -= main
+
+
+class _NoMonitor:
+    def event(self, name, **fields):
+        pass
 
 
 class Process:
-    def __init__(self, args, monitor):
-        self.args = args
-        self.monitor = monitor
+    """One image process.  `request` is an api.ProcessRequest (read, never
+    changed); `cancel` anything with is_set().  only_hook and list_out are the
+    command line's --hook and --list (a stream to print the plan to)."""
+
+    def __init__(self, request, monitor=None, cancel=None, only_hook=None, list_out=None):
+        self.request = request
+        self.monitor = monitor or _NoMonitor()
+        self.cancel = cancel
+        self.only_hook = only_hook
+        self.list_out = list_out
         self.env = {}          # the IMG_* state that hooks see and may change
         self.results = []      # validator results, for the summary
+        self.phase_durations = {}
         self.failed = False
         self.journal = None
+        self.work = None
         self.output_tmp = None
-        self.breaks = set(filter(None, (args.breaks or "").replace(" ", "").split(",")))
-        self.phases = self._selected_phases()
-        try:
-            self.sandbox_limits = sandbox.parse_limits(args.sandbox_limits)
-        except ValueError as exc:
-            raise ProcessFailure(2, f"--sandbox-limit: {exc}") from exc
+        self.published = None  # the output path, once renamed into place
+        self.inspection_report = None
+        self.disk_type = None  # the input's type, or the unbundled image's
+        self.cleanup_failures = []
+        self.scratch_limited = False
+        self.cancel_ignored = False
+        self.working_copy = None
+        self.operator_names = set()  # variables the request set: no hook may change them
+        self.option_values = {}      # declared element options with their defaults
+        self.breaks = {b.strip() for b in request.breaks or () if b.strip()}
 
     # -- the whole story -------------------------------------------------------
     def run(self):
-        """Returns (exit code, error message or None)."""
+        """Returns (exit code, error message or None); the last event is process-end."""
+        started = time.monotonic()
+        code, error = 1, "internal error"
+        try:
+            with _main_running():
+                code, error = self._run()
+        except Cancelled as cancelled:  # while the work dir was being removed
+            code, error = cancelled.code, str(cancelled)
+        except KeyboardInterrupt:
+            code, error = 130, "interrupted"
+        except Terminated:
+            code, error = 143, "terminated by SIGTERM"
+        except Exception as exc:  # noqa: BLE001 (a bug: still end the stream, still return a result)
+            self.monitor.event("log", level="ERROR", message=traceback.format_exc())
+            code, error = 1, f"internal error: {type(exc).__name__}: {exc}"
+        finally:
+            if self.results:
+                summary = {r: sum(1 for x in self.results if x["result"] == r)
+                           for r in ("ok", "skipped", "warning", "failed")}
+                self.monitor.event("log", level="INFO",
+                                   message="validators: {ok} passed, {warning} warnings, {failed} failed, "
+                                           "{skipped} not applicable".format(**summary))
+            self.monitor.event("process-end", result="ok" if code == 0 else "failed", exit_code=code,
+                               error=error, duration=round(time.monotonic() - started, 3))
+        return code, error
+
+    def _run(self):
         code, error = 0, None
-        self.cleanup_failures = []
         with contextlib.ExitStack() as stack:
-            # First in, last out: SIGTERM raises until every resource is released.
-            stack.enter_context(_signals_raise())
             try:
+                self._check_request()
                 self._prepare(stack)  # ties the journal's unwinding to `stack` at once
-                if self.args.list:
+                if self.list_out:
                     self._list()
                 else:
                     for phase in PHASES[:-1]:
@@ -104,6 +250,8 @@ class Process:
                     self._publish_output()
             except ProcessFailure as failure:
                 code, error = failure.code, str(failure)
+            except Cancelled as cancelled:
+                code, error = cancelled.code, str(cancelled)
             except KeyboardInterrupt:
                 code, error = 130, "interrupted"
             except Terminated:
@@ -111,19 +259,57 @@ class Process:
             self.failed = code != 0
             if code and "after-error" in self.breaks and self.journal:
                 self._after_error()
-            if self.journal and not self.args.list:
+            if self.journal and not self.list_out:
                 code, error = self._cleanup_phase(code, error)
+            self._find_inspection_report()
         if code == 0 and self.cleanup_failures:
             code, error = 5, "; ".join(self.cleanup_failures)
         return code, error
 
+    def _cancel_point(self):
+        """A safe point: stop here if the caller cancelled."""
+        if self.cancel is not None and self.cancel.is_set() and not self.cancel_ignored:
+            raise Cancelled(*CANCEL_CODES.get(getattr(self.cancel, "signum", None), CANCEL_CODES[None]))
+
     # -- setup -------------------------------------------------------------------
+    def _check_request(self):
+        """Every value of the request, checked before anything is done."""
+        request = self.request
+        if not request.elements:
+            raise ProcessFailure(2, "no elements given (see element-info for the list)")
+        self.phases = self._selected_phases()
+        try:
+            self.sandbox_limits = sandbox.parse_limits(request.sandbox_limits)
+        except ValueError as exc:
+            raise ProcessFailure(2, f"--sandbox-limit: {exc}") from exc
+        limit = request.scratch_limit
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < MiB):
+            raise ProcessFailure(2, f"--scratch-limit: {limit!r} is not a number of bytes of at least 1 MiB")
+        timeout = request.hook_timeout
+        if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
+                                    or not timeout > 0):
+            raise ProcessFailure(2, f"--hook-timeout: {timeout!r} is not a positive number of seconds")
+        for option, value, allowed in (("-t/--input-type", request.input_type, imagetype.TYPES),
+                                       ("-T/--output-type", request.output_type, imagetype.TYPES),
+                                       ("--platform", request.platform, PLATFORMS)):
+            if value is not None and value not in allowed:
+                raise ProcessFailure(2, f"{option}: {value!r} is not one of {', '.join(allowed)}")
+        for option, mapping in (("-e", request.options), ("environment", request.environment)):
+            for name, value in (mapping or {}).items():
+                if not isinstance(name, str) or not isinstance(value, str) or not VAR_NAME.match(name):
+                    raise ProcessFailure(2, f"{option} {name!r}: use NAME=VALUE, NAME of letters, "
+                                            "digits and _")
+                full = name if name.startswith("IMG_") else "IMG_" + name
+                if full in NOT_OPTIONS:
+                    raise ProcessFailure(2, f"{option} {name}: {full} is the runner's own variable, "
+                                            "not an element option (see euca-image-process --help)")
+
     def _selected_phases(self):
         chosen = set(PHASE_NAMES)
-        for option, names in (("--phases", self.args.phases), ("--skip-phases", self.args.skip_phases)):
-            if not names:
+        for option, names in (("--phases", self.request.phases), ("--skip-phases", self.request.skip_phases)):
+            if names is None or (option == "--skip-phases" and not names):
                 continue
-            listed = {n.strip().removesuffix(".d") for n in names.split(",") if n.strip()}
+            listed = {n.strip().removesuffix(".d") for n in names if n.strip()}
             unknown = listed - set(PHASE_NAMES)
             if unknown:
                 raise ProcessFailure(2, f"{option}: unknown phase {', '.join(sorted(unknown))}; "
@@ -137,13 +323,15 @@ class Process:
         return chosen
 
     def _prepare(self, stack):
-        args = self.args
-        warn = lambda message: self.monitor.event("warning", message=message)
+        request = self.request
+        warn = self._warn
         try:
-            library = elements.find_elements(args.elements_path, warn=warn)
-            self.elements = elements.resolve(args.elements, library)
+            # elements_path None: the stock elements only (never the environment: library code).
+            library = elements.find_elements(":".join(request.elements_path or ()), warn=warn)
+            self.elements = elements.resolve(list(request.elements), library)
         except (elements.ElementError, OSError) as exc:
             raise ProcessFailure(2, str(exc)) from exc
+        self._check_options()
         self.hooks, problems = {}, []
         try:
             for phase in PHASES:
@@ -153,16 +341,24 @@ class Process:
             raise ProcessFailure(2, str(exc)) from exc
         for problem in problems:
             warn(problem)
-        if args.only_hook:
-            self._restrict_to_hook(args.only_hook)
+        if self.only_hook:
+            self._restrict_to_hook(self.only_hook)
         self.monitor.event("process-start", elements=[e.name for e in self.elements],
-                           input=args.input, output=args.output)
+                           input=request.input, output=request.output)
 
         self._prepare_work_dir(stack)
+        self._refuse_overwriting_inputs()
         self._prepare_image()
         self._prepare_output()
         self.env.update(self._element_options())
         self.env.update(self._source_environment_d())
+
+    def _check_options(self):
+        """Declared element options: every unknown option and bad value refused before any hook."""
+        try:
+            self.option_values = elements.check_options(self.elements, dict(self.request.options or {}))
+        except elements.ElementError as exc:
+            raise ProcessFailure(2, str(exc)) from exc
 
     def _restrict_to_hook(self, spec):
         phase, _, name = spec.partition("/")
@@ -172,12 +368,9 @@ class Process:
         self.hooks[phase] = [h for h in self.hooks[phase] if h.name == name]
 
     def _prepare_work_dir(self, stack):
-        # Daemons that hooks start (qemu-storage-daemon, ntfs-3g) outlive their
-        # hook; as their subreaper we reap them the moment the journal kills them.
-        _become_subreaper()
-        args = self.args
-        if args.work_dir:
-            work = os.path.abspath(args.work_dir)
+        request = self.request
+        if request.work_dir:
+            work = os.path.abspath(request.work_dir)
             os.makedirs(work, exist_ok=True)
             created = False
         else:
@@ -187,13 +380,13 @@ class Process:
             with open(os.path.join(work, ".created-by-euca-image-process"), "w"):
                 pass
         self.work = work
-        lock = open(os.path.join(work, "lock"), "w")
+        lock = open(os.path.join(work, "lock"), "w")  # noqa: SIM115 (held until the stack unwinds)
         stack.callback(lock.close)
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise ProcessFailure(2, f"{work}: another euca-image-process is using this work dir")
-        if created and not args.keep_work_dir:
+        if created and not request.keep_work_dir:
             # After a failure the logs (a guest's console, daemons' output) stay.
             stack.callback(lambda: remove_work_dir(work, self._warn, keep_logs=self.failed))
         self.journal = Journal(os.path.join(work, "journal.jsonl"))
@@ -206,29 +399,83 @@ class Process:
         mount_point = os.path.join(work, "mnt")
         for path in (scratch, mount_point, os.path.join(work, "logs")):
             os.makedirs(path, exist_ok=True)
+        if request.scratch_limit and not self.list_out:
+            self._limit_scratch(scratch, request.scratch_limit)
         self.env.update(IMG_WORK_DIR=work, IMG_SCRATCH_DIR=scratch, IMG_MOUNT_POINT=mount_point,
                         IMG_JOURNAL=self.journal.path, IMG_LIB=LIB, IMG_PYTHON=sys.executable,
                         IMG_ELEMENTS=" ".join(e.name for e in self.elements),
-                        IMG_PLATFORM=args.platform,
+                        IMG_PLATFORM=request.platform or "auto",
                         IMG_MOUNT_WRITABLE="1" if self.hooks["install"] and "install" in self.phases else "0")
 
+    def _limit_scratch(self, scratch, limit):
+        """--scratch-limit: the scratch directory becomes a filesystem of that size,
+        so that whatever writes there meets ENOSPC at the limit, while it writes."""
+        image = os.path.join(self.work, "scratch.ext4")
+        self.journal.add("remove", path=image)
+        with open(image, "wb") as f:
+            f.truncate(limit)  # sparse: it takes host space only as scratch fills
+        code, errors = self._run_tool(["mke2fs", "-q", "-F", "-t", "ext4", "-O", "^has_journal", "-m", "0",
+                                       "-E", "nodiscard", image])
+        if code:
+            raise ProcessFailure(1, f"--scratch-limit: cannot make the scratch filesystem: "
+                                    f"{errors.decode(errors='replace').strip()}")
+        # Our own loop device, detached through the journal: with mount -o loop the kernel
+        # lets go of it some time after the umount, not when the process ends.
+        try:
+            device, _ = hooklib.losetup(image, readonly=False, journal_=self.journal)
+        except hooklib.HookFailure as exc:
+            raise ProcessFailure(1, f"--scratch-limit: {exc}") from exc
+        # Journal first: undoing an umount of a path that is not mounted does nothing.
+        self.journal.add("umount", path=os.path.realpath(scratch))
+        code, errors = self._run_tool(["mount", "-t", "ext4", "-o", "nodev,nosuid", device, scratch])
+        if code:
+            raise ProcessFailure(1, f"--scratch-limit: cannot mount the scratch filesystem: "
+                                    f"{errors.decode(errors='replace').strip()}")
+        os.rmdir(os.path.join(scratch, "lost+found"))
+        self.scratch_limited = True
+
+    def _refuse_overwriting_inputs(self):
+        """The output must not be (through links too) a file the process reads, nor in the work dir."""
+        request = self.request
+        if not request.output:
+            return
+        output = os.path.abspath(request.output)
+        real = os.path.realpath(output)
+        work = os.path.realpath(self.work)
+        if real == work or real.startswith(work + os.sep):
+            raise ProcessFailure(2, f"{output}: the output may not be in the work directory {self.work}")
+        try:
+            out_stat = os.stat(output)
+        except OSError:
+            return  # not there yet: it cannot be one of the inputs
+        for option, path in (("-i/--input", request.input), ("--kernel", request.kernel),
+                             ("--ramdisk", request.ramdisk)):
+            with contextlib.suppress(OSError):
+                st = os.stat(path) if path else None
+                if st and (st.st_dev, st.st_ino) == (out_stat.st_dev, out_stat.st_ino):
+                    raise ProcessFailure(2, f"{output}: is the same file as {option} {path}; "
+                                            "the output would replace it: write it elsewhere")
+
     def _prepare_image(self):
-        args = self.args
-        if not args.input:
-            if args.output:
+        request = self.request
+        if not request.input:
+            if request.output:
                 raise ProcessFailure(2, "-o/--output needs -i/--input")
             return
-        path = os.path.abspath(args.input)
+        path = os.path.abspath(request.input)
         if not os.path.isfile(path):
             raise ProcessFailure(3, f"{path}: no such file" if not os.path.exists(path)
                                  else f"{path}: not a regular file")
         try:
-            image_type = imagetype.resolve(path, args.input_type)
+            image_type = imagetype.resolve(path, request.input_type)
         except imagetype.ImageTypeError as exc:
             raise ProcessFailure(3, str(exc)) from exc
+        except OSError as exc:
+            raise ProcessFailure(3, f"{path}: cannot read: {exc.strerror}") from exc
+        self.disk_type = image_type
         self.env.update(IMG_INPUT=path, IMG_INPUT_TYPE=image_type, IMG_IMAGE=path,
                         IMG_IMAGE_TYPE=image_type, IMG_IMAGE_CRYPT="none", IMG_DISK_TYPE=image_type)
-        if self.env["IMG_MOUNT_WRITABLE"] == "1" and not args.list:
+        if self.env["IMG_MOUNT_WRITABLE"] == "1" and not self.list_out:
             self._working_copy(path)
 
     def _working_copy(self, path):
@@ -239,17 +486,28 @@ class Process:
             raise ProcessFailure(4, f"{path}: a working copy needs {need} bytes in "
                                     f"{self.env['IMG_SCRATCH_DIR']}, {have} bytes free")
         self.journal.add("remove", path=copy)
-        result = subprocess.run(["cp", "--sparse=always", "--reflink=auto", path, copy],
-                                stderr=subprocess.PIPE, text=True)
-        if result.returncode:
-            raise ProcessFailure(1, f"{path}: cannot make a working copy: {result.stderr.strip()}")
-        self.env["IMG_IMAGE"] = copy
+        code, errors = self._run_tool(["cp", "--sparse=always", "--reflink=auto", path, copy])
+        if code:
+            raise ProcessFailure(1, f"{path}: cannot make a working copy: {errors.decode(errors='replace').strip()}")
+        self.env["IMG_IMAGE"] = self.working_copy = copy
+
+    def _run_tool(self, argv, env=None):
+        """Run a short host command, stopping it if the caller cancels; (exit code, stderr)."""
+        process = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.PIPE, start_new_session=True)
+        try:
+            errors = _collect(process, process.stderr, self._cancel_point)
+        finally:
+            if process.poll() is None:  # cancelled: stop it first
+                _stop(process)
+            process.stderr.close()
+        return process.returncode, errors
 
     def _prepare_output(self):
-        args = self.args
-        if not args.output:
+        request = self.request
+        if not request.output:
             return
-        output = os.path.abspath(args.output)
+        output = os.path.abspath(request.output)
         directory = os.path.dirname(output)
         if not os.path.isdir(directory):
             raise ProcessFailure(3, f"{output}: output directory {directory} does not exist")
@@ -257,24 +515,24 @@ class Process:
             raise ProcessFailure(3, f"{output}: output directory {directory} is not writable")
         if os.path.isdir(output) and os.listdir(output):
             raise ProcessFailure(3, f"{output}: exists and is a directory that is not empty")
-        output_type = args.output_type or self.env["IMG_IMAGE_TYPE"]
+        output_type = request.output_type or self.env["IMG_IMAGE_TYPE"]
         self.env.update(IMG_OUTPUT=output, IMG_OUTPUT_TYPE=output_type,
-                        IMG_OUTPUT_CRYPT=args.output_crypt or "none")
+                        IMG_OUTPUT_CRYPT=request.output_crypt or "none")
         self.output_tmp = os.path.join(directory, f".{os.path.basename(output)}.partial-{os.getpid()}")
-        if not args.list:
+        if not self.list_out:
             self.journal.add("remove", path=self.output_tmp)
 
     def _element_options(self):
         options = {}
-        for name, value in (("IMG_SIZE", self.args.size), ("IMG_KERNEL", self.args.kernel),
-                            ("IMG_RAMDISK", self.args.ramdisk)):
+        request = self.request
+        for name, value in (("IMG_SIZE", request.size), ("IMG_KERNEL", request.kernel),
+                            ("IMG_RAMDISK", request.ramdisk)):
             if value:
-                options[name] = os.path.abspath(value) if name != "IMG_SIZE" else value
-        for item in self.args.env:
-            name, sep, value = item.partition("=")
-            if not sep or not name:
-                raise ProcessFailure(2, f"-e {item!r}: use NAME=VALUE")
+                options[name] = os.path.abspath(value) if name != "IMG_SIZE" else str(value)
+        options.update(self.option_values)
+        for name, value in (request.environment or {}).items():
             options[name if name.startswith("IMG_") else "IMG_" + name] = value
+        self.operator_names = set(options)
         return options
 
     def _source_environment_d(self):
@@ -290,7 +548,7 @@ class Process:
         script = "".join(f'source "{path}" || {{ echo "{path}: failed (exit $?)" >&2; exit 1; }}\n'
                          for _, path in files) + "env -0\n"
         result = subprocess.run(["bash", "-c", script], env=self._base_env(), stdin=subprocess.DEVNULL,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                                capture_output=True, check=False)
         if result.returncode:
             raise ProcessFailure(2, "environment.d: " + result.stderr.decode(errors="replace").strip())
         found = {}
@@ -304,13 +562,16 @@ class Process:
     def _phase(self, phase):
         if phase.name not in self.phases:
             return
-        if phase.name == "convert":
+        if phase.release_mount:
             self._release_mount()
         run = {"all": self._run_all, "validate": self._run_validators, "chain": self._run_chain,
                "transform": self._run_transform}[phase.kind]
         hooks_here = self.hooks[phase.name]
-        if not hooks_here and not (phase.kind == "chain" and self._chain_target(phase)):
+        if phase.kind == "chain" and not self._chain_target(phase):
+            return  # nothing to convert: its hooks have no work (and no source and target)
+        if not hooks_here and phase.kind != "chain":
             return
+        self._cancel_point()
         self._break("before-" + phase.name, phase)
         self.monitor.event("phase-start", phase=phase.name, hooks=len(hooks_here))
         started, result = time.monotonic(), "ok"
@@ -320,8 +581,11 @@ class Process:
             result = "failed"
             raise
         finally:
-            self.monitor.event("phase-end", phase=phase.name, result=result,
-                               duration=round(time.monotonic() - started, 3))
+            duration = round(time.monotonic() - started, 3)
+            self.phase_durations[phase.name] = duration
+            self.monitor.event("phase-end", phase=phase.name, result=result, duration=duration)
+        if phase.name == "unbundle":
+            self.disk_type = self.env.get("IMG_IMAGE_TYPE")
         if phase.name == "mount" and self.env.get("IMG_PLATFORM") == "auto":
             self.env["IMG_PLATFORM"] = "unknown"
         self._break("after-" + phase.name, phase)
@@ -342,7 +606,8 @@ class Process:
             ok, reason = hooks.accepts(hook, context, env or self._hook_env(hook))
         else:  # runs inside the image: only the declared context can be judged from here
             ok, reason = hooks.static_accepts(hook, context, None)
-        self.monitor.event("accepts", phase=phase.name, hook=hook.name, accepted=ok, reason=reason)
+        self.monitor.event("accepts", phase=phase.name, hook=hook.name, accepted=ok,
+                           reason=clean(reason[:MAX_MESSAGE]))
         return ok
 
     def _run_all(self, phase, hooks_here):
@@ -376,11 +641,13 @@ class Process:
                 continue
             self.journal.add("remove", path=output)
             self._run_hook(phase, hook, extra=extra)
-            self._advance_image(output)
+            self._advance_image(output, hook=hook)
 
-    def _advance_image(self, output, image_type=None):
+    def _advance_image(self, output, image_type=None, hook=None):
         if not os.path.lexists(output):
-            raise ProcessFailure(1, f"the hook did not write {output}")
+            who = f"{hook.phase}/{hook.name} ({hook.element})" if hook else "the hook"
+            raise ProcessFailure(1, f"{who} ended without writing its output "
+                                    f"({self._user_names(output)}, IMG_CONVERT_OUTPUT)")
         self.env["IMG_IMAGE"] = output
         if image_type is None and self.env.get("IMG_IMAGE_TYPE") in (None, "", "bundle"):
             image_type = imagetype.detect(output) if os.path.isfile(output) else "unknown"
@@ -475,9 +742,9 @@ class Process:
             self._run_hook(phase, hook, extra=extra)
             if phase.name == "crypt":
                 self.env["IMG_IMAGE_CRYPT"] = extra["IMG_DEST_CRYPT"]
-                self._advance_image(extra["IMG_CONVERT_OUTPUT"], image_type=self.env["IMG_IMAGE_TYPE"])
+                self._advance_image(extra["IMG_CONVERT_OUTPUT"], image_type=self.env["IMG_IMAGE_TYPE"], hook=hook)
             else:
-                self._advance_image(extra["IMG_CONVERT_OUTPUT"], image_type=extra["IMG_DEST_TYPE"])
+                self._advance_image(extra["IMG_CONVERT_OUTPUT"], image_type=extra["IMG_DEST_TYPE"], hook=hook)
 
     def _check_capacity(self, phase, steps):
         """Fail before the first byte is written if the chain cannot fit."""
@@ -486,19 +753,19 @@ class Process:
             try:
                 need = hooks.required_capacity(hook, self._hook_env(hook, extra))
             except hooks.HookError as exc:
-                raise ProcessFailure(1, str(exc)) from exc
+                code, said = _said(str(exc))
+                raise ProcessFailure(code, f"{phase.name}/{hook.name} ({hook.element}): cannot tell the space "
+                                           f"it needs: {self._user_names(said)}") from exc
             if final:
                 output_need += need
             else:
                 scratch_need += need
         scratch = self.env["IMG_SCRATCH_DIR"]
-        checks = [(scratch_need, scratch, _free(scratch), "free in the work directory")]
+        checks = [(scratch_need, scratch, _free(scratch), "left of --scratch-limit"
+                   if self.scratch_limited else "free in the work directory")]
         if output_need:
             checks.append((output_need, os.path.dirname(self.output_tmp),
                            _free(os.path.dirname(self.output_tmp)), "free in the output directory"))
-        if self.args.scratch_limit and scratch_need:
-            limit = config.parse_size(self.args.scratch_limit)
-            checks.append((scratch_need, scratch, limit - _usage(scratch), "left of --scratch-limit"))
         for need, where, have, what in checks:
             if need > have:
                 raise ProcessFailure(4, f"{phase.name}: not enough space: needs {need} bytes in "
@@ -519,6 +786,7 @@ class Process:
         return env
 
     def _run_hook(self, phase, hook, extra=None, validator=False):
+        self._cancel_point()
         env = self._hook_env(hook, extra)
         self.monitor.event("hook-start", phase=phase.name, hook=hook.name, element=hook.element)
         started = time.monotonic()
@@ -543,6 +811,11 @@ class Process:
         report = {"describe": [], "warn": [], "fail": None}
         try:
             tail = self._follow(phase, hook, process, status_read, report)
+        except BaseException as exc:  # stopped (time limit, cancel, signal): the stream still says so
+            self.monitor.event("hook-end", phase=phase.name, hook=hook.name, element=hook.element,
+                               result="failed", duration=round(time.monotonic() - started, 3),
+                               reason=str(exc) or type(exc).__name__)
+            raise
         finally:
             if process.poll() is None:  # interrupted: stop it before anything else unwinds
                 _stop(process)
@@ -550,7 +823,6 @@ class Process:
         duration = round(time.monotonic() - started, 3)
         description = "; ".join(report["describe"])
         if process.returncode == 0:
-            self._check_scratch()
             self.monitor.event("hook-end", phase=phase.name, hook=hook.name, element=hook.element,
                                result="ok", duration=duration, description=description)
             if validator:
@@ -559,8 +831,13 @@ class Process:
         sandboxed = phase.where == "chroot"  # a bound the sandbox saw wins over what the guest says
         exit_text = sandbox.exit_reason(process.returncode, self.sandbox_limits) if sandboxed \
             else f"exit {process.returncode}"
-        reason = (not (sandboxed and process.returncode in sandbox.BOUND_EXITS) and report["fail"]) \
-            or (exit_text + (": " + " | ".join(tail) if tail else ""))
+        said = not (sandboxed and process.returncode in sandbox.BOUND_EXITS) and report["fail"]
+        reason = self._user_names(said or (exit_text + (": " + " | ".join(tail) if tail else "")))
+        full = self._full(phase, hook, reason + " ".join(tail), (extra or {}).get("IMG_CONVERT_OUTPUT"))
+        if full:
+            self.monitor.event("hook-end", phase=phase.name, hook=hook.name, element=hook.element,
+                               result="failed", duration=duration, reason=str(full))
+            raise full
         if validator and hook.optional:
             self.monitor.event("hook-end", phase=phase.name, hook=hook.name, element=hook.element,
                                result="warning", duration=duration, reason=reason, optional=True)
@@ -570,18 +847,79 @@ class Process:
                            result="failed", duration=duration, reason=reason)
         if validator:
             self.results.append({"hook": hook.name, "result": "failed", "reason": reason})
-        raise ProcessFailure(1, f"{phase.name}/{hook.name} ({hook.element}) failed: {reason}")
+        # A hook that said the input is bad (unreadable, damaged): exit 3, as the early checks.
+        raise ProcessFailure(3 if report.get("bad_input") else 1,
+                             f"{phase.name}/{hook.name} ({hook.element}) failed: {reason}")
+
+    def _user_names(self, text):
+        """The user's file names in place of the process's own copies of them."""
+        for own, user in ((self.output_tmp, self.env.get("IMG_OUTPUT")),
+                          (self.working_copy, self.env.get("IMG_INPUT"))):
+            if own and user:
+                text = text.replace(own, user)
+        return text
+
+    def _full(self, phase, hook, said, target):
+        """After a hook failed: was a filesystem it wrote to full?  Then a ProcessFailure saying
+        which, and the file it was writing (its IMG_CONVERT_OUTPUT, else the newest in scratch)."""
+        where = f"{phase.name}/{hook.name} ({hook.element})"
+        enospc = "No space left on device" in said or "ENOSPC" in said
+        scratch = self.env["IMG_SCRATCH_DIR"]
+        to_output = bool(target) and target == self.output_tmp
+        if self.scratch_limited and not to_output and (
+                enospc or _free(scratch) < max(MiB, self.request.scratch_limit // 100)):
+            if not (target and target.startswith(scratch + os.sep)):
+                target = _newest_file(scratch)
+            writing = f" while writing {os.path.relpath(target, self.work)}" if target else ""
+            return ProcessFailure(4, f"{where}: the scratch space is full: --scratch-limit of "
+                                     f"{self.request.scratch_limit} bytes reached{writing}")
+        if not enospc:
+            return None
+        if to_output:
+            return ProcessFailure(4, f"{where}: {self.env['IMG_OUTPUT']}: no space left on device "
+                                     f"(in {os.path.dirname(self.output_tmp)})")
+        return ProcessFailure(4, f"{where}: no space left on device in the work directory {self.work}"
+                                 + (f" while writing {os.path.relpath(target, self.work)}"
+                                    if target and target.startswith(self.work + os.sep) else ""))
+
+    def _hook_timeout(self, phase):
+        return self.request.hook_timeout or config.HOOK_TIMEOUTS[phase.name]
 
     def _follow(self, phase, hook, process, status_read, report):
-        """Relay the hook's output and status lines until it ends; returns its last lines."""
+        """Relay the hook's output and status lines until it ends; returns its last lines.
+
+        Stops the hook when the caller cancels or its time limit passes.  Memory
+        is bounded whatever the hook writes: a line is cut at MAX_LINE bytes."""
         tail = deque(maxlen=OUTPUT_TAIL)
-        buffers = {status_read: b"", process.stdout.fileno(): b""}
+        readers = {status_read: _LineReader(), process.stdout.fileno(): _LineReader()}
+        limit = self._hook_timeout(phase)
+        deadline = time.monotonic() + limit
         selector = selectors.DefaultSelector()
-        for fd in buffers:
+        for fd in readers:
             os.set_blocking(fd, False)
             selector.register(fd, selectors.EVENT_READ)
+
+        def line(fd, raw):
+            text = self._redact(raw.decode(errors="replace"))
+            if fd == status_read:
+                self._message(phase, hook, text, report)
+            else:
+                text = clean(text)
+                tail.append(text)
+                report["lines"] = report.get("lines", 0) + 1
+                if report["lines"] <= MAX_LOGGED:
+                    self.monitor.event("log", level="INFO", message=f"{hook.name}: {text}")
+                elif report["lines"] == MAX_LOGGED + 1:
+                    self._warn(f"{phase.name}/{hook.name} ({hook.element}): more than {MAX_LOGGED} lines "
+                               "of output; the rest are not logged (the last lines are kept)")
+
         try:
             while selector.get_map():
+                self._cancel_point()
+                if time.monotonic() > deadline:
+                    _stop(process)
+                    raise ProcessFailure(1, f"{phase.name}/{hook.name} ({hook.element}) killed: it ran longer "
+                                            f"than the hook time limit of {limit:g} s (--hook-timeout)")
                 exited = process.poll() is not None
                 ready = selector.select(timeout=0 if exited else 0.2)
                 if exited and not ready:
@@ -591,16 +929,11 @@ class Process:
                     if not data:
                         selector.unregister(key.fd)
                         continue
-                    lines = (buffers[key.fd] + data).split(b"\n")
-                    buffers[key.fd] = lines.pop()
-                    for line in lines:
-                        text = line.decode(errors="replace")
-                        if key.fd == status_read:
-                            self._message(phase, hook, text, report)
-                        else:
-                            text = self._redact(text)
-                            tail.append(text)
-                            self.monitor.event("log", level="INFO", message=f"{hook.name}: {text}")
+                    for raw in readers[key.fd].feed(data):
+                        line(key.fd, raw)
+            for fd, reader in readers.items():
+                if reader.pending():
+                    line(fd, reader.flush())
             process.wait()
         finally:
             selector.close()
@@ -616,51 +949,92 @@ class Process:
         return text
 
     def _message(self, phase, hook, text, report):
-        text = self._redact(text)
+        """One status line: checked, never trusted; a bad one is a warning naming the hook."""
+        where = f"{phase.name}/{hook.name} ({hook.element})"
         try:
             message = json.loads(text)
+            if not isinstance(message, dict) or len(message) != 1:
+                raise ValueError("not an object with one key")
             (kind, value), = message.items()
-        except ValueError:
-            self._warn(f"{hook.path}: not a status line: {text[:200]!r}")
+        except (ValueError, RecursionError):
+            self._hook_warn(report, f"{where}: not a status line: {clean(text[:200])!r}")
             return
-        if kind == "describe":
-            report["describe"].append(str(value))
-        elif kind == "warn":
-            report["warn"].append(str(value))
-            self._warn(f"{phase.name}/{hook.name}: {value}")
-        elif kind == "fail":
-            report["fail"] = str(value)
-        elif kind == "set" and isinstance(value, dict):
-            for name, setting in value.items():
-                if name.startswith("IMG_"):
-                    self.env[name] = str(setting)
-                else:
-                    self._warn(f"{hook.path}: may only set IMG_* variables, not {name}")
+        inside = phase.where != "host"
+        if kind in ("describe", "warn", "fail", "bad-input"):
+            if not isinstance(value, (str, int, float)):
+                self._hook_warn(report, f"{where}: status {kind}: the value must be a string")
+                return
+            value = clean(str(value))[:MAX_MESSAGE]
+            if kind == "describe" and len(report["describe"]) < MAX_DESCRIBE:
+                report["describe"].append(value)
+            elif kind == "warn" and len(report["warn"]) < MAX_WARN:
+                report["warn"].append(value)
+                self._hook_warn(report, f"{phase.name}/{hook.name}: {value}")
+            elif kind in ("fail", "bad-input"):
+                report["fail"], report["bad_input"] = value, kind == "bad-input"
         elif kind == "progress":
-            self.monitor.event("progress", phase=phase.name, hook=hook.name,
-                               done=int(value["done"]), total=int(value["total"]))
+            done, total = (value.get("done"), value.get("total")) if isinstance(value, dict) else (None, None)
+            if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in (done, total)) \
+                    or set(value) != {"done", "total"} or total == 0:
+                self._hook_warn(report, f"{where}: status progress: give {{\"done\": N, \"total\": N}} with "
+                           f"whole numbers, total above 0, not {clean(text[:200])!r}")
+                return
+            now = time.monotonic()
+            if now - report.get("progress_at", 0) >= PROGRESS_EVERY or done >= total:
+                report["progress_at"] = now  # a flood of progress lines is not a flood of events
+                self.monitor.event("progress", phase=phase.name, hook=hook.name, done=min(done, total),
+                                   total=total)
+        elif kind == "set" and isinstance(value, dict):
+            if inside:
+                self._hook_warn(report, f"{where}: runs inside the image and may not set variables; "
+                           f"ignored: {clean(', '.join(map(str, value))[:200])}")
+                return
+            for name, setting in value.items():
+                problem = self._may_set(phase, name, setting)
+                if problem:
+                    self._hook_warn(report, f"{where}: may not set {clean(str(name)[:100])}: {problem}; ignored")
+                else:
+                    self.env[name] = setting
         else:
-            self._warn(f"{hook.path}: unknown status line {text[:200]!r}")
+            self._hook_warn(report, f"{where}: unknown status line {clean(text[:200])!r}")
 
-    def _check_scratch(self):
-        if self.args.scratch_limit:
-            limit, used = config.parse_size(self.args.scratch_limit), _usage(self.env["IMG_SCRATCH_DIR"])
-            if used > limit:
-                raise ProcessFailure(4, f"scratch space {self.env['IMG_SCRATCH_DIR']} holds {used} "
-                                        f"bytes, over --scratch-limit {limit}")
+    def _hook_warn(self, report, text):
+        """A warning about what one hook sent; after MAX_WARN of them, one last note."""
+        report["warnings"] = report.get("warnings", 0) + 1
+        if report["warnings"] <= MAX_WARN:
+            self._warn(text)
+        elif report["warnings"] == MAX_WARN + 1:
+            self._warn(text.split(":", 1)[0] + f": more than {MAX_WARN} warnings; the rest are not shown")
+
+    def _may_set(self, phase, name, value):
+        """None if a host hook of `phase` may set `name` to `value`, else why not."""
+        if not isinstance(name, str) or not name.startswith("IMG_") or not VAR_NAME.match(name):
+            return "only IMG_* variables (letters, digits, _)"
+        if not isinstance(value, str) or len(value) > MAX_VALUE or "\0" in value:
+            return f"the value must be a string of at most {MAX_VALUE} characters"
+        if name in SETTABLE.get(phase.name, ()):
+            return None
+        if name in RUNNER_STATE or name in self.operator_names:
+            return "the runner's or the operator's setting"
+        return None
 
     def _run_instance(self, phase, accepted):
         if not accepted:
             return
         from imaging_elements import instance  # boots qemu: loaded only when needed
-        self.monitor.event("hook-start", phase=phase.name, hook="(boot)", element="-")
+        # The boot is no hook of its own: a log line, then one hook-end per guest-side hook.
+        self.monitor.event("log", level="INFO", message=f"{phase.name}: booting the image to run "
+                                                        f"{len(accepted)} validator(s) in it")
         env = self._base_env()
+
+        report = {"describe": [], "warn": [], "fail": None}  # one for the guest's whole report
 
         def emit(message):
             if "describe" in message:  # how the guest was booted, and how long it took
-                self.monitor.event("log", level="INFO", message=f"{phase.name}: {message['describe']}")
+                text = clean(str(message["describe"])[:MAX_MESSAGE])
+                self.monitor.event("log", level="INFO", message=f"{phase.name}: {text}")
             else:
-                self._message(phase, accepted[0], json.dumps(message), {"describe": [], "warn": [], "fail": None})
+                self._message(phase, accepted[0], json.dumps(message), report)
 
         try:
             results = instance.run_phase([(h.name, h.path) for h in accepted], env, self.journal, emit)
@@ -672,9 +1046,12 @@ class Process:
             name = result["hook"]
             outcome = ("skipped" if result.get("skipped") else "ok") if result["ok"] else \
                 ("warning" if optional.get(name) else "failed")
-            text = result.get("description") or result.get("output", "")[-500:]
+            text = clean(str(result.get("description") or result.get("output", "")[-500:])[:MAX_MESSAGE])
+            name = clean(str(name)[:200])
+            duration = result.get("duration", 0)
+            duration = duration if isinstance(duration, (int, float)) and not isinstance(duration, bool) else 0
             self.monitor.event("hook-end", phase=phase.name, hook=name, element="-", result=outcome,
-                               duration=result.get("duration", 0), description=text)
+                               duration=duration, description=text)
             self.results.append({"hook": name, "result": outcome, "description": text})
             if outcome == "failed":
                 failed.append(f"{name}: {text}")
@@ -697,7 +1074,7 @@ class Process:
                                 writable=self.env.get("IMG_MOUNT_WRITABLE") == "1")
         self.monitor.event("log", level="INFO",
                            message=f"break point {point}: a shell; exit 0 to go on, exit 1 to stop")
-        if subprocess.run(argv, env=env).returncode != 0:
+        if subprocess.run(argv, env=env, check=False).returncode != 0:
             raise ProcessFailure(1, f"stopped at break point {point}")
 
     def _after_error(self):
@@ -705,18 +1082,20 @@ class Process:
             self._break("after-error")
         except ProcessFailure as failure:
             self._warn(str(failure))
-        except (KeyboardInterrupt, Terminated):
+        except (KeyboardInterrupt, Terminated, Cancelled):
             pass
 
     def _cleanup_phase(self, code, error):
         phase = PHASES[-1]
+        # cleanup.d runs after a cancel too, as after SIGTERM (each hook within its time limit).
+        self.cancel_ignored = True
         try:
             self._phase(phase)
         except ProcessFailure as failure:
             if code == 0:
                 return failure.code, str(failure)
             self._warn(f"cleanup phase: {failure}")
-        except (KeyboardInterrupt, Terminated):
+        except (KeyboardInterrupt, Terminated, Cancelled):
             if code == 0:
                 return 130, "interrupted during cleanup"
         return code, error
@@ -725,6 +1104,11 @@ class Process:
         if not self.output_tmp:
             return
         output = self.env["IMG_OUTPUT"]
+        if not os.path.lexists(self.output_tmp) and self._image_is_the_output():
+            # An image the process made (an unbundled one) that needs no conversion: move it out.
+            code, errors = self._run_tool(["mv", "-T", self.env["IMG_IMAGE"], self.output_tmp])
+            if code:
+                raise ProcessFailure(1, f"{output}: cannot write: {errors.decode(errors='replace').strip()}")
         if not os.path.lexists(self.output_tmp):
             raise ProcessFailure(2, f"{output}: nothing wrote the output: add a converter element "
                                     f"(for example convert-qemu) that takes {self.env['IMG_IMAGE_TYPE']} "
@@ -732,6 +1116,23 @@ class Process:
         if os.path.isdir(output) and not os.path.isdir(self.output_tmp):
             raise ProcessFailure(3, f"{output}: is a directory")
         os.replace(self.output_tmp, output)
+        self.published = output
+
+    def _image_is_the_output(self):
+        """The current image is a file of the process's own, of the output's type and encryption."""
+        env = self.env
+        image, scratch = os.path.realpath(env.get("IMG_IMAGE", "")), os.path.realpath(env["IMG_SCRATCH_DIR"])
+        return (image.startswith(scratch + os.sep) and os.path.isfile(image)
+                and env.get("IMG_IMAGE_TYPE") == env.get("IMG_OUTPUT_TYPE")
+                and env.get("IMG_IMAGE_CRYPT", "none") == env.get("IMG_OUTPUT_CRYPT", "none"))
+
+    def _find_inspection_report(self):
+        """The inspect element's report, if one outlives the process."""
+        for path in (self.env.get("IMG_INSPECTION_REPORT"),
+                     self.work and self.request.keep_work_dir and os.path.join(self.work, "inspection.json")):
+            if path and os.path.isfile(path):
+                self.inspection_report = os.path.abspath(path)
+                return
 
     def _unwind(self):
         with _signals_deferred():
@@ -742,7 +1143,7 @@ class Process:
 
     # -- dry run -------------------------------------------------------------------------
     def _list(self):
-        out = sys.stdout
+        out = self.list_out
         out.write(f"elements: {' '.join(e.name + ' (' + e.path + ')' for e in self.elements)}\n")
         for phase in PHASES:
             if phase.name not in self.phases or not self.hooks[phase.name]:
@@ -769,6 +1170,27 @@ class Process:
                 except ProcessFailure as exc:
                     plan = f"impossible: {exc}"
                 out.write(f"  plan: {plan}\n")
+
+
+def _collect(process, stream, check):
+    """Wait for `process`, calling check() every 0.2 s; its last 64 KiB of `stream`."""
+    kept = b""
+    os.set_blocking(stream.fileno(), False)
+    with selectors.DefaultSelector() as selector:
+        selector.register(stream, selectors.EVENT_READ)
+        while True:
+            check()
+            if selector.select(timeout=0.2):
+                data = os.read(stream.fileno(), 65536)
+                if not data:
+                    break
+                kept = (kept + data)[-65536:]
+    while True:
+        try:
+            process.wait(timeout=0.2)
+            return kept
+        except subprocess.TimeoutExpired:
+            check()
 
 
 def _mounts_under(path):
@@ -800,8 +1222,10 @@ def remove_work_dir(work, warn, keep_logs=False):
     shutil.rmtree(work, ignore_errors=True)
 
 
-def cleanup_work_dir(work, warn):
-    """--cleanup: unwind what a killed process left; returns (exit code, error)."""
+def cleanup_work_dir(work, warn, say=None):
+    """--cleanup: unwind what a killed process left; returns (exit code, error).
+    say(text) is told what was released, or that there was nothing."""
+    say = say or warn
     journal_path = os.path.join(work, "journal.jsonl")
     if not os.path.isfile(journal_path):
         return 2, f"{work}: no cleanup journal here (not a work directory?)"
@@ -810,8 +1234,14 @@ def cleanup_work_dir(work, warn):
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             return 2, f"{work}: a running euca-image-process still uses it"
+        journal = Journal(journal_path)
+        pending = journal.pending()
         with _signals_deferred():
-            failures = Journal(journal_path).unwind(log=warn)
+            failures = journal.unwind(log=warn)
+    released = [describe(e) for e in reversed(pending)
+                if not any(f.startswith(f"cleanup {describe(e)} failed") for f in failures)]
+    say(f"{work}: released {len(released)}: {', '.join(released)}" if released
+        else f"{work}: nothing to release")
     if failures:
         return 5, "; ".join(failures)
     if os.path.exists(os.path.join(work, ".created-by-euca-image-process")):
@@ -830,43 +1260,32 @@ def _stop(process):
             continue
 
 
-def _become_subreaper():
-    import ctypes
-    PR_SET_CHILD_SUBREAPER = 36
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
-
-
 def _free(path):
     st = os.statvfs(path)
     return st.f_bavail * st.f_frsize
 
 
-def _usage(path):
-    total = 0
+def _said(text):
+    """(exit code, words) of a hook's failure text: its status line's `fail` (1) or
+    `bad-input` (3) once, in words, if it wrote one (a hook run outside the status
+    channel prints the line and then the same words)."""
+    for line in text.splitlines():
+        for kind, code in (("fail", 1), ("bad-input", 3)):
+            start = line.find(f'{{"{kind}"')
+            if start >= 0:
+                with contextlib.suppress(ValueError, KeyError, TypeError):
+                    return code, clean(str(json.loads(line[start:])[kind])[:MAX_MESSAGE])
+    return 1, clean(text[:MAX_MESSAGE])
+
+
+def _newest_file(path):
+    """The regular file under `path` changed last (the one being written), or None."""
+    newest, when = None, -1.0
     for directory, _, files in os.walk(path):
         for name in files:
+            full = os.path.join(directory, name)
             with contextlib.suppress(OSError):
-                total += os.lstat(os.path.join(directory, name)).st_blocks * 512
-    return total
-
-
-@contextlib.contextmanager
-def _signals_raise():
-    previous = signal.signal(signal.SIGTERM, _terminate)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-@contextlib.contextmanager
-def _signals_deferred():
-    """While releasing resources, a second Ctrl-C or SIGTERM must not stop us halfway."""
-    received = []
-    handler = lambda signum, frame: received.append(signum)
-    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield received
-    finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
+                st = os.lstat(full)
+                if st.st_mtime > when and not os.path.islink(full):
+                    newest, when = full, st.st_mtime
+    return newest

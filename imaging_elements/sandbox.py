@@ -35,8 +35,8 @@ import struct
 import subprocess
 import sys
 
-LIB = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "lib")
-PACKAGE = os.path.dirname(os.path.abspath(__file__))
+from imaging_elements.resources import LIB, PACKAGE
+
 INSIDE = "/run/img"
 HOSTNAME = "imaging-sandbox"
 GUEST_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"

@@ -105,6 +105,7 @@ class EnvironmentTest(RunnerCase):
 
     def test_clean_environment_and_environment_d(self):
         self.element("a", {
+            "element-options.json": '{"COLOUR": {"type": "string", "description": "a test option"}}',
             "environment.d/10-defaults": "export IMG_COLOUR=${IMG_COLOUR:-blue}\nexport IMG_SHAPE=round\n"
                                          "NOT_EXPORTED_IMG=1\nexport OTHER_VAR=leak\n",
             "environment.d/20-more": "export IMG_DERIVED=\"$IMG_SHAPE-$IMG_COLOUR\"\n",
@@ -134,7 +135,8 @@ class EnvironmentTest(RunnerCase):
         self.element("a", {
             "mount.d/10-export": BASH + "img_set IMG_DISK_TYPE raw\n",
             "mount.d/20-raw-only": "#!/bin/bash\n#@ accepts-disk-type: raw\n" + f"echo raw >> {self.trace}\n",
-            "mount.d/30-py": PY + "import os\nhooklib.main(lambda: open(%r, 'a').write(os.environ['IMG_DISK_TYPE'] + '\\n'))\n"
+            "mount.d/30-py": PY + "import os\n"
+                                  "hooklib.main(lambda: open(%r, 'a').write(os.environ['IMG_DISK_TYPE'] + '\\n'))\n"
                              % self.trace})
         self.process("a", check=0)
         self.assertEqual(["raw", "raw"], self.traced())
@@ -184,7 +186,8 @@ class ValidatorTest(RunnerCase):
         self.element("v", {
             "validate.d/10-good": BASH + "img_describe 'checked the good thing'\n",
             "validate.d/20-optional": BASH + "#@ optional: yes\nimg_fail 'no serial console'\n",
-            "validate.d/30-required": BASH + "img_fail 'Expected RHEL/CentOS 5.x/6.x, but failed to find /etc/redhat-release'\n",
+            "validate.d/30-required": BASH + "img_fail 'Expected RHEL/CentOS 5.x/6.x, "
+                                             "but failed to find /etc/redhat-release'\n",
             "validate.d/40-later": self.tracer(),
             "validate.d/50-also-bad": BASH + "img_fail 'second problem'\n"})
         result = self.process("v", check=1)
@@ -286,7 +289,8 @@ img_journal_add run false >/dev/null   # an undo step that fails
         self.assertNotIn(self.path("fs.img"), subprocess.run(["losetup", "-a"], stdout=subprocess.PIPE,
                                                              text=True).stdout)
         sleepers = subprocess.run(["pgrep", "-f", "sleep 60"], stdout=subprocess.PIPE, text=True).stdout.split()
-        hook_pids = [p for p in sleepers if self.tmp in open(f"/proc/{p}/environ", "rb").read().decode(errors="replace")]
+        hook_pids = [p for p in sleepers
+                     if self.tmp in open(f"/proc/{p}/environ", "rb").read().decode(errors="replace")]
         self.assertEqual([], hook_pids)
 
 
@@ -352,7 +356,9 @@ class ConvertChainTest(RunnerCase):
             f.write(b"payload" * 1000)
         qemu = BASH + ('qemu-img convert -f "$(echo $IMG_SOURCE_TYPE)" -O "$IMG_DEST_TYPE" '
                        '"$IMG_IMAGE" "$IMG_CONVERT_OUTPUT"\nimg_progress 1 1\n')
-        self.element("to-qcow2", {"convert.d/10-raw-qcow2": BASH.replace(
+        self.element("to-qcow2", {
+            "element-options.json": '{"NEED": {"type": "int", "description": "a test option"}}',
+            "convert.d/10-raw-qcow2": BASH.replace(
             "\n", "\n#@ accepts-source-type: raw\n#@ accepts-dest-type: qcow2\n#@ verbs: required-capacity\n", 1)
             + '[ "$IMG_VERB" = required-capacity ] && { echo "${IMG_NEED:-1000}"; exit 0; }\n'
             + qemu.split("\n", 2)[2]})
@@ -508,7 +514,9 @@ class ConfigTest(base.TestCase):
 class StatusTest(RunnerCase):
 
     def test_status_fd_stream_and_secrets(self):
-        self.element("a", {"mount.d/10-m": BASH + 'echo "using $IMG_VAULT_PASSPHRASE"\n'
+        self.element("a", {"element-options.json":
+                           '{"VAULT_PASSPHRASE": {"type": "string", "description": "a test option"}}',
+                           "mount.d/10-m": BASH + 'echo "using $IMG_VAULT_PASSPHRASE"\n'
                                                   "img_progress 50 100\nimg_progress 100 100\n"
                                                   'img_describe "done with $IMG_VAULT_PASSPHRASE"\n'})
         read, write = os.pipe()

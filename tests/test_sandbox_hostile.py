@@ -32,6 +32,10 @@ def probe(name, command):
     return f"if {command} >/dev/null 2>&1; then echo PROBE {name} escaped; else echo PROBE {name} held; fi\n"
 
 
+SECRET_OPTIONS = json.dumps({name: {"type": "string", "description": "a secret for the guest to look for"}
+                             for name in ("DB_PASSWORD", "API_TOKEN")})
+
+
 class HostileGuest(base.TestCase):
     needs_root = True
 
@@ -50,6 +54,8 @@ class HostileGuest(base.TestCase):
             with open(full, "w") as f:
                 f.write(text)
             os.chmod(full, mode)
+        with open(os.path.join(self.elements, name, "element-options.json"), "w") as f:
+            f.write(SECRET_OPTIONS)  # the secrets the tests hand over with -e
         with open(os.path.join(self.elements, name, "README.md"), "w") as f:
             f.write(f"# {name}: test element\n")
 
@@ -401,5 +407,7 @@ def debugfs_stat(image, path):
     out = subprocess.run(["debugfs", "-R", f"stat {path}", image], stdout=subprocess.PIPE,
                          stderr=subprocess.DEVNULL, text=True, check=True).stdout
     words = out.replace(":", " : ").split()
-    value = lambda key: words[words.index(key) + 2]
+
+    def value(key):
+        return words[words.index(key) + 2]
     return int(value("User")), int(value("Group")), int(value("Mode"), 8) | 0o100000

@@ -7,7 +7,7 @@ import argparse
 import os
 import sys
 
-from imaging_elements import bundle
+from imaging_elements import bundle, config
 from imaging_elements.cli.bundle_image import ProgressBar
 
 PROG = "euca-unbundle"
@@ -26,6 +26,9 @@ def parser():
                    help="where to place the unbundled image (default: current directory)")
     p.add_argument("-s", "--source", metavar="DIR", default=".",
                    help="directory containing the bundled image parts (default: current directory)")
+    p.add_argument("--max-size", metavar="BYTES", default=str(bundle.MAX_IMAGE_SIZE),
+                   help="refuse to write an image larger than this (e.g. 100G; default 1 TiB): a "
+                   "manifest that declares more is refused before anything is written")
     p.add_argument("--signer-cert", metavar="FILE",
                    help="also verify the manifest's signature with this X.509 certificate "
                    "(the bundler's); refuse the bundle if it does not verify")
@@ -40,12 +43,16 @@ def main(argv=None):
         p.error("missing private key; please supply one with -k")
     if not os.path.isdir(args.destination):
         p.error(f"argument -d/--destination: {args.destination!r} is not a directory")
+    try:
+        max_size = config.parse_size(args.max_size)
+    except ValueError as exc:
+        p.error(f"argument --max-size: {exc}")
     progress = ProgressBar("Unbundling image")
     try:
         manifest = bundle.read_manifest(args.manifest)
         output = bundle.unbundle(manifest, os.path.join(args.destination, manifest.name),
                                  private_key=private_key, source_dir=args.source,
-                                 signer_cert=args.signer_cert, progress=progress)
+                                 signer_cert=args.signer_cert, progress=progress, max_size=max_size)
     except (bundle.BundleError, OSError) as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 1

@@ -1,0 +1,138 @@
+"""The engine's public API: one image process as a request and a result.
+
+    from imaging_elements import api
+    result = api.run_process(api.ProcessRequest(elements=["mounters", "validate-linux"],
+                                                input="disk.vmdk"))
+
+See docs/api.md.  run_process may be called from any thread, several at once;
+process-wide effects (signals, the subreaper) belong to ProcessGuard, which
+the command line or a worker process enters in its main thread.
+"""
+
+import ctypes
+import dataclasses
+import os
+import signal
+import threading
+
+from imaging_elements import runner
+
+
+@dataclasses.dataclass
+class ProcessRequest:
+    """What to do; field names are those of euca-image-process's options."""
+
+    elements: list[str]
+    input: str | None = None
+    input_type: str | None = None          # None: detected from the content
+    output: str | None = None
+    output_type: str | None = None         # None: the input's
+    output_crypt: str | None = None        # None or "none": not encrypted
+    platform: str = "auto"
+    elements_path: list[str] | None = None  # None: the stock elements only
+    work_dir: str | None = None            # None: a new one under $TMPDIR or /var/tmp, removed at the end
+    keep_work_dir: bool = False
+    scratch_limit: int | None = None       # bytes
+    hook_timeout: float | None = None      # seconds per hook; None: the per-phase defaults
+    sandbox_limits: list[str] = dataclasses.field(default_factory=list)  # ["memory=1G", ...]: sandbox.LIMITS
+    breaks: list[str] = dataclasses.field(default_factory=list)
+    phases: list[str] | None = None
+    skip_phases: list[str] = dataclasses.field(default_factory=list)
+    options: dict[str, str] = dataclasses.field(default_factory=dict)      # element options (-e NAME=VALUE)
+    environment: dict[str, str] = dataclasses.field(default_factory=dict)  # extra IMG_* variables
+    size: str | None = None
+    kernel: str | None = None
+    ramdisk: str | None = None
+
+
+@dataclasses.dataclass
+class ProcessResult:
+    exit_code: int
+    error: str | None = None
+    disk_type: str | None = None
+    platform: str | None = None
+    output: str | None = None
+    output_size: int | None = None
+    validators: list[dict] = dataclasses.field(default_factory=list)
+    inspection_report: str | None = None
+    phase_durations: dict[str, float] = dataclasses.field(default_factory=dict)
+
+    def to_json(self):
+        """A dict of plain JSON values (docs/api.md)."""
+        return dataclasses.asdict(self)
+
+
+def run_process(request, monitor=None, cancel=None, *, only_hook=None, list_out=None):
+    """Run one image process; returns a ProcessResult, never raises for a failed process.
+
+    monitor: receives the events (monitor.py, docs/events.md); the last one is
+    always process-end.  cancel: anything with is_set() (a threading.Event):
+    once set, the process stops at the next safe point (between hooks, within
+    0.5 s while a hook runs) and releases everything, exit 143.
+    only_hook, list_out: the command line's --hook and --list."""
+    process = runner.Process(request, monitor, cancel, only_hook=only_hook, list_out=list_out)
+    code, error = process.run()
+    env = process.env
+    output = process.published
+    return ProcessResult(
+        exit_code=code, error=error,
+        disk_type=process.disk_type,
+        platform=env.get("IMG_PLATFORM") or None,
+        output=output,
+        output_size=_size(output) if output else None,
+        validators=list(process.results),
+        inspection_report=process.inspection_report,
+        phase_durations=dict(process.phase_durations))
+
+
+def _size(path):
+    """Bytes of a file, or of every file under a directory (a bundle)."""
+    if not os.path.isdir(path):
+        return os.stat(path).st_size
+    return sum(os.lstat(os.path.join(d, name)).st_size for d, _, names in os.walk(path) for name in names)
+
+
+_PR_SET_CHILD_SUBREAPER, _PR_GET_CHILD_SUBREAPER = 36, 37
+
+
+def _subreaper(on=None):
+    """The process's subreaper flag; sets it when `on` is given.  Returns the previous value."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    current = ctypes.c_int(0)
+    libc.prctl(_PR_GET_CHILD_SUBREAPER, ctypes.byref(current), 0, 0, 0)
+    if on is not None:
+        libc.prctl(_PR_SET_CHILD_SUBREAPER, int(on), 0, 0, 0)
+    return bool(current.value)
+
+
+class ProcessGuard:
+    """The process-wide part of running image processes, entered in the main thread:
+
+    - SIGTERM and SIGINT set `cancel` (with its `signum`); a process running
+      in the main thread is also interrupted at once, as SIGTERM always did
+      (not while it releases resources);
+    - the process is a subreaper, so that daemons hooks leave behind (qemu-
+      storage-daemon, ntfs-3g) are reaped when the journal kills them.
+
+    Both are undone on exit."""
+
+    def __init__(self, cancel=None):
+        self.cancel = cancel if cancel is not None else threading.Event()
+
+    def __enter__(self):
+        if threading.current_thread() is not threading.main_thread():
+            raise RuntimeError("ProcessGuard: enter it in the main thread (signal handlers live there)")
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+        self._was_subreaper = _subreaper(True)
+        return self
+
+    def _handle(self, signum, frame):
+        self.cancel.signum = signum
+        self.cancel.set()
+        runner.interrupt_main(signum)
+
+    def __exit__(self, *exc):
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+        _subreaper(self._was_subreaper)
+        return False

@@ -1,0 +1,255 @@
+"""The service process: its parts (database, credentials, object store,
+workers) and the Starlette app (`POST /` the EC2 Query API, `GET /healthz`).
+"""
+
+import asyncio
+import concurrent.futures
+import functools
+import logging
+import os
+import threading
+import time
+import traceback
+import urllib.parse
+import uuid
+
+from starlette.applications import Starlette
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from imaging_service import auth, ec2api, tasks
+from imaging_service.credentials import Credentials
+from imaging_service.db import Database
+from imaging_service.errors import EC2Error, invalid, missing
+from imaging_service.operations import HANDLERS, Context
+
+log = logging.getLogger("imaging_service")
+MAX_BODY = 1024 * 1024
+MAINTENANCE_EVERY = 5.0
+HEALTH_CACHE_SECONDS = 10.0
+XML = "text/xml;charset=UTF-8"
+
+
+def prepare_state_dir(path):
+    """The state directory, made or narrowed to mode 0700 (it holds the key file)."""
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    os.chmod(path, 0o700)
+    return path
+
+
+class Service:
+    """Everything one `imaging-service serve` runs; start() and stop() bracket the server."""
+
+    def __init__(self, settings):
+        self.settings = settings
+        prepare_state_dir(settings.state_dir)
+        self.db = Database(settings.database_url)
+        self.db.upgrade()
+        self.credentials = Credentials(self.db, settings.key_file)
+        self.store = self.seaweed = self.workers = self.dispatcher = None
+        self._stop = threading.Event()
+        self._maintenance = None
+        self._identities = None
+        self._health = (0.0, None)
+
+    # ---- start and stop ------------------------------------------------------------------------
+
+    def start(self):
+        if self.settings.engine == "embedded":
+            self._start_object_store()
+            from imaging_service.worker import EmbeddedWorkers
+            self.workers = EmbeddedWorkers(self.db, self.settings, self.store, credentials=self.credentials)
+            self.workers.start()
+        elif self.settings.engine == "celery":  # workers elsewhere; the store must be a shared one
+            if not self.settings.s3_endpoint:
+                raise ValueError("the celery engine needs --s3-endpoint (an object store every machine reaches)")
+            self._start_object_store()
+            from imaging_service.celery_engine import Dispatcher
+            self.dispatcher = Dispatcher(self.settings)
+        self._maintenance = threading.Thread(target=self._maintain, name="maintenance", daemon=True)
+        self._maintenance.start()
+
+    def _start_object_store(self):
+        from imaging_service.objectstore import ObjectStore
+        s = self.settings
+        if s.s3_endpoint:
+            self.store = ObjectStore(s.s3_endpoint, s.s3_region or s.region, s.s3_access_key, s.s3_secret_key)
+            return
+        # Embedded: SeaweedFS under the state directory; the service's own operator key pair
+        # (made once) writes results; every user's key pair works there too.
+        from imaging_service.seaweed import EmbeddedSeaweed
+        access, secret = self._operator_key()
+        self.seaweed = EmbeddedSeaweed(s.state_dir, port=s.s3_port or None)
+        self._sync_identities()
+        self.seaweed.start()
+        self.store = ObjectStore(self.seaweed.endpoint_url, s.region, access, secret)
+
+    def _operator_key(self):
+        for access, secret, _account, operator in self.credentials.identities():
+            if operator:
+                return access, secret
+        access, secret, _ = self.credentials.create(name="imaging-service", operator=True)
+        return access, secret
+
+    def _sync_identities(self):
+        """Keep the embedded store's identities equal to the live credentials (the
+        `credentials` command changes them from another process)."""
+        if self.seaweed is None:
+            return
+        identities = sorted(self.credentials.identities())
+        if identities != self._identities:
+            self.seaweed.write_identities(identities)
+            self._identities = identities
+
+    def _maintain(self):
+        s = self.settings
+        while not self._stop.wait(MAINTENANCE_EVERY):
+            try:
+                self._sync_identities()
+                counts = tasks.expire(self.db, task_timeout=s.task_timeout, retention=s.retention)
+                if any(counts.values()):
+                    log.info("expired tasks: %s", counts)
+            except Exception:  # keep maintaining; say why
+                log.exception("maintenance failed")
+
+    def stop(self):
+        self._stop.set()
+        if self._maintenance is not None:
+            self._maintenance.join(timeout=30)
+        try:
+            if self.workers is not None:
+                self.workers.stop()
+        finally:
+            if self.seaweed is not None:
+                self.seaweed.stop()
+            if self.dispatcher is not None:
+                self.dispatcher.close()
+            self.db.dispose()
+
+    # ---- what the handlers ask -----------------------------------------------------------------
+
+    def allowed_endpoints(self):
+        if self.store is not None:
+            return [self.store.endpoint_url]
+        return [self.settings.s3_endpoint] if self.settings.s3_endpoint else []
+
+    def check_url(self, url, name):
+        """Refuse at submit a URL the workers may not fetch (not the object store)."""
+        from imaging_service.objectstore import url_allowed
+        ok, reason = url_allowed(url, self.allowed_endpoints())
+        if not ok:
+            raise invalid(name, url, f"Only URLs on the service's object store are fetched: {reason}.")
+
+    def require_toolkit(self):
+        """New tasks only while the toolkit answers (describe and cancel still work)."""
+        toolkit = self.health()["toolkit"]
+        if toolkit != "ok":
+            raise EC2Error("ServiceUnavailable", f"Imports are disabled: the imaging toolkit {toolkit}")
+
+    def submitted(self, task_id=None):
+        """A task was submitted (and committed): the embedded workers look at once; the
+        celery engine publishes it to the broker."""
+        if self.workers is not None:
+            self.workers.wake()
+        if self.dispatcher is not None and task_id is not None:
+            self.dispatcher.submitted(task_id)
+
+    def health(self):
+        """{part: "ok" or the reason}, cached for a few seconds."""
+        stamp, cached = self._health
+        if cached is not None and time.monotonic() - stamp < HEALTH_CACHE_SECONDS:
+            return cached
+        checks = {"toolkit": _check(lambda: _toolkit(self.settings)), "database": _check(self._database)}
+        checks["object_store"] = _check(self.store.ping) if self.store is not None else "not run here"
+        if self.workers is not None:
+            checks["workers"] = _check(self.workers.health)
+        else:
+            checks["workers"] = "not run here"
+        self._health = (time.monotonic(), checks)
+        return checks
+
+    def _database(self):
+        from sqlalchemy import text
+        with self.db.session() as s:
+            s.execute(text("SELECT 1"))
+
+
+def _check(probe):
+    try:
+        result = probe()
+    except Exception as e:  # noqa: BLE001 -- any failure is the answer to report
+        return f"failed: {e}"
+    return "ok" if result in (None, True) else str(result)
+
+
+def _toolkit(settings):
+    """The toolkit answers: its API imports and every element list the tasks run resolves
+    on the configured elements path (a service without its toolkit must be disabled)."""
+    from imaging_elements import api, elements  # noqa: F401
+    library = elements.find_elements(":".join(settings.elements_path or []))
+    for name in ("elements_linux", "elements_windows", "instance_elements", "export_elements"):
+        elements.resolve(getattr(settings, name), library)
+
+
+# ---- the HTTP side -----------------------------------------------------------------------------
+
+def handle_query(service, method, url, headers, body, form):
+    """One EC2 Query request: (status, XML bytes)."""
+    request_id = str(uuid.uuid4())
+    try:
+        access_key, account = auth.verify(method, url, headers, body, service.credentials.lookup,
+                                          service.settings.region)
+        action = form.pop("Action", None)
+        if action is None:
+            raise missing("Action")
+        version = form.pop("Version", None)
+        if version is None:
+            raise missing("Version")
+        op = ec2api.operation(action, HANDLERS)
+        params = ec2api.parse_request(op, form)
+        result = HANDLERS[action](Context(service, account, access_key, request_id), params)
+        return 200, ec2api.serialize_response(op, result, request_id)
+    except EC2Error as e:
+        return e.status, e.to_xml(request_id)
+    except Exception:  # noqa: BLE001 -- a bug answers InternalError, logged, not a dropped connection
+        log.error("request %s failed:\n%s", request_id, traceback.format_exc())
+        return 500, EC2Error("InternalError", f"An internal error has occurred (request {request_id}).") \
+            .to_xml(request_id)
+
+
+def make_app(service):
+    # A few threads answer the requests (the handlers block on the database): with many
+    # more, Python's one lock makes every request wait for all the others.
+    executor = concurrent.futures.ThreadPoolExecutor(service.settings.api_threads, thread_name_prefix="api")
+
+    async def in_thread(function, *args):
+        return await asyncio.get_running_loop().run_in_executor(executor, functools.partial(function, *args))
+
+    async def query(request):
+        body = await request.body()
+        if len(body) > MAX_BODY:
+            return Response(EC2Error("InvalidParameterValue", "The request body is too large.").to_xml(),
+                            status_code=413, media_type=XML)
+        raw_query = request.scope.get("query_string", b"").decode("latin-1")
+        form = dict(urllib.parse.parse_qsl(raw_query, keep_blank_values=True))
+        if request.method == "POST":
+            try:
+                form.update(urllib.parse.parse_qsl(body.decode("utf-8"), keep_blank_values=True))
+            except UnicodeDecodeError:
+                return Response(EC2Error("InvalidParameterValue", "The request body is not UTF-8.").to_xml(),
+                                status_code=400, media_type=XML)
+        host = request.headers.get("host", "")
+        url = f"{request.url.scheme}://{host}{request.scope['path']}" + (f"?{raw_query}" if raw_query else "")
+        headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in request.scope["headers"]]
+        status, xml = await in_thread(handle_query, service, request.method, url, headers, body, form)
+        return Response(xml, status_code=status, media_type=XML)
+
+    async def healthz(request):
+        checks = await in_thread(service.health)
+        ok = all(v in ("ok", "not run here") for v in checks.values())
+        return JSONResponse({"ok": ok, **checks}, status_code=200 if ok else 503)
+
+    from imaging_service import web  # the queue page for people (issue 13)
+    return Starlette(routes=[Route("/", query, methods=["GET", "POST"]),
+                             Route("/healthz", healthz, methods=["GET"]),
+                             *web.routes(service)])

@@ -1,0 +1,163 @@
+"""imaging-service: `serve` the EC2 VM Import API, and manage `credentials`.
+
+Every setting (imaging_service/config.py) is a flag of each command, an
+IMAGING_SERVICE_* variable, or a key of the --config file.
+"""
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+
+from imaging_service import config
+
+EPILOG = ("settings: flag over IMAGING_SERVICE_* variable over --config file over default "
+          "(docs/service.md)\nexit codes: 0 success, 1 failure, 2 bad usage or settings")
+
+
+def parser():
+    p = argparse.ArgumentParser(prog="imaging-service", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
+    commands = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    rows = config.all_settings()
+    serve = commands.add_parser("serve", help="run the API, and on embedded defaults the workers and "
+                                              "the object store", epilog=EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    config.add_arguments(serve, rows)
+    # -- celery engine (docs/deployment.md): one worker machine --
+    worker = commands.add_parser("worker", help="run a celery-engine worker (conversions of tasks from "
+                                                "--broker-url) with its own --work-dir", epilog=EPILOG,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    config.add_arguments(worker, rows)
+    # -- end celery engine --
+    creds = commands.add_parser("credentials", help="create, list or revoke access keys")
+    verbs = creds.add_subparsers(dest="verb", required=True, metavar="VERB")
+    create = verbs.add_parser("create", help="a new key pair, in a new account unless --account")
+    create.add_argument("--account", help="add the key to this existing account (12 digits)")
+    create.add_argument("--name", help="a name for the new account")
+    create.add_argument("--operator", action="store_true", help="the account sees and runs everything")
+    create.add_argument("--json", action="store_true", help="print JSON")
+    listing = verbs.add_parser("list", help="the access keys (never their secrets)")
+    listing.add_argument("--json", action="store_true", help="print JSON")
+    revoke = verbs.add_parser("revoke", help="revoke an access key")
+    revoke.add_argument("access_key", metavar="ACCESS_KEY")
+    for sub in (create, listing, revoke):
+        config.add_arguments(sub, rows)
+    return p
+
+
+def main(argv=None):
+    args = parser().parse_args(argv)
+    flags = {k: v for k, v in vars(args).items() if k in {s.name for s in config.all_settings()}}
+    try:
+        settings = config.resolve(flags)
+    except config.ConfigError as e:
+        print(f"imaging-service: error: {e}", file=sys.stderr)
+        return 2
+    # Files the service makes (database, logs, work files) are not for other users.
+    os.umask(0o077)
+    logging.basicConfig(level=settings.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)-5s %(name)s: %(message)s")
+    if settings.log_level.lower() != "debug":
+        logging.getLogger("alembic").setLevel(logging.WARNING)
+    try:
+        if args.command == "serve":
+            return serve(settings)
+        if args.command == "worker":
+            return celery_worker(settings)
+        return credentials(args, settings)
+    except Exception as e:  # one line for the operator; the traceback with --log-level debug
+        logging.getLogger("imaging_service").debug("failed", exc_info=True)
+        print(f"imaging-service: error: {e}", file=sys.stderr)
+        return 1
+
+
+def serve(settings):
+    import uvicorn
+
+    from imaging_service.app import Service, make_app
+    service = Service(settings)
+    # uvicorn stops on SIGTERM/SIGINT and then raises the signal again for the handler that was
+    # there before it: make that one ours (a no-op), so that the workers and the object store
+    # are stopped below instead of the process dying at once.  A signal during the start
+    # (the object store takes seconds) is kept: the server then does not run.
+    stopping = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, frame: stopping.append(signum))
+    try:
+        service.start()
+        if stopping:
+            return 0
+        server = uvicorn.Server(uvicorn.Config(make_app(service), host=settings.listen, port=settings.port,
+                                               log_level=settings.log_level, access_log=False,
+                                               lifespan="off", timeout_keep_alive=75))
+        logging.getLogger("imaging_service").info("EC2 API on http://%s:%s/ (state in %s)", settings.listen,
+                                                  settings.port, settings.state_dir)
+        server.run()
+    finally:
+        service.stop()
+    return 0
+
+
+def celery_worker(settings):
+    """`imaging-service worker`: the celery engine's worker on this machine."""
+    from imaging_service.app import prepare_state_dir
+    from imaging_service.celery_engine import CeleryWorker
+    from imaging_service.credentials import Credentials
+    from imaging_service.db import Database
+    from imaging_service.objectstore import ObjectStore
+    if not settings.s3_endpoint:
+        raise ValueError("a worker needs --s3-endpoint (the object store the front-ends use)")
+    prepare_state_dir(settings.state_dir)
+    db = Database(settings.database_url)
+    try:
+        db.upgrade()
+        store = ObjectStore(settings.s3_endpoint, settings.s3_region or settings.region, settings.s3_access_key,
+                            settings.s3_secret_key)
+        return CeleryWorker(db, settings, store, Credentials(db, settings.key_file)).main(
+            loglevel=settings.log_level.upper())
+    finally:
+        db.dispose()
+
+
+def credentials(args, settings):
+    from imaging_service.app import prepare_state_dir
+    from imaging_service.credentials import CredentialError, Credentials
+    from imaging_service.db import Database
+    prepare_state_dir(settings.state_dir)
+    db = Database(settings.database_url)
+    try:
+        db.upgrade()
+        store = Credentials(db, settings.key_file)
+        if args.verb == "create":
+            access, secret, account = store.create(account_id=args.account, name=args.name,
+                                                   operator=args.operator)
+            if args.json:
+                print(json.dumps({"access_key": access, "secret_key": secret, "account_id": account}))
+            else:
+                print(f"AccessKeyId\t{access}\nSecretAccessKey\t{secret}\nAccountId\t{account}")
+        elif args.verb == "list":
+            rows = store.list()
+            if args.json:
+                print(json.dumps([{"access_key": a, "account_id": acc, "name": n, "operator": op,
+                                   "created_at": c.isoformat(), "revoked_at": r.isoformat() if r else None}
+                                  for a, acc, n, op, c, r in rows]))
+            else:
+                for a, acc, n, op, c, r in rows:
+                    state = f"revoked {r:%Y-%m-%d %H:%M}" if r else "active"
+                    print(f"{a}\t{acc}\t{n or ''}\t{'operator' if op else 'user'}\t{state}")
+        else:
+            store.revoke(args.access_key)
+            print(f"revoked {args.access_key}")
+    except CredentialError as e:
+        print(f"imaging-service: error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        db.dispose()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

