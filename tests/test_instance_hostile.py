@@ -163,6 +163,8 @@ class TestThroughTheDriver(PhaseCase):
         os.makedirs(element)
         write_hook(element, "10-steer", STEER)
         write_hook(element, "30-snoop", SNOOP)
+        with open(os.path.join(os.path.dirname(element), "element-options.json"), "w") as f:
+            json.dump({"DB_PASSWORD": {"type": "string", "description": "a secret the guest must not see"}}, f)
         image = imagebuild.debian_boot_disk()
         output, status = self.path("out.raw"), self.path("status.jsonl")
         result = self.run_bin("euca-image-process", "-i", image, "-o", output, "-T", "raw", "--platform", "linux",
