@@ -8,9 +8,10 @@ instance-validate.d.  The story (docs/instance-validators.md tells it whole):
    overlay, deleted at the end.
 2. Injection.  qemu-storage-daemon serves the overlay as a writable FUSE
    file; the guest's root filesystem in it is mounted (a loop device at the
-   partition's offset, nodev,nosuid) and gets the agent (a POSIX sh script
-   started by a systemd unit), the hooks, lib/img-functions, and an SSH key
-   in root's authorized_keys, as a cloud's node controller injects one.
+   partition's offset, nodev,nosuid) and gets the agent (the element's
+   agent/img-agent, a POSIX sh script started by a systemd unit), the hooks,
+   lib/img-functions, the secrets a hook declares (needs-secret) and an SSH
+   key in root's authorized_keys, as a cloud's node controller injects one.
    Guest paths are resolved inside the image (imaging_elements.guest).
 3. Boot.  qemu-system-x86_64 with KVM when KVM really boots a kernel here,
    else TCG; whole disks through their own boot loader, partition (AMI)
@@ -21,7 +22,9 @@ instance-validate.d.  The story (docs/instance-validators.md tells it whole):
 4. The agent waits for the boot to settle, runs each hook (`accepts` first
    when the hook declares it) and reports on the second serial port
    (ttyS1, COM2 for a Windows guest): lines `IMGV TOKEN KIND ...` with base64
-   payloads.  Then it powers the instance off.
+   payloads.  Then it powers the instance off.  Every byte of it is the
+   guest's: lines, texts, the console, the overlay are bounded here, and only
+   describe, warn and fail are taken from a hook's status lines.
 5. The host follows the console (ttyS0), the results port and SeaBIOS's debug
    port: a kernel panic, an emergency shell or "no bootable device" ends the
    boot at once, a silent guest at IMG_INSTANCE_TIMEOUT.  qemu is in the
@@ -35,6 +38,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -44,8 +48,11 @@ from imaging_elements import bootdisk, config, confine, disk, hooklib, qemuimg
 from imaging_elements import hooks as hooks_mod
 from imaging_elements.guest import Guest, GuestPathError
 from imaging_elements.journal import Journal
-from imaging_elements.resources import LIB, PACKAGE
+from imaging_elements.monitor import clean as clean_text
+from imaging_elements.resources import ELEMENTS, LIB, PACKAGE
 
+AGENT = os.path.join("agent", "img-agent")  # in the element's directory
+STOCK_ELEMENT = "instance-validate-linux"
 SCOPE = "instance-validate"
 
 GUEST_DIR = "/etc/img-instance-validate"
@@ -59,15 +66,24 @@ KVM_PROBE_CACHE = "/run/imaging-elements/kvm-probe.json"
 KVM_PROBE_TIMEOUT = 6          # seconds for a kernel to print its banner under KVM
 POWEROFF_TIMEOUT = 30          # seconds from the last result to qemu's exit
 QEMU_OVERHEAD = 4 << 30        # address space beyond guest RAM (TCG's code buffer, firmware, threads)
-OUTPUT_LIMIT = 16384           # bytes of a hook's output kept (the tail)
-RESULTS_LIMIT = 4 << 20        # bytes of the results port read, at most
+# Bounds on what a guest can make the host keep (it controls every byte it sends).
+OUTPUT_LIMIT = 16384           # bytes of a hook's output kept (the tail), in the guest and here
+STATUS_LIMIT = 65536           # bytes of a hook's status lines sent, in the guest
+LINE_LIMIT = 256 << 10         # bytes of one line of the results port; a longer line is dropped
+RESULTS_LIMIT = 4 << 20        # bytes of the results port: more stops the guest
+CONSOLE_LIMIT = 64 << 20       # bytes of the console log (IMG_INSTANCE_CONSOLE_LIMIT): more stops the guest
+OVERLAY_LIMIT = 2 << 30        # bytes the guest may write to its disk (IMG_INSTANCE_OVERLAY_LIMIT)
+MAX_TEXT = 2000                # characters of one describe/warn/fail text
+MAX_WARN = 20                  # warnings kept per hook
 KERNEL_LIMIT = 512 << 20       # a kernel or initrd read from the image, at most
 
 # The IMG_* variables that name host things, or are secrets: never sent into the guest.
 HOST_ONLY = {"IMG_JOURNAL", "IMG_JOURNAL_SCOPE", "IMG_STATUS_FD", "IMG_LIB", "IMG_PYTHON",
              "IMG_WORK_DIR", "IMG_SCRATCH_DIR", "IMG_MOUNT_POINT", "IMG_IMAGE", "IMG_INPUT",
              "IMG_OUTPUT", "IMG_KERNEL", "IMG_RAMDISK", "IMG_CONVERT_OUTPUT", "IMG_DISK",
-             "IMG_ELEMENT_DIR"}
+             "IMG_ELEMENT_DIR", "IMG_INSPECTION_REPORT", "IMG_ELEMENTS_PATH", "IMG_LOG_FILE",
+             "IMG_EVENTS_FILE", "IMG_EVENTS_FD", "IMG_CLEANUP", "IMG_RESULT_JSON", "IMG_SANDBOX_LIMITS",
+             "IMG_SCRATCH_LIMIT", "IMG_BREAK", "IMG_KEEP_WORK_DIR"}
 
 # Console lines that mean the guest will never reach the agent.
 FATAL = [
@@ -115,6 +131,17 @@ def _number(env, name, default, kind=int):
     return number
 
 
+def _size(env, name, default):
+    value = env.get(name) or default
+    try:
+        size = config.parse_size(value)
+    except ValueError as exc:
+        raise InstanceError(f"{name}: {exc}") from None
+    if size < 1 << 20:
+        raise InstanceError(f"{name}={value!r}: must be at least 1M")
+    return size
+
+
 def guest_environment(env):
     """The IMG_* variables the hooks see inside the guest: no host paths, no secrets."""
     inside = {name: value for name, value in env.items()
@@ -139,12 +166,11 @@ def qemu_version():
 
 
 def _host_kernel():
-    """A kernel of the host's /boot to probe KVM with, if there is one."""
+    """A kernel of the host's to probe KVM with, if there is one."""
     try:
-        names = [n for n in os.listdir("/boot") if n.startswith("vmlinuz-")]
+        return bootdisk.find_kernel("/")[0]
     except OSError:
         return None
-    return os.path.join("/boot", max(names, key=bootdisk._version_key)) if names else None
 
 
 def _probe_key():
@@ -234,74 +260,6 @@ def _probe_kvm(kernel, journal, workdir):
 
 # -- the agent that runs inside the guest ------------------------------------------
 
-AGENT = r"""#!/bin/sh
-# Injected by euca-image-process into a throw-away overlay of this image: runs
-# the instance-validate.d hooks, reports each result on the second serial
-# port, then powers the instance off.  See docs/instance-validators.md.
-# Few processes per hook: under TCG every exec costs.
-set -u
-dir=/etc/img-instance-validate
-. "$dir/env.sh"
-work=/run/img-instance-validate
-mkdir -p "$work"
-stty -F "$IMGV_PORT" raw -echo 115200 2>/dev/null || true
-exec 9>"$IMGV_PORT"
-say() { printf 'IMGV %s %s\n' "$IMGV_TOKEN" "$*" >&9; }
-# One line per payload: GNU base64 -w 0, else strip the line breaks.
-if base64 -w 0 /dev/null >/dev/null 2>&1; then
-    b64() { base64 -w 0 "$1"; }
-else
-    b64() { base64 "$1" | tr -d '\n'; }
-fi
-limit=
-command -v timeout >/dev/null 2>&1 && limit="timeout -k 5"
-
-say BEGIN
-if command -v systemctl >/dev/null 2>&1; then
-    # Let the boot finish first, so that the checks see the settled system.
-    state=$($limit ${limit:+"$IMGV_SETTLE"} systemctl is-system-running --wait 2>/dev/null)
-    say STATE "${state:-unknown}"
-fi
-# Instance validators are independent checks of a settled system: they run
-# at once (under TCG a check mostly waits for the emulated CPU), and their
-# results are reported in name order, each with its own duration.
-now_cs() { read -r up _ </proc/uptime; echo "${up%.*}${up#*.}"; }  # centiseconds
-run_hook() {  # NAME ASKS-ACCEPTS: writes the hook's report to $work/NAME.line
-    name=$1 hook=$dir/hooks/$1 out=$work/$1
-    began=$(now_cs)
-    if [ "$2" = 1 ]; then
-        rc=0
-        IMG_HOOK=$name $limit ${limit:+10} "$hook" accepts >"$out.reason" 2>&1 </dev/null || rc=$?
-        if [ "$rc" -ne 0 ]; then
-            read -r reason <"$out.reason" || true
-            printf '%s\n' "$reason" >"$out.reason"
-            { printf 'IMGV %s SKIP %s %s ' "$IMGV_TOKEN" "$name" "$rc"; b64 "$out.reason"; echo; } >"$out.line"
-            return
-        fi
-    fi
-    rc=0
-    IMG_HOOK=$name $limit ${limit:+"$IMGV_HOOK_TIMEOUT"} "$hook" run \
-        3>"$out.status" >"$out.output" 2>&1 </dev/null || rc=$?
-    tail -c "$IMGV_OUTPUT_LIMIT" "$out.output" >"$out.tail"
-    { printf 'IMGV %s RESULT %s %s ' "$IMGV_TOKEN" "$name" "$rc"; b64 "$out.status"; printf ' '
-      b64 "$out.tail"; printf ' %s\n' "$(( $(now_cs) - began ))"; } >"$out.line"
-}
-# hooks.list: NAME ASKS-ACCEPTS (1 when the hook declares `#@ verbs: accepts`)
-while read -r name asks; do
-    run_hook "$name" "$asks" &
-done <"$dir/hooks.list"
-wait
-while read -r name asks; do
-    say START "$name"
-    cat "$work/$name.line" >&9 2>/dev/null
-done <"$dir/hooks.list"
-say DONE
-exec 9>&-
-sync
-# Forced: the overlay is thrown away, no need to stop each service.
-systemctl poweroff --force 2>/dev/null || poweroff -f
-"""
-
 UNIT_TEXT = """\
 # Injected by euca-image-process into a throw-away overlay of this image.
 [Unit]
@@ -310,7 +268,7 @@ After=multi-user.target
 
 [Service]
 Type=simple
-ExecStart=/bin/sh /etc/img-instance-validate/agent
+ExecStart=/bin/sh /etc/img-instance-validate/img-agent
 """
 
 
@@ -372,19 +330,40 @@ def _ssh_keypair():
     return private, public + b" euca-image-process-instance-validation\n"
 
 
+def agent_file(hooks):
+    """The in-guest agent (agent/img-agent): from the element of the hooks, else the stock one's."""
+    dirs = [os.path.dirname(os.path.dirname(path)) for _, path in hooks]
+    for element_dir in dirs + [os.path.join(ELEMENTS, STOCK_ELEMENT)]:
+        path = os.path.join(element_dir, AGENT)
+        if os.path.isfile(path):
+            return path
+    raise InstanceError(f"no in-guest agent: neither the elements of the hooks nor {STOCK_ELEMENT} "
+                        f"has {AGENT}")
+
+
+def _exports(settings):
+    return "".join(f"export {k}={shlex.quote(v)}\n" for k, v in sorted(settings.items())).encode()
+
+
 def inject(root, hooks, env, token, settle, hook_timeout):
     """Put the agent, the hooks and an SSH key into the guest mounted (writable) at `root`."""
     guest = Guest(root)
+    agent_path = agent_file(hooks)
     agent = _place(guest, GUEST_DIR)
     os.mkdir(agent, 0o700)
-    for sub in ("hooks", "lib", "lib/imaging_elements"):
-        os.mkdir(os.path.join(agent, sub), 0o755)
-    for name, path in hooks:
-        with open(path, "rb") as f:
-            _write(os.path.join(agent, "hooks", name), f.read(), 0o755)
-    asks = {name: "accepts" in hooks_mod.parse_header(path)[0].get("verbs", "").split() for name, path in hooks}
+    for sub in ("hooks", "lib", "lib/imaging_elements", "secrets"):
+        os.mkdir(os.path.join(agent, sub), 0o700 if sub == "secrets" else 0o755)
+    parsed = [hooks_mod.Hook("instance-validate", name, path, os.path.basename(os.path.dirname(
+        os.path.dirname(path)))) for name, path in hooks]
+    for hook in parsed:
+        with open(hook.path, "rb") as f:
+            _write(os.path.join(agent, "hooks", hook.name), f.read(), 0o755)
+        # A secret reaches the guest only for a hook that declares it (#@ needs-secret:).
+        secrets = {name: env[name] for name in sorted(hook.secrets) if name in env}
+        if secrets:
+            _write(os.path.join(agent, "secrets", hook.name), _exports(secrets), 0o600)
     _write(os.path.join(agent, "hooks.list"),
-           "".join(f"{name} {int(asks[name])}\n" for name, _ in hooks).encode())
+           "".join(f"{hook.name} {int('accepts' in hook.verbs)}\n" for hook in parsed).encode())
     with open(os.path.join(LIB, "img-functions"), "rb") as f:
         _write(os.path.join(agent, "lib", "img-functions"), f.read())
     # Python hooks import imaging_elements.hooklib: the helpers, not the whole package.
@@ -394,10 +373,11 @@ def inject(root, hooks, env, token, settle, hook_timeout):
             _write(os.path.join(agent, "lib", "imaging_elements", name), f.read())
     settings = guest_environment(env)
     settings.update(IMGV_TOKEN=token, IMGV_PORT="/dev/ttyS1", IMGV_SETTLE=str(settle),
-                    IMGV_HOOK_TIMEOUT=str(hook_timeout), IMGV_OUTPUT_LIMIT=str(OUTPUT_LIMIT))
-    _write(os.path.join(agent, "env.sh"),
-           "".join(f"export {k}={shlex.quote(v)}\n" for k, v in sorted(settings.items())).encode())
-    _write(os.path.join(agent, "agent"), AGENT.encode(), 0o755)
+                    IMGV_HOOK_TIMEOUT=str(hook_timeout), IMGV_OUTPUT_LIMIT=str(OUTPUT_LIMIT),
+                    IMGV_STATUS_LIMIT=str(STATUS_LIMIT))
+    _write(os.path.join(agent, "env.sh"), _exports(settings))
+    with open(agent_path, "rb") as f:
+        _write(os.path.join(agent, "img-agent"), f.read(), 0o755)
 
     # The unit, wanted by multi-user.target.
     _ensure_dir(guest, "/etc/systemd/system/multi-user.target.wants")
@@ -421,8 +401,19 @@ def inject(root, hooks, env, token, settle, hook_timeout):
 
 # -- the results protocol ----------------------------------------------------------
 
+def clean(text, limit=MAX_TEXT):
+    """One line of guest text, safe for a terminal, a log line or an event, at most `limit` characters."""
+    return clean_text(text[:limit])[:limit]
+
+
+def clean_output(text):
+    """A hook's output from the guest: its last OUTPUT_LIMIT characters, lines kept, each cleaned."""
+    return "\n".join(clean_text(line) for line in text[-OUTPUT_LIMIT:].replace("\r\n", "\n").split("\n"))
+
+
 def _b64(text):
-    if text == "-":
+    """A payload of a line (at most LINE_LIMIT bytes, so this is bounded too)."""
+    if text in ("", "-"):
         return ""
     try:
         return base64.b64decode(text, validate=True).decode(errors="replace")
@@ -431,31 +422,44 @@ def _b64(text):
 
 
 def parse_status(text):
-    """{describe: [...], warn: [...], fail: str or None} from a hook's status lines."""
-    said = {"describe": [], "warn": [], "fail": None, "other": []}
+    """{describe: [...], warn: [...], fail: str or None, refused: [...]} from a hook's status lines.
+
+    A guest may say describe, progress, warn and fail; anything else (set above
+    all: the guest never steers the host) is refused, and said so."""
+    said = {"describe": [], "warn": [], "fail": None, "refused": []}
     for line in text.splitlines():
         try:
-            (kind, value), = json.loads(line).items()
-        except (ValueError, AttributeError):
-            said["other"].append(line)
-            continue
-        if kind in ("describe", "warn"):
-            said[kind].append(str(value))
-        elif kind == "fail":
-            said["fail"] = str(value)
-        else:
-            said["other"].append(line)  # set/progress mean nothing inside the guest
+            message = json.loads(line)
+            (kind, value), = message.items()
+        except (ValueError, AttributeError, RecursionError):
+            kind, value = None, None
+        if kind in ("describe", "warn", "fail") and isinstance(value, (str, int, float)):
+            value = clean(str(value))
+            if kind == "fail":
+                said["fail"] = value
+            elif len(said[kind]) < MAX_WARN:
+                said[kind].append(value)
+        elif kind == "progress":
+            continue  # nobody watches a guest's progress live: its results come at the end
+        elif len(said["refused"]) < MAX_WARN:
+            said["refused"].append(clean(line, 200))
     return said
 
 
 class Results:
-    """Reads the agent's lines `IMGV TOKEN KIND ...` from the results port."""
+    """Reads the agent's lines `IMGV TOKEN KIND ...` from the results port.
+
+    Every byte comes from the guest: lines are cut at LINE_LIMIT, texts cleaned
+    and bounded, and only lines with this boot's token, for the hooks sent,
+    once each, count."""
 
     def __init__(self, token, names, hook_timeout=None):
         self.token = token
         self.hook_timeout = hook_timeout
         self.names = list(names)
         self.buffer = b""
+        self.dropping = False        # inside a line longer than LINE_LIMIT
+        self.dropped = 0             # lines dropped as too long
         self.begun = self.done = False
         self.state = None
         self.current = None          # the hook running now, and since when
@@ -466,7 +470,16 @@ class Results:
         self.buffer += data
         *lines, self.buffer = self.buffer.split(b"\n")
         for line in lines:
-            self._line(line.decode(errors="replace").strip("\r\0"), now)
+            if self.dropping:  # the end of an over-long line
+                self.dropping = False
+                continue
+            if len(line) <= LINE_LIMIT:
+                self._line(line.decode(errors="replace").strip("\r\0"), now)
+            else:
+                self.dropped += 1
+        if len(self.buffer) > LINE_LIMIT:  # a line with no end in sight: forget it
+            self.dropped += not self.dropping
+            self.buffer, self.dropping = b"", True
 
     def _line(self, line, now):
         words = line.split(" ")
@@ -476,18 +489,18 @@ class Results:
         if kind == "BEGIN":
             self.begun = True
         elif kind == "STATE" and args:
-            self.state = args[0]
+            self.state = clean(args[0], 32)
         elif kind == "START" and args and args[0] in self.names:
             self.current, self.started_at = args[0], now
         elif kind == "SKIP" and args[0] in self.names:
-            reason = _b64(args[2]).strip() or "declined"
+            reason = clean(_b64(args[2]).strip()) or "declined"
             if args[1] != "1":
-                reason = f"accepts failed (exit {args[1]}): {reason}"
+                reason = f"accepts failed (exit {clean(args[1], 10)}): {reason}"
             self._store(args[0], {"ok": True, "skipped": True, "description": f"not applicable: {reason}",
                                   "output": "", "warnings": []}, now)
-        elif kind == "RESULT" and args[0] in self.names and args[1].isdigit():
+        elif kind == "RESULT" and args[0] in self.names and args[1].isdigit() and len(args[1]) < 4:
             name, code = args[0], args[1]
-            said, output = parse_status(_b64(args[2])), _b64(args[3])
+            said, output = parse_status(_b64(args[2])), clean_output(_b64(args[3]))
             ok = code == "0"
             if ok:
                 description = "; ".join(said["describe"])
@@ -495,13 +508,15 @@ class Results:
                 description = said["fail"] or (f"did not finish within IMG_INSTANCE_HOOK_TIMEOUT="
                                                f"{self.hook_timeout or '?'} s (stopped)")
             else:
-                last = [l for l in output.splitlines() if l.strip()][-1:]
-                description = said["fail"] or f"exit {code}" + (f": {last[0]}" if last else "")
+                last = [line for line in output.splitlines() if line.strip()][-1:]
+                description = said["fail"] or f"exit {code}" + (f": {clean(last[0])}" if last else "")
             if code == "127" and not said["fail"]:
-                description = f"exit 127: the guest cannot run the hook ({output.strip()[-200:]})"
-            self._store(name, {"ok": ok, "skipped": False, "description": description, "output": output,
-                               "warnings": said["warn"]}, now,
-                        guest_seconds=int(args[4]) / 100 if args[4].isdigit() else None)
+                description = f"exit 127: the guest cannot run the hook ({clean(output.strip()[-200:])})"
+            warnings = [f"status line refused (a guest may send describe, progress, warn and fail "
+                        f"only): {line}" for line in said["refused"]] + said["warn"]
+            self._store(name, {"ok": ok, "skipped": False, "description": clean(description, 2 * MAX_TEXT),
+                               "output": output, "warnings": warnings[:MAX_WARN]}, now,
+                        guest_seconds=int(args[4]) / 100 if args[4].isdigit() and len(args[4]) < 9 else None)
         elif kind == "DONE":
             self.done = True
 
@@ -536,8 +551,9 @@ def _tail(path, lines=15):
             text = f.read().decode(errors="replace")
     except OSError:
         return ""
+    # The console is the guest's: colour codes dropped, every other control escaped.
     text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", text).replace("\r", "")
-    kept = [l.rstrip() for l in text.splitlines() if l.strip()][-lines:]
+    kept = [clean(line.rstrip(), 500) for line in text.split("\n") if line.strip()][-lines:]
     return "\n".join(kept)
 
 
@@ -563,6 +579,8 @@ class _Instance:
         self.nic = env.get("IMG_INSTANCE_NIC") or "virtio-net-pci"
         if self.nic not in ("virtio-net-pci", "e1000", "rtl8139"):
             raise InstanceError(f"IMG_INSTANCE_NIC={self.nic!r}: use virtio-net-pci, e1000 or rtl8139")
+        self.console_limit = _size(env, "IMG_INSTANCE_CONSOLE_LIMIT", CONSOLE_LIMIT)
+        self.overlay_limit = _size(env, "IMG_INSTANCE_OVERLAY_LIMIT", OVERLAY_LIMIT)
         self.token = uuid.uuid4().hex[:16]
 
     # -- journal -------------------------------------------------------------------
@@ -700,7 +718,8 @@ class _Instance:
         if len(mbr) == 512 and mbr[:440].count(0) != 440:
             return
         try:
-            uefi = len(mbr) == 512 and mbr[450] == 0xEE and any(p["type"] == ESP for p in disk.partition_table(export, self.image))
+            uefi = len(mbr) == 512 and mbr[450] == 0xEE and any(
+                p["type"] == ESP for p in disk.partition_table(export, self.image))
         except disk.DiskError:
             uefi = False
         raise InstanceError(f"{self.image}: the disk cannot boot: its MBR holds no boot code "
@@ -727,7 +746,7 @@ class _Instance:
                 continue
             ids = self._mount(export, entry, fstype, target)
             kind = disk.classify_root(target)
-            subvol = disk._btrfs_root_subvolume(target) if kind is None and fstype == "btrfs" else None
+            subvol = disk.btrfs_root_subvolume(target) if kind is None and fstype == "btrfs" else None
             if subvol:  # the root is a subvolume (e.g. @): mount that instead
                 self._undo_since(ids[0])
                 ids = self._mount(export, entry, fstype, target, [f"subvol={subvol}"])
@@ -869,7 +888,9 @@ class _Instance:
         files = [confine.File(path, name, write=name in ("overlay", "console", "results", "bios"))
                  for name, path in hosts.items() if path]
         argv = self.qemu_argv(accel, boot, results_path, {f.name: f.inside for f in files})
-        limits = confine.Limits(memory=(self.memory << 20) + QEMU_OVERHEAD)
+        # A hard bound on every file qemu writes (overlay, logs), beyond the limits
+        # _follow checks 10 times a second: SIGXFSZ ends qemu there.
+        limits = confine.Limits(memory=(self.memory << 20) + QEMU_OVERHEAD, file_size=self._file_bound())
         started = time.monotonic()
         with open(qemu_log, "wb") as out:
             process = confine.popen(argv, files, devices=["/dev/kvm"] if accel == "kvm" else [],
@@ -900,25 +921,52 @@ class _Instance:
         if results.state and results.state not in ("running", "degraded"):
             self.emit({"warn": f"the guest's boot had not settled after {self.settle} s "
                                f"(systemctl is-system-running: {results.state})"})
+        if results.dropped:
+            self.emit({"warn": f"the guest sent {results.dropped} line(s) of more than {LINE_LIMIT} bytes "
+                               "on the results port; dropped"})
         ordered = results.ordered()
         for result in ordered:
             for text in result["warnings"]:
                 self.emit({"warn": f"{result['hook']}: {text}"})
         return ordered
 
+    def _file_bound(self):
+        return max(self.overlay_limit + (self.overlay_limit >> 3), self.console_limit) + (64 << 20)
+
+    def _over_bound(self, results_size, console_size):
+        """Why the guest must be stopped for what it wrote, or None."""
+        if results_size > RESULTS_LIMIT:
+            return (f"the guest sent more than {RESULTS_LIMIT} bytes on the results port (ttyS1); "
+                    "stopped it")
+        if console_size > self.console_limit:
+            return (f"the guest wrote more than IMG_INSTANCE_CONSOLE_LIMIT={self.console_limit} bytes "
+                    "to its console (or the BIOS debug port); stopped it")
+        try:
+            written = os.stat(self.overlay).st_blocks * 512
+        except OSError:
+            written = 0
+        if written > self.overlay_limit:
+            return (f"the guest wrote more than IMG_INSTANCE_OVERLAY_LIMIT={self.overlay_limit} bytes "
+                    "to its disk (the throw-away overlay); stopped it")
+        return None
+
     def _follow(self, process, results, results_path, started):
         """Read the results port, the console and the BIOS log until the agent is
         done, the guest fails, qemu exits or the time is up; returns (fatal
         reason or None, when the agent began or None)."""
-        up_at, console, bios, received = None, "", "", 0
+        up_at, console, bios = None, "", ""
         with open(results_path, "rb") as res, open(self.console, "rb") as con, \
                 open(self.bios_log, "rb") as bio:
             while True:
                 exited = process.poll() is not None  # before reading: nothing is lost
                 now = time.monotonic()
                 data = res.read(65536)
-                received += len(data)
-                if data and received <= RESULTS_LIMIT:
+                # What the files hold, not what was read yet: a fast guest is ahead of us.
+                reason = self._over_bound(os.fstat(res.fileno()).st_size,
+                                          max(os.fstat(con.fileno()).st_size, os.fstat(bio.fileno()).st_size))
+                if reason:
+                    return reason, up_at
+                if data:
                     results.feed(data, now)
                 if results.begun and up_at is None:
                     up_at = now
@@ -940,6 +988,9 @@ class _Instance:
         elapsed = time.monotonic() - started
         if reason:
             what = f"{reason} ({elapsed:.0f} s after the start)"
+        elif code in (-signal.SIGXFSZ, 128 + signal.SIGXFSZ):
+            what = (f"qemu was stopped at its file size bound ({self._file_bound()} bytes): the guest "
+                    "wrote too much to its disk or a serial port")
         elif code is not None and code != 0:
             what = f"qemu failed (exit {code}): {_tail(qemu_log, 3) or 'no message'}"
         elif code == 0:

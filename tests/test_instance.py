@@ -348,6 +348,47 @@ class TestWithoutBoot(base.TestCase):
                          (d["ok"], d["description"]))
         self.assertEqual((False, "no result from the guest"), (e["ok"], e["description"]))
 
+    def test_results_from_a_hostile_guest_are_bounded(self):
+        import base64
+        b64 = lambda text: base64.b64encode(text.encode()).decode()  # noqa: E731
+        results = instance.Results("tok", ["10-a", "20-b"])
+        status = "\n".join(json.dumps(m) for m in (
+            {"set": {"IMG_OUTPUT": "/etc/passwd"}}, {"frob": 1}, {"describe": "a\x1b[2J\nERROR b"},
+            {"progress": {"done": 1, "total": 2}}))
+        status += "\n" + "\n".join(json.dumps({"warn": f"w{i}"}) for i in range(50))
+        results.feed(b"IMGV tok BEGIN\n" + b"x" * (instance.LINE_LIMIT + 1), 1.0)
+        self.assertLessEqual(len(results.buffer), instance.LINE_LIMIT)  # no end in sight: forgotten
+        results.feed(b"z" * (instance.LINE_LIMIT + 1), 1.5)  # the same line goes on
+        results.feed(b"y" * instance.LINE_LIMIT + b"IMGV tok RESULT 20-b 0 - -\n", 2.0)  # its end
+        output = b64("out \x1b]0;t\x07")
+        results.feed(f"IMGV tok RESULT 10-a 0 {b64(status)} {output}\nIMGV tok DONE\n".encode(), 3.0)
+        self.assertEqual(1, results.dropped)
+        a, b = results.ordered()
+        self.assertEqual("no result from the guest", b["description"])  # glued to the long line: dropped
+        self.assertEqual("a\\x1b[2J\\x0aERROR b", a["description"])
+        self.assertEqual("out \\x1b]0;t\\x07", a["output"])
+        self.assertEqual(instance.MAX_WARN, len(a["warnings"]))
+        refused = [w for w in a["warnings"] if w.startswith("status line refused")]
+        self.assertEqual(2, len(refused))
+        self.assertIn("IMG_OUTPUT", refused[0])
+
+    def test_what_the_guest_writes_is_bounded(self):
+        inst = instance._Instance([("10-a", "/x")], {"IMG_INSTANCE_CONSOLE_LIMIT": "1M",
+                                                     "IMG_INSTANCE_OVERLAY_LIMIT": "2M"}, None, None)
+        inst.overlay = self.path("overlay.qcow2")
+        with open(inst.overlay, "wb") as f:
+            f.write(b"x" * (2 * MiB))
+        self.assertIsNone(inst._over_bound(instance.RESULTS_LIMIT, MiB))
+        self.assertIn("more than 4194304 bytes on the results port", inst._over_bound(instance.RESULTS_LIMIT + 1, 0))
+        self.assertIn(f"IMG_INSTANCE_CONSOLE_LIMIT={MiB} bytes", inst._over_bound(0, MiB + 1))
+        with open(inst.overlay, "ab") as f:
+            f.write(b"x" * 8192)
+        self.assertIn(f"IMG_INSTANCE_OVERLAY_LIMIT={2 * MiB} bytes to its disk", inst._over_bound(0, 0))
+        # qemu's own hard bound (RLIMIT_FSIZE) is above both.
+        self.assertGreater(inst._file_bound(), 2 * MiB)
+        self.assertRaises(instance.InstanceError, instance._Instance, [], {"IMG_INSTANCE_OVERLAY_LIMIT": "lots"},
+                          None, None)
+
     def test_guest_environment_has_no_host_paths_or_secrets(self):
         env = instance.guest_environment({
             "IMG_PLATFORM": "linux", "IMG_NAME": "web", "IMG_WORK_DIR": "/var/tmp/w", "IMG_JOURNAL": "/j",
@@ -411,7 +452,7 @@ class TestWithoutBoot(base.TestCase):
         for path in outside + ["/outside-systemd", "/outside-root"]:
             self.assertFalse(os.path.exists(path), path)
         unit = os.path.join(tree, "outside-systemd", "img-instance-validate.service")
-        self.assertIn("ExecStart=/bin/sh /etc/img-instance-validate/agent", open(unit).read())
+        self.assertIn("ExecStart=/bin/sh /etc/img-instance-validate/img-agent", open(unit).read())
         self.assertEqual("/etc/systemd/system/img-instance-validate.service", os.readlink(os.path.join(
             tree, "outside-systemd", "multi-user.target.wants", "img-instance-validate.service")))
         keys = os.path.join(tree, "outside-root", ".ssh", "authorized_keys")
@@ -425,3 +466,7 @@ class TestWithoutBoot(base.TestCase):
         self.assertEqual(0o600, os.stat(os.path.join(agent, "instance-key")).st_mode & 0o777)
         self.assertTrue(os.path.isfile(os.path.join(agent, "lib", "img-functions")))
         self.assertTrue(os.path.isfile(os.path.join(agent, "lib", "imaging_elements", "hooklib.py")))
+        # The agent is the element's own file, copied as it is.
+        shipped = os.path.join(base.ROOT, "elements", "instance-validate-linux", "agent", "img-agent")
+        self.assertEqual(open(shipped, "rb").read(), open(os.path.join(agent, "img-agent"), "rb").read())
+        self.assertEqual([], os.listdir(os.path.join(agent, "secrets")))
