@@ -642,7 +642,9 @@ def _bundle_stream(source, image, size, header, writer, progress):
     def produce(put):
         def feed(data):
             tar_hash.update(data)
-            compressed = memoryview(deflate.compress(data))
+            # Slices of bytes are copies: a queued chunk must not keep a whole
+            # compressed read (8 MiB) alive, or the queue's bound is 8 of those.
+            compressed = deflate.compress(data)
             for start in range(0, len(compressed), CHUNK):
                 put(compressed[start:start + CHUNK])
 
