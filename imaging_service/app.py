@@ -133,6 +133,18 @@ class Service:
             return [self.store.endpoint_url]
         return [self.settings.s3_endpoint] if self.settings.s3_endpoint else []
 
+    def record_integrity(self, access_key, source):
+        """integrity.record() of a bucket source with the user's own keys; None when not knowable."""
+        from imaging_service import integrity
+        found = self.credentials.lookup(access_key)
+        if self.store is None or found is None:
+            return None
+        try:
+            return integrity.record(self.store.for_user(access_key, found[0]).client, source["bucket"],
+                                    source["key"])
+        except Exception:  # noqa: BLE001 - the store unreachable at submit: the fetch checks what it can
+            return None
+
     def check_url(self, url, name):
         """Refuse at submit a URL the workers may not fetch (not the object store)."""
         from imaging_service.objectstore import url_allowed

@@ -187,7 +187,12 @@ def _source(ctx, container, prefix):
             raise missing(f"{prefix}.UserBucket.S3Bucket")
         if not bucket.get("S3Key"):
             raise missing(f"{prefix}.UserBucket.S3Key")
-        return {"bucket": bucket["S3Bucket"], "key": bucket["S3Key"]}
+        source = {"bucket": bucket["S3Bucket"], "key": bucket["S3Key"]}
+        # The checksums the store checked at upload, kept now: a part replaced later fails the fetch.
+        recorded = ctx.service.record_integrity(ctx.access_key, source)
+        if recorded:
+            source["integrity"] = recorded
+        return source
     if url:
         ctx.service.check_url(url, f"{prefix}.Url")
         return {"url": url}
