@@ -14,7 +14,7 @@ import urllib.parse
 import uuid
 
 from starlette.applications import Starlette
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.routing import Route
 
 from imaging_service import auth, ec2api, tasks
@@ -238,11 +238,13 @@ def make_app(service):
         return await asyncio.get_running_loop().run_in_executor(executor, functools.partial(function, *args))
 
     async def query(request):
+        raw_query = request.scope.get("query_string", b"").decode("latin-1")
+        if request.method == "GET" and not raw_query and "text/html" in request.headers.get("accept", ""):
+            return RedirectResponse("/queue", status_code=303)  # a browser: the queue page; the API is POST /
         body = await request.body()
         if len(body) > MAX_BODY:
             return Response(EC2Error("InvalidParameterValue", "The request body is too large.").to_xml(),
                             status_code=413, media_type=XML)
-        raw_query = request.scope.get("query_string", b"").decode("latin-1")
         form = dict(urllib.parse.parse_qsl(raw_query, keep_blank_values=True))
         if request.method == "POST":
             try:

@@ -65,7 +65,7 @@ class Sessions:
                            "expires": int(time.time()) + self.seconds})
 
     def make_token(self, access_key, hours=1):
-        """A sign-in token for the page (`python -m imaging_service.web token`): the operator hands
+        """A sign-in token for the page (`imaging-service credentials token ACCESS_KEY`): the operator hands
         it to a user instead of the secret; it signs in as that access key until it expires."""
         return self._pack({"kind": "login", "access_key": access_key, "nonce": secrets.token_urlsafe(8),
                            "expires": int(time.time() + hours * 3600)})
@@ -441,35 +441,3 @@ async def _thread(function, *args):
 def routes(service):
     """The queue page's routes, for app.make_app."""
     return Web(service).routes()
-
-
-def main(argv=None):
-    """python -m imaging_service.web token ACCESS_KEY [--hours H] [settings]: print a sign-in token."""
-    import argparse
-    import sys
-
-    from imaging_service import config
-    from imaging_service.credentials import Credentials
-    from imaging_service.db import Database
-    p = argparse.ArgumentParser(prog="python -m imaging_service.web", description="a sign-in token for the queue page")
-    verbs = p.add_subparsers(dest="verb", required=True)
-    token = verbs.add_parser("token", help="a token that signs in as ACCESS_KEY on the queue page")
-    token.add_argument("access_key", metavar="ACCESS_KEY")
-    token.add_argument("--hours", type=float, default=1.0, help="how long the token is valid (default 1)")
-    rows = config.all_settings()
-    config.add_arguments(token, rows)
-    args = p.parse_args(argv)
-    settings = config.resolve({k: v for k, v in vars(args).items() if k in {r.name for r in rows}})
-    db = Database(settings.database_url)
-    try:
-        if Credentials(db, settings.key_file).lookup(args.access_key) is None:
-            print(f"imaging_service.web: error: no active access key {args.access_key}", file=sys.stderr)
-            return 1
-    finally:
-        db.dispose()
-    print(Sessions(settings.key_file).make_token(args.access_key, args.hours))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

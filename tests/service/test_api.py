@@ -229,6 +229,22 @@ class TestErrorsAndIsolation(APITestCase):
         e = self.assertRaises(urllib.error.HTTPError, urllib.request.urlopen, request)
         self.assertEqual(401, e.code)
         self.assertIn(b"<Code>AuthFailure</Code>", e.read())
+        e.close()
+
+    def test_browser_at_root_goes_to_the_queue_page(self):
+        class NoRedirect(urllib.request.HTTPRedirectHandler):
+            def redirect_request(self, *args):
+                return None
+        opener = urllib.request.build_opener(NoRedirect)
+        request = urllib.request.Request(self.service.url + "/", headers={"Accept": "text/html,*/*;q=0.8"})
+        e = self.assertRaises(urllib.error.HTTPError, opener.open, request)
+        with e:
+            self.assertEqual((303, "/queue"), (e.code, e.headers["Location"]))
+        # Not a browser: the EC2 API answers (unsigned: AuthFailure).
+        e = self.assertRaises(urllib.error.HTTPError, opener.open, self.service.url + "/")
+        with e:
+            self.assertEqual(401, e.code)
+            self.assertIn(b"<Code>AuthFailure</Code>", e.read())
 
     def test_state_dir_private(self):
         self.assertEqual(0o700, stat.S_IMODE(os.stat(self.service.state_dir).st_mode))

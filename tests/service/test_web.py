@@ -334,8 +334,9 @@ class SessionTest(PipelineTest):
 
     def test_sign_in_token(self):
         access, _, _ = self.service.credential()
-        made = subprocess.run([sys.executable, "-m", "imaging_service.web", "token", access, "--hours", "0.5",
-                               "--state-dir", self.service.state_dir], capture_output=True, text=True, check=True)
+        made = subprocess.run([sys.executable, "-m", "imaging_service.cli", "credentials", "token", access,
+                               "--hours", "0.5", "--state-dir", self.service.state_dir],
+                              capture_output=True, text=True, check=True)
         token = made.stdout.strip()
 
         def login_token(value):
@@ -360,7 +361,7 @@ class SessionTest(PipelineTest):
         self.assertEqual(401, e.exception.code)
         e.exception.close()
         # An unknown key gets no token.
-        result = subprocess.run([sys.executable, "-m", "imaging_service.web", "token", "AKIANOSUCHKEY",
+        result = subprocess.run([sys.executable, "-m", "imaging_service.cli", "credentials", "token", "AKIANOSUCHKEY",
                                  "--state-dir", self.service.state_dir], capture_output=True, text=True, check=False)
         self.assertEqual(1, result.returncode)
         self.assertIn("no active access key AKIANOSUCHKEY", result.stderr)
