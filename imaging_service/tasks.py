@@ -317,6 +317,27 @@ def finish_cancel(db, task_id, worker_id):
     return _move(db, task_id, "cancelled", ("cancelling",), worker_id=worker_id)
 
 
+def hand_back(db, task_id, worker_id):
+    """An orderly stop (SIGTERM) of the worker that runs a task: converting -> pending at once,
+    the interrupted attempt not counted, so that another worker (or the restarted service)
+    takes it without waiting for --orphan-after; a task being cancelled ends cancelled.
+    Returns the task's new state, or None when the worker no longer held it."""
+    now = utcnow()
+    with db.session(write=True) as s:
+        task = s.scalars(select(Task).where(Task.id == task_id, Task.worker_id == worker_id,
+                                            Task.state.in_(("converting", "cancelling"))).with_for_update()).first()
+        if task is None:
+            return None
+        if task.state == "cancelling" or task.cancel_requested:
+            task.state, task.finished_at = "cancelled", now
+        else:
+            task.state, task.step, task.progress, task.bytes_done = "pending", None, 0, 0
+            task.attempts = max(0, task.attempts - 1)
+            task.status_message = f"handed back by worker {worker_id} at its orderly stop; waiting for a worker"
+        task.worker_id, task.updated_at = None, now
+        return task.state
+
+
 def requeue_orphans(db, stale_after, max_attempts=3, now=None):
     """Tasks whose worker stopped heart-beating: a new attempt (converting -> pending) up to
     max_attempts, else failed; cancelling ones end cancelled.  Returns [{id, worker_id, state}]

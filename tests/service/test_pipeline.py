@@ -480,6 +480,31 @@ class TestFaults(PipelineTest):
                                                 r"its work directory was cleaned")
         self.assert_no_work_left()
 
+    def test_orderly_stop_hands_the_task_back(self):
+        """SIGTERM to `serve`: the running task is pending at once, its attempt not counted, and the
+        restarted service takes it without waiting for --orphan-after (here an hour)."""
+        service = self.start("--orphan-after", "1h", *self.slow_elements())
+        ec2, store, bucket, _account = self.user()
+        _, vmdk = self.vmdk()
+        store.put_file(vmdk, bucket, "disk.vmdk")
+        task_id = self.import_image(ec2, bucket, "disk.vmdk")
+        self.wait_step(task_id, "validate")
+        asked = time.monotonic()
+        service.stop(signal.SIGTERM)
+        self.assertLess(time.monotonic() - asked, 15)
+        with self.db().session() as s:
+            task = s.get(tasks.Task, task_id)
+            self.assertEqual(("pending", 0, None), (task.state, task.attempts, task.worker_id))
+            self.assertIn("handed back", task.status_message)
+        self.assertEqual([], os.listdir(os.path.join(service.state_dir, "work")))
+        service.start()
+        self.wait_step(task_id, "validate", timeout=30)
+        with self.db().session() as s:
+            self.assertEqual(1, s.get(tasks.Task, task_id).attempts)
+        ec2.cancel_import_task(ImportTaskId=task_id)
+        self.assertEqual("deleted", self.wait_image(ec2, task_id, until=("deleted",))["Status"])
+        self.assert_no_work_left()
+
     def test_service_killed_and_restarted(self):
         service = self.start(*self.slow_elements())
         ec2, store, bucket, _account = self.user()
