@@ -128,6 +128,17 @@ class Dispatcher:
         except Exception as e:  # noqa: BLE001 -- the task is committed: a worker's sweep re-sends it
             log.warning("task %s: the broker did not take it now (%s); it is sent again later", task_id, e)
 
+    def ping(self):
+        """None when the broker takes a connection, else the reason (for /healthz)."""
+        connection = self.app.connection(connect_timeout=3)
+        try:
+            connection.connect()
+        except Exception as e:  # noqa: BLE001 -- any failure is the answer to report
+            return f"cannot connect: {e}"
+        finally:
+            connection.release()
+        return None
+
     def close(self):
         self.app.close()
 
