@@ -245,6 +245,29 @@ def handle_query(service, method, url, headers, body, form):
             .to_xml(request_id)
 
 
+def task_log_of(service, url, headers, task_id):
+    """(status, JSON) of task_log: the caller's own task only (another's answers as none)."""
+    from sqlalchemy import select
+
+    from imaging_service import web
+    from imaging_service.models import Resource
+    try:
+        _access_key, account = auth.verify("GET", url, headers, b"", service.credentials.lookup,
+                                           service.settings.region)
+    except EC2Error as e:
+        return e.status, {"error": e.code, "message": e.message}
+    task = tasks.get(service.db, account, task_id)
+    if task is None:
+        return 404, {"error": "InvalidTaskId", "message": f"The task {task_id} does not exist."}
+    events = tasks.events_of(service.db, task_id)
+    with service.db.session() as s:
+        inspection = next((r.inspection for r in s.scalars(select(Resource).where(Resource.task_id == task_id))
+                           if r.inspection), None)
+    return 200, {"task": task_id, "state": task.state, "message": task.status_message or "",
+                 "log": [list(line) for line in web.event_lines(events)], "events": events,
+                 "inspection": inspection}
+
+
 def make_app(service):
     # A few threads answer the requests (the handlers block on the database): with many
     # more, Python's one lock makes every request wait for all the others.
@@ -274,6 +297,15 @@ def make_app(service):
         status, xml = await in_thread(handle_query, service, request.method, url, headers, body, form)
         return Response(xml, status_code=status, media_type=XML)
 
+    async def task_log(request):
+        """GET /tasks/TASK/log.json, signed with SigV4 as the EC2 API: the task's kept toolkit
+        events, as lines and raw, and its inspection report (`imaging logs TASK`)."""
+        host = request.headers.get("host", "")
+        url = f"{request.url.scheme}://{host}{request.scope['path']}"
+        headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in request.scope["headers"]]
+        status, found = await in_thread(task_log_of, service, url, headers, request.path_params["task_id"])
+        return JSONResponse(found, status_code=status, headers={"Cache-Control": "no-store"})
+
     async def healthz(request):
         checks = await in_thread(service.health)
         # A celery front-end answers with no worker alive (tasks wait): workers are reported, not required.
@@ -283,5 +315,6 @@ def make_app(service):
 
     from imaging_service import web  # the queue page for people (issue 13)
     return Starlette(routes=[Route("/", query, methods=["GET", "POST"]),
+                             Route("/tasks/{task_id}/log.json", task_log, methods=["GET"]),
                              Route("/healthz", healthz, methods=["GET"]),
                              *web.routes(service)])

@@ -317,6 +317,35 @@ def finish_cancel(db, task_id, worker_id):
     return _move(db, task_id, "cancelled", ("cancelling",), worker_id=worker_id)
 
 
+MAX_EVENTS = 2000           # a task keeps its toolkit's last 2,000 events ...
+MAX_EVENTS_BYTES = 1 << 20  # ... and at most 1 MiB of them
+
+
+def bounded_events(events):
+    """The last events that fit both bounds; a first {"event": "dropped", "count"} says how many went."""
+    kept, size = [], 0
+    for e in reversed(events[-MAX_EVENTS:]):
+        size += len(json.dumps(e)) + 1
+        if size > MAX_EVENTS_BYTES:
+            break
+        kept.append(e)
+    kept.reverse()
+    if len(kept) < len(events):
+        kept[:0] = [{"event": "dropped", "count": len(events) - len(kept)}]
+    return kept
+
+
+def save_events(db, task_id, events):
+    """Keep the toolkit's events of a task's attempt (the task page and `imaging logs` show them)."""
+    with db.session(write=True) as s:
+        s.execute(update(Task).where(Task.id == task_id).values(events=bounded_events(events)))
+
+
+def events_of(db, task_id):
+    with db.session() as s:
+        return s.scalar(select(Task.events).where(Task.id == task_id)) or []
+
+
 def hand_back(db, task_id, worker_id):
     """An orderly stop (SIGTERM) of the worker that runs a task: converting -> pending at once,
     the interrupted attempt not counted, so that another worker (or the restarted service)

@@ -11,12 +11,18 @@ Exit status: 0 success (for import and wait: the task completed), 1 failure or r
 """
 
 import argparse
+import hashlib
 import json
 import os
 import sys
 import time
+import urllib.error
+import urllib.parse
+import urllib.request
 
 import boto3.s3.transfer
+from botocore.auth import SigV4Auth
+from botocore.awsrequest import AWSRequest
 from botocore.exceptions import BotoCoreError
 from botocore.exceptions import ClientError as AWSError
 from tqdm import tqdm
@@ -26,6 +32,7 @@ from imaging_service.clients.common import (
     add_aws_arguments,
     check_image,
     clients,
+    session,
 )
 
 PART_SIZE = 8 * 1024 * 1024
@@ -207,18 +214,54 @@ def cmd_cancel(args, ec2, s3):
     return 0
 
 
+def task_log(args, ec2, task_id):
+    """The service's event log of a task (GET /tasks/TASK/log.json, signed with SigV4 as the
+    EC2 API): {"log": [[when, what, detail, level]], "events": [...], "inspection": {...}}."""
+    credentials = session(args).get_credentials()
+    if credentials is None:
+        raise SystemExit("imaging: error: no AWS credentials (environment, ~/.aws/credentials or --profile)")
+    url = f"{ec2.meta.endpoint_url.rstrip('/')}/tasks/{urllib.parse.quote(task_id)}/log.json"
+    request = AWSRequest(method="GET", url=url, data=b"")
+    request.headers["X-Amz-Content-SHA256"] = hashlib.sha256(b"").hexdigest()
+    SigV4Auth(credentials.get_frozen_credentials(), "ec2", ec2.meta.region_name).add_auth(request)
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=dict(request.headers)), timeout=60) as r:
+            return json.load(r)
+    except urllib.error.HTTPError as e:
+        with e:
+            try:
+                found = json.load(e)
+            except ValueError:
+                found = {"message": f"HTTP {e.code}"}
+        raise SystemExit(f"imaging: error: {task_id}: {found.get('message') or found}") from None
+
+
 def cmd_logs(args, ec2, s3):
-    """What the API tells of a task, one fact a line; --follow prints each change until it ends."""
+    """What the API tells of a task, one fact a line (--follow: each change until it ends), then
+    the toolkit's event log the service kept (hooks with result and duration, validators) and
+    the inspection report."""
     last = None
     while True:
         view = one(ec2, args.task)
         line = f"{time.strftime('%H:%M:%S')} {view['status']} {view['progress']}% {view['message']}"
         if line.split(" ", 1)[1] != last:
-            print(json.dumps(view) if args.json else line, flush=True)
+            if not args.json:
+                print(line, flush=True)
             last = line.split(" ", 1)[1]
         if not args.follow or view["status"] in TERMINAL:
-            return 0
+            break
         time.sleep(1)
+    found = task_log(args, ec2, args.task)
+    if args.json:
+        print(json.dumps({**view, "log": found["log"], "events": found["events"],
+                          "inspection": found["inspection"]}))
+        return 0
+    for when, what, detail, _level in found["log"]:
+        print(f"{when or '        '} {what}: {detail}")
+    if found.get("inspection"):
+        print("inspection report:")
+        print(json.dumps(found["inspection"], indent=2, sort_keys=True))
+    return 0
 
 
 def cmd_export(args, ec2, s3):

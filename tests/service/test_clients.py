@@ -88,7 +88,20 @@ class ClientsTest(PipelineTest):
         self.assertEqual([task_id], [t["id"] for t in listing])
         self.assertEqual("completed", json.loads(self.imaging("status", task_id, "--json").stdout)["status"])
         self.assertEqual(0, self.imaging("wait", task_id, "-q").returncode)
-        self.assertIn("completed", self.imaging("logs", task_id).stdout)
+        logs = self.imaging("logs", task_id).stdout
+        self.assertIn("completed", logs)
+        # The toolkit's events the service kept: every hook with its result and duration, the report.
+        self.assertRegex(logs, r"hook validate/\S+: ok in \d+\.\d s")
+        self.assertRegex(logs, r"hook convert/\S+: ok in \d+\.\d s")
+        self.assertIn("inspection report:", logs)
+        found = json.loads(self.imaging("logs", task_id, "--json").stdout)
+        hooks = [e for e in found["events"] if e["event"] == "hook-end"]
+        self.assertIn(("validate", "10-linux-release", "ok"), [(e["phase"], e["hook"], e["result"]) for e in hooks])
+        self.assertIn(("convert", "50-qemu-to-raw", "ok"), [(e["phase"], e["hook"], e["result"]) for e in hooks])
+        self.assertFalse(any(self.service.state_dir in json.dumps(e) for e in found["events"]))
+        self.assertEqual("debian", found["inspection"]["distro"])
+        # Another account's task, or none: the same answer.
+        self.assertIn("does not exist", self.imaging("logs", "import-ami-00000000000000000", expect=1).stderr)
 
     def test_imaging_wait_stops_on_a_failure(self):
         ec2 = self.service.client(self.access, self.secret)

@@ -183,6 +183,9 @@ class WebTest(PipelineTest):
         log = driver.find_element(By.ID, "log").text
         self.assertIn("validator", log)
         self.assertIn("registered ami-", log)
+        # The toolkit's events the service kept: each hook with its result and duration.
+        self.assertRegex(log, r"hook validate/10-linux-release\s+ok in \d+\.\d s")
+        self.assertRegex(log, r"hook convert/50-qemu-to-raw\s+ok in \d+\.\d s")
         self.shot(driver, "4-task-completed-log")
 
         # Download: a presigned URL of the store, the converted raw image.
@@ -224,6 +227,8 @@ class WebTest(PipelineTest):
         status, body = get(f"{self.service.url}/tasks/{first}", session)
         self.assertEqual(200, status)
         self.assertIn("completed", body)
+        self.assertIn("hook validate/10-linux-release", body)
+        self.assertIn("Inspection report", body)
 
 
 def _ok(function, arg, errors):
