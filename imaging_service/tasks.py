@@ -150,8 +150,9 @@ def decode_token(token):
 @functools.lru_cache(maxsize=64)
 def _query_statement(kinds, by_ids, by_states):
     """The describe query, built once per shape (building it costs more than running it)."""
-    stmt = select(*Task.__table__.columns).where(Task.account_id == bindparam("account_id"),
-                                                 Task.kind.in_(kinds))
+    # Not the kept toolkit events (up to 1 MiB a task): the describe calls never show them.
+    columns = [c for c in Task.__table__.columns if c.name != "events"]
+    stmt = select(*columns).where(Task.account_id == bindparam("account_id"), Task.kind.in_(kinds))
     if by_ids:
         stmt = stmt.where(Task.id.in_(bindparam("ids", expanding=True)))
     if by_states:
