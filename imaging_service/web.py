@@ -230,7 +230,8 @@ def _log(task, resources, events=None):
                       f"on worker {task.worker_id or '?'} (attempt {task.attempts or 1})", "info"))
     lines += event_lines(events)
     result = task.result or {}
-    for phase, seconds in (result.get("phase_durations") or {}).items():
+    # The phases' times, unless the kept events (which have them) are shown.
+    for phase, seconds in ({} if events else result.get("phase_durations") or {}).items():
         lines.append(("", f"phase {phase}", f"{seconds:.1f} s" if isinstance(seconds, (int, float))
                       else str(seconds), "info"))
     for v in result.get("validators") or []:
