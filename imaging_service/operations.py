@@ -602,7 +602,23 @@ def cancel_export_task(ctx, params):
     return {}
 
 
+def describe_account_attributes(ctx, params):
+    """AWS's standard attributes (this service has no VPCs: EC2-VPC, no default VPC) and one of
+    its own, `account-id`: the caller's account, which `imaging import` needs to name its
+    default bucket ACCOUNT-imports (there is no STS GetCallerIdentity here)."""
+    dry_run(params)
+    attributes = {"supported-platforms": ["VPC"], "default-vpc": ["none"], "account-id": [ctx.account.id]}
+    names = params.get("AttributeNames") or list(attributes)
+    unknown = [n for n in names if n not in attributes]
+    if unknown:
+        raise invalid("AttributeName", unknown[0], f"It must be one of {', '.join(attributes)}.")
+    return {"AccountAttributes": [{"AttributeName": n, "AttributeValues": [{"AttributeValue": v}
+                                                                           for v in attributes[n]]}
+                                  for n in names]}
+
+
 HANDLERS = {
+    "DescribeAccountAttributes": describe_account_attributes,
     "ImportImage": import_image,
     "ImportSnapshot": import_snapshot,
     "DescribeImportImageTasks": describe_import_image_tasks,

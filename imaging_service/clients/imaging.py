@@ -144,12 +144,25 @@ def upload(s3, path, bucket, key, quiet=False):
                        ExtraArgs={"ChecksumAlgorithm": "SHA256"})
 
 
+def default_bucket(ec2):
+    """ACCOUNT-imports, the account from the service's DescribeAccountAttributes `account-id`
+    (an attribute of this service; AWS's EC2 has none, so there --bucket is needed)."""
+    try:
+        found = ec2.describe_account_attributes()["AccountAttributes"]
+    except AWSError as e:
+        raise ClientError(f"cannot find your account for a default bucket ({e}); give --bucket") from None
+    for attribute in found:
+        if attribute.get("AttributeName") == "account-id" and attribute.get("AttributeValues"):
+            return f"{attribute['AttributeValues'][0]['AttributeValue']}-imports"
+    raise ClientError("the endpoint does not say which account you are (no account-id attribute); give --bucket")
+
+
 def cmd_import(args, ec2, s3):
     fmt = args.format or os.path.splitext(args.file)[1].lstrip(".").lower() or "raw"
     if fmt == "img":
         fmt = "raw"
     check_image(args.file, fmt)
-    bucket = args.bucket
+    bucket = args.bucket or default_bucket(ec2)
     key = args.key or f"{args.prefix or ''}{os.path.basename(args.file)}"
     upload(s3, args.file, bucket, key, quiet=args.quiet or args.json)
     container = {"Format": fmt.upper(), "UserBucket": {"S3Bucket": bucket, "S3Key": key}}
@@ -285,9 +298,10 @@ def parser():
     imp = verbs.add_parser("import", parents=[common], help="upload FILE, import it, follow it to its end")
     imp.add_argument("file", metavar="FILE")
     imp.add_argument("-f", "--format", help="RAW, VMDK, VHD, VHDX or QCOW2 (default: the file's extension)")
-    imp.add_argument("-b", "--bucket", default=os.environ.get("IMAGING_BUCKET"), required=not os.environ.get(
-        "IMAGING_BUCKET"), help="bucket to upload to, made if missing (or IMAGING_BUCKET); on the service's "
-        "embedded store an account's buckets are named ACCOUNTID-...")
+    imp.add_argument("-b", "--bucket", default=os.environ.get("IMAGING_BUCKET"),
+                     help="bucket to upload to, made if missing (or IMAGING_BUCKET; default: ACCOUNTID-imports, "
+                     "the account as the imaging service tells it); on the service's embedded store an "
+                     "account's buckets are named ACCOUNTID-...")
     imp.add_argument("--key", help="object key (default: PREFIX + the file's name)")
     imp.add_argument("--prefix", help="key prefix")
     imp.add_argument("--snapshot", action="store_true", help="ImportSnapshot instead of ImportImage")

@@ -103,6 +103,21 @@ class ClientsTest(PipelineTest):
         # Another account's task, or none: the same answer.
         self.assertIn("does not exist", self.imaging("logs", "import-ami-00000000000000000", expect=1).stderr)
 
+    def test_imaging_import_default_bucket(self):
+        """No --bucket: the account from DescribeAccountAttributes, the bucket ACCOUNT-imports made."""
+        ec2 = self.service.client(self.access, self.secret)
+        values = {a["AttributeName"]: [v["AttributeValue"] for v in a["AttributeValues"]]
+                  for a in ec2.describe_account_attributes()["AccountAttributes"]}
+        self.assertEqual([self.account], values["account-id"])
+        raw, _ = self.vmdk()
+        result = self.imaging("import", raw, "-f", "raw", "-p", "Linux", "--no-wait", "--json")
+        task = json.loads(result.stdout)
+        found = self.s3().list_objects_v2(Bucket=f"{self.account}-imports")["Contents"]
+        self.assertEqual(["disk.raw"], [o["Key"] for o in found])
+        self.assertEqual(f"{self.account}-imports", ec2.describe_import_image_tasks(ImportTaskIds=[task["id"]])[
+            "ImportImageTasks"][0]["SnapshotDetails"][0]["UserBucket"]["S3Bucket"])
+        ec2.cancel_import_task(ImportTaskId=task["id"])
+
     def test_imaging_wait_stops_on_a_failure(self):
         ec2 = self.service.client(self.access, self.secret)
         task_id = ec2.import_image(DiskContainers=[{"Format": "VMDK", "UserBucket": {
