@@ -14,7 +14,7 @@ import urllib.parse
 import uuid
 
 from starlette.applications import Starlette
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.routing import Route
 
 from imaging_service import auth, ec2api, tasks
@@ -133,6 +133,18 @@ class Service:
             return [self.store.endpoint_url]
         return [self.settings.s3_endpoint] if self.settings.s3_endpoint else []
 
+    def record_integrity(self, access_key, source):
+        """integrity.record() of a bucket source with the user's own keys; None when not knowable."""
+        from imaging_service import integrity
+        found = self.credentials.lookup(access_key)
+        if self.store is None or found is None:
+            return None
+        try:
+            return integrity.record(self.store.for_user(access_key, found[0]).client, source["bucket"],
+                                    source["key"])
+        except Exception:  # noqa: BLE001 - the store unreachable at submit: the fetch checks what it can
+            return None
+
     def check_url(self, url, name):
         """Refuse at submit a URL the workers may not fetch (not the object store)."""
         from imaging_service.objectstore import url_allowed
@@ -163,10 +175,26 @@ class Service:
         checks["object_store"] = _check(self.store.ping) if self.store is not None else "not run here"
         if self.workers is not None:
             checks["workers"] = _check(self.workers.health)
+        elif self.dispatcher is not None:
+            checks["broker"] = _check(self.dispatcher.ping)
+            try:
+                checks["live_workers"] = self._live_workers()
+                checks["workers"] = "ok" if checks["live_workers"] else "none live: tasks wait in the queue"
+            except Exception as e:  # noqa: BLE001 -- the database check says why
+                checks["workers"] = f"failed: {e}"
         else:
             checks["workers"] = "not run here"
         self._health = (time.monotonic(), checks)
         return checks
+
+    def _live_workers(self):
+        """The celery workers that announced themselves lately, with their load and scratch space."""
+        from imaging_service.celery_engine import live_workers, seconds
+        within = 3 * seconds(getattr(self.settings, "heartbeat", None), 2.0) + 5
+        return [{"name": w["name"], "concurrency": w["concurrency"], "running": w["running"],
+                 "scratch_capacity": w["scratch_capacity"], "scratch_free": w["scratch_free"],
+                 "draining": bool(w["draining"]), "heartbeat_at": w["heartbeat_at"].isoformat()}
+                for w in live_workers(self.db, within)]
 
     def _database(self):
         from sqlalchemy import text
@@ -217,6 +245,29 @@ def handle_query(service, method, url, headers, body, form):
             .to_xml(request_id)
 
 
+def task_log_of(service, url, headers, task_id):
+    """(status, JSON) of task_log: the caller's own task only (another's answers as none)."""
+    from sqlalchemy import select
+
+    from imaging_service import web
+    from imaging_service.models import Resource
+    try:
+        _access_key, account = auth.verify("GET", url, headers, b"", service.credentials.lookup,
+                                           service.settings.region)
+    except EC2Error as e:
+        return e.status, {"error": e.code, "message": e.message}
+    task = tasks.get(service.db, account, task_id)
+    if task is None:
+        return 404, {"error": "InvalidTaskId", "message": f"The task {task_id} does not exist."}
+    events = tasks.events_of(service.db, task_id)
+    with service.db.session() as s:
+        inspection = next((r.inspection for r in s.scalars(select(Resource).where(Resource.task_id == task_id))
+                           if r.inspection), None)
+    return 200, {"task": task_id, "state": task.state, "message": task.status_message or "",
+                 "log": [list(line) for line in web.event_lines(events)], "events": events,
+                 "inspection": inspection}
+
+
 def make_app(service):
     # A few threads answer the requests (the handlers block on the database): with many
     # more, Python's one lock makes every request wait for all the others.
@@ -226,11 +277,13 @@ def make_app(service):
         return await asyncio.get_running_loop().run_in_executor(executor, functools.partial(function, *args))
 
     async def query(request):
+        raw_query = request.scope.get("query_string", b"").decode("latin-1")
+        if request.method == "GET" and not raw_query and "text/html" in request.headers.get("accept", ""):
+            return RedirectResponse("/queue", status_code=303)  # a browser: the queue page; the API is POST /
         body = await request.body()
         if len(body) > MAX_BODY:
             return Response(EC2Error("InvalidParameterValue", "The request body is too large.").to_xml(),
                             status_code=413, media_type=XML)
-        raw_query = request.scope.get("query_string", b"").decode("latin-1")
         form = dict(urllib.parse.parse_qsl(raw_query, keep_blank_values=True))
         if request.method == "POST":
             try:
@@ -244,12 +297,24 @@ def make_app(service):
         status, xml = await in_thread(handle_query, service, request.method, url, headers, body, form)
         return Response(xml, status_code=status, media_type=XML)
 
+    async def task_log(request):
+        """GET /tasks/TASK/log.json, signed with SigV4 as the EC2 API: the task's kept toolkit
+        events, as lines and raw, and its inspection report (`imaging logs TASK`)."""
+        host = request.headers.get("host", "")
+        url = f"{request.url.scheme}://{host}{request.scope['path']}"
+        headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in request.scope["headers"]]
+        status, found = await in_thread(task_log_of, service, url, headers, request.path_params["task_id"])
+        return JSONResponse(found, status_code=status, headers={"Cache-Control": "no-store"})
+
     async def healthz(request):
         checks = await in_thread(service.health)
-        ok = all(v in ("ok", "not run here") for v in checks.values())
+        # A celery front-end answers with no worker alive (tasks wait): workers are reported, not required.
+        advisory = ("live_workers", "workers") if service.dispatcher is not None else ()
+        ok = all(v in ("ok", "not run here") for k, v in checks.items() if k not in advisory)
         return JSONResponse({"ok": ok, **checks}, status_code=200 if ok else 503)
 
     from imaging_service import web  # the queue page for people (issue 13)
     return Starlette(routes=[Route("/", query, methods=["GET", "POST"]),
+                             Route("/tasks/{task_id}/log.json", task_log, methods=["GET"]),
                              Route("/healthz", healthz, methods=["GET"]),
                              *web.routes(service)])

@@ -128,6 +128,17 @@ class Dispatcher:
         except Exception as e:  # noqa: BLE001 -- the task is committed: a worker's sweep re-sends it
             log.warning("task %s: the broker did not take it now (%s); it is sent again later", task_id, e)
 
+    def ping(self):
+        """None when the broker takes a connection, else the reason (for /healthz)."""
+        connection = self.app.connection(connect_timeout=3)
+        try:
+            connection.connect()
+        except Exception as e:  # noqa: BLE001 -- any failure is the answer to report
+            return f"cannot connect: {e}"
+        finally:
+            connection.release()
+        return None
+
     def close(self):
         self.app.close()
 
@@ -148,15 +159,6 @@ def claim_by_id(db, task_id, worker_id):
 def state_of(db, task_id):
     with db.session() as s:
         return s.scalar(select(Task.state).where(Task.id == task_id))
-
-
-def release(db, task_id, worker_id):
-    """converting -> pending: a draining worker hands its task back before it ran to its end."""
-    with db.session(write=True) as s:
-        return s.execute(update(Task).where(Task.id == task_id, Task.state == "converting",
-                                            Task.worker_id == worker_id, Task.cancel_requested.is_(False))
-                         .values(state="pending", step=None, progress=0, bytes_done=0, worker_id=None,
-                                 attempts=Task.attempts - 1, updated_at=utcnow())).rowcount == 1
 
 
 def stale_pending(db, older_than, limit=500):
@@ -280,8 +282,8 @@ class CeleryWorker:
             local._run(task, worker_id)
         finally:
             local.running.pop(task.id, None)
-        if local._stop.is_set() and release(db, task_id, worker_id):
-            # Stopped before the task's end (a drain that could not wait): hand it back.
+        if local._stop.is_set() and state_of(db, task_id) == "pending":
+            # Stopped before the task's end (SIGTERM): local._run handed it back; publish it again.
             self.app.send_task(TASK_NAME, args=[task_id])
             return "released"
         return state_of(db, task_id)
@@ -332,15 +334,17 @@ class CeleryWorker:
                 log.exception("housekeeping failed")
 
     def main(self, loglevel="INFO"):
-        """Run the Celery worker until SIGTERM (warm shutdown: running tasks finish; that is the
-        drain) or SIGINT.  Returns the exit code."""
+        """Run the Celery worker until SIGTERM or SIGINT (Celery's warm shutdown, whose running tasks
+        stop at once and are handed back, pending, to the other workers).  Returns the exit code."""
         from celery import signals
 
         stop = threading.Event()
         keeper = threading.Thread(target=self._housekeeping, args=(stop,), name="housekeeping", daemon=True)
 
         def draining(*_args, **_kwargs):
+            # SIGTERM: take nothing new, stop the running conversions now and hand them back.
             self.draining = True
+            self.local._stop.set()
 
         signals.worker_shutting_down.connect(draining, weak=False)
         keeper.start()

@@ -32,7 +32,8 @@ def parser():
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     config.add_arguments(worker, rows)
     # -- end celery engine --
-    creds = commands.add_parser("credentials", help="create, list or revoke access keys")
+    creds = commands.add_parser("credentials", help="create, list or revoke access keys; make a "
+                                  "sign-in token for the queue page")
     verbs = creds.add_subparsers(dest="verb", required=True, metavar="VERB")
     create = verbs.add_parser("create", help="a new key pair, in a new account unless --account")
     create.add_argument("--account", help="add the key to this existing account (12 digits)")
@@ -43,7 +44,11 @@ def parser():
     listing.add_argument("--json", action="store_true", help="print JSON")
     revoke = verbs.add_parser("revoke", help="revoke an access key")
     revoke.add_argument("access_key", metavar="ACCESS_KEY")
-    for sub in (create, listing, revoke):
+    token = verbs.add_parser("token", help="a sign-in token for the queue page (the key's owner signs in "
+                                           "with it instead of the secret)")
+    token.add_argument("access_key", metavar="ACCESS_KEY")
+    token.add_argument("--hours", type=float, default=1.0, help="how long the token is valid (default 1)")
+    for sub in (create, listing, revoke, token):
         config.add_arguments(sub, rows)
     return p
 
@@ -148,6 +153,11 @@ def credentials(args, settings):
                 for a, acc, n, op, c, r in rows:
                     state = f"revoked {r:%Y-%m-%d %H:%M}" if r else "active"
                     print(f"{a}\t{acc}\t{n or ''}\t{'operator' if op else 'user'}\t{state}")
+        elif args.verb == "token":
+            from imaging_service.web import Sessions
+            if store.lookup(args.access_key) is None:
+                raise CredentialError(f"no active access key {args.access_key}")
+            print(Sessions(settings.key_file).make_token(args.access_key, args.hours))
         else:
             store.revoke(args.access_key)
             print(f"revoked {args.access_key}")

@@ -12,8 +12,10 @@ import dataclasses
 import hashlib
 import urllib.parse
 
+import botocore.exceptions
 import urllib3
 
+from imaging_service import integrity
 from imaging_service import manifest as manifests
 from imaging_service.objectstore import CHUNK, ObjectStoreError, url_allowed
 
@@ -228,17 +230,28 @@ def fetch(source, dest, *, allowed_endpoints, user_store=None, limit=None, progr
             if head is None:
                 raise FetchError(f"{what} does not exist")
             _check_limit(head["size"], limit, what)
+            # The SHA-256 of each part, checked by the store at upload; recomputed from the bytes we get.
+            check = integrity.from_record(what, source.get("integrity")) or \
+                integrity.expected(user_store.client, source["bucket"], source["key"])
             size, chunks = user_store.get_stream(source["bucket"], source["key"])
         except ObjectStoreError as e:
             raise FetchError(str(e)) from None
+        except botocore.exceptions.ClientError as e:
+            raise FetchError(f"{what}: cannot read its checksums: {e}") from None
         sink = _Sink(dest, limit, progress, cancelled, size)
         try:
             for chunk in chunks:
+                if check:
+                    check.update(chunk)
                 sink.write(chunk, what)
+            if sink.done != size:
+                raise FetchError(f"{what} is truncated: {sink.done} of {size} bytes")
+            if check:
+                check.verify()
+        except integrity.IntegrityError as e:
+            raise FetchError(str(e)) from None
         finally:
             sink.close()
-        if sink.done != size:
-            raise FetchError(f"{what} is truncated: {sink.done} of {size} bytes")
         parts = 1
     elif "url" in source:
         what = source["url"].split("?")[0]

@@ -7,15 +7,20 @@ object recomputes it from the bytes it got, so a part damaged after the upload (
 store, or on the way to the worker) fails the task naming the part when the store
 lists per-part checksums (AWS), or the object otherwise.
 
-The one call the fetch makes (imaging_service/fetch.py, for a {"bucket", "key"} source):
+At submit the front-end keeps the store's checksums with the task (source["integrity"] =
+integrity.record(s3_client, bucket, key), read with the user's keys); the fetch
+(imaging_service/fetch.py, for a {"bucket", "key"} source) checks the bytes against that record,
+or against what the store says at fetch time when nothing was recorded (the upload came later):
 
-    check = integrity.expected(s3_client, bucket, key)   # None: nothing to check
+    check = integrity.from_record(name, recorded) or integrity.expected(s3_client, bucket, key)
     ... check.update(chunk) for every chunk streamed, in order ...
     if check: check.verify()                              # raises IntegrityError
 """
 
 import base64
 import hashlib
+
+import botocore.exceptions
 
 
 class IntegrityError(Exception):
@@ -73,15 +78,33 @@ class CompositeSHA256:
                                  "checked at upload (a part was damaged since)")
 
 
-def expected(s3, bucket, key):
-    """The check for s3://bucket/key (a boto3 S3 client), or None when the object has no SHA-256."""
-    head = s3.head_object(Bucket=bucket, Key=key, ChecksumMode="ENABLED")
+def record(s3, bucket, key):
+    """What the store says now of s3://bucket/key's SHA-256 (a boto3 S3 client), as JSON-able data
+    kept with the task at submit: {"checksum", "part_sizes", "part_checksums"}, or None when the
+    object has no SHA-256 (or is not there yet).  Kept at submit because an object replaced later
+    gets the new bytes' checksum (or none) from the store."""
+    try:
+        head = s3.head_object(Bucket=bucket, Key=key, ChecksumMode="ENABLED")
+    except botocore.exceptions.ClientError:
+        return None
     checksum = head.get("ChecksumSHA256")
-    name = f"s3://{bucket}/{key}"
     if not checksum:
         return None
     if "-" not in checksum:
-        return CompositeSHA256(name, checksum, [head["ContentLength"]])
+        return {"checksum": checksum, "part_sizes": [head["ContentLength"]], "part_checksums": []}
     attrs = s3.get_object_attributes(Bucket=bucket, Key=key, ObjectAttributes=["ObjectParts"], MaxParts=10000)
     parts = sorted((attrs.get("ObjectParts") or {}).get("Parts") or [], key=lambda p: p["PartNumber"])
-    return CompositeSHA256(name, checksum, [p["Size"] for p in parts], [p.get("ChecksumSHA256") for p in parts])
+    return {"checksum": checksum, "part_sizes": [p["Size"] for p in parts],
+            "part_checksums": [p.get("ChecksumSHA256") for p in parts]}
+
+
+def from_record(name, recorded):
+    """The check of a record() result, or None when there is nothing to check."""
+    if not recorded:
+        return None
+    return CompositeSHA256(name, recorded["checksum"], recorded["part_sizes"], recorded["part_checksums"])
+
+
+def expected(s3, bucket, key):
+    """The check for s3://bucket/key (a boto3 S3 client) as the store says now, or None."""
+    return from_record(f"s3://{bucket}/{key}", record(s3, bucket, key))

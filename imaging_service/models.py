@@ -85,6 +85,8 @@ class Task(Base):
     worker_id: Mapped[str | None] = mapped_column(String(128))
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    # The toolkit's events of the last attempt (tasks.save_events; bounded), loaded only when asked.
+    events: Mapped[list | None] = mapped_column(JSON, deferred=True)
 
     __table_args__ = (
         Index("ix_tasks_account_kind", "account_id", "kind", "created_at"),

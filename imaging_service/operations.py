@@ -7,6 +7,7 @@ kind.  Tenant isolation: every query is by the requesting account, so
 another account's id answers exactly as an id that does not exist.
 """
 
+import base64
 import re
 
 from imaging_service import tasks
@@ -187,7 +188,12 @@ def _source(ctx, container, prefix):
             raise missing(f"{prefix}.UserBucket.S3Bucket")
         if not bucket.get("S3Key"):
             raise missing(f"{prefix}.UserBucket.S3Key")
-        return {"bucket": bucket["S3Bucket"], "key": bucket["S3Key"]}
+        source = {"bucket": bucket["S3Bucket"], "key": bucket["S3Key"]}
+        # The checksums the store checked at upload, kept now: a part replaced later fails the fetch.
+        recorded = ctx.service.record_integrity(ctx.access_key, source)
+        if recorded:
+            source["integrity"] = recorded
+        return source
     if url:
         ctx.service.check_url(url, f"{prefix}.Url")
         return {"url": url}
@@ -428,13 +434,105 @@ def _owned(ctx, owners):
     return not owners or any(o in ("self", ctx.account.id) for o in owners)
 
 
-def _no_filters(params):
-    if params.get("Filters"):
-        raise EC2Error("InvalidParameterValue", "Filters are not supported here; ask by id or owner.")
+# Filter names of the Describe calls of resources, as AWS names them, and the response field
+# (a path of keys) each one matches.  Values may use * and ? as AWS allows.
+RESOURCE_FILTERS = {
+    "image": {"image-id": ("ImageId",), "owner-id": ("OwnerId",), "state": ("State",),
+              "architecture": ("Architecture",), "name": ("Name",), "description": ("Description",),
+              "image-type": ("ImageType",), "is-public": ("Public",), "hypervisor": ("Hypervisor",),
+              "platform": ("Platform",), "platform-details": ("PlatformDetails",),
+              "root-device-type": ("RootDeviceType",), "root-device-name": ("RootDeviceName",),
+              "virtualization-type": ("VirtualizationType",), "creation-date": ("CreationDate",),
+              "block-device-mapping.device-name": ("BlockDeviceMappings", "DeviceName"),
+              "block-device-mapping.volume-size": ("BlockDeviceMappings", "Ebs", "VolumeSize"),
+              "block-device-mapping.encrypted": ("BlockDeviceMappings", "Ebs", "Encrypted")},
+    "snapshot": {"snapshot-id": ("SnapshotId",), "owner-id": ("OwnerId",), "status": ("State",),
+                 "progress": ("Progress",), "volume-size": ("VolumeSize",), "description": ("Description",),
+                 "encrypted": ("Encrypted",), "start-time": ("StartTime",), "storage-tier": ("StorageTier",)},
+    "volume": {"volume-id": ("VolumeId",), "status": ("State",), "size": ("Size",),
+               "availability-zone": ("AvailabilityZone",), "volume-type": ("VolumeType",),
+               "encrypted": ("Encrypted",), "create-time": ("CreateTime",)},
+}
+# MaxResults bounds of each call (AWS's).
+RESOURCE_MAX = {"image": (1, 1000), "snapshot": (5, 1000), "volume": (5, 500)}
+
+
+def _field_values(item, path):
+    """The values at a path of keys, through lists (block device mappings)."""
+    values = [item]
+    for key in path:
+        nxt = []
+        for v in values:
+            for one in (v if isinstance(v, list) else [v]):
+                if isinstance(one, dict) and one.get(key) is not None:
+                    nxt.append(one[key])
+        values = nxt
+    out = []
+    for v in values:
+        if isinstance(v, bool):
+            out.append("true" if v else "false")
+        elif hasattr(v, "isoformat"):
+            out.append(iso8601(v))
+        else:
+            out.append(str(v))
+    return out
+
+
+def _wildcard(pattern):
+    return re.compile("".join(".*" if c == "*" else "." if c == "?" else re.escape(c) for c in pattern) + r"\Z",
+                      re.DOTALL)
+
+
+def _filtered(kind, items, filters):
+    """AWS semantics: every filter must match, any of a filter's values; tag filters match
+    nothing (results carry no tags here); an unknown name is InvalidParameterValue."""
+    checks = []
+    for f in filters or []:
+        name = f.get("Name") or ""
+        if name not in RESOURCE_FILTERS[kind] and not name.startswith("tag:") and name != "tag-key":
+            raise EC2Error("InvalidParameterValue", f"The filter '{name}' is invalid: supported are "
+                                                    f"{', '.join(sorted(RESOURCE_FILTERS[kind]))}.")
+        patterns = [_wildcard(v) for v in f.get("Values") or []]
+        checks.append((RESOURCE_FILTERS[kind].get(name), patterns))
+    return [item for item in items
+            if all(path is not None and any(p.match(v) for p in patterns for v in _field_values(item, path))
+                   for path, patterns in checks)]
+
+
+def _resource_page(ctx, params, kind, ids_name, items):
+    """(page, NextToken) of the filtered items, in creation order; the token is the last id."""
+    ids = params.get(ids_name) or []
+    limit = params.get("MaxResults")
+    if limit is not None:
+        if ids:
+            raise EC2Error("InvalidParameterCombination", f"The parameter {ids_name} cannot be used with "
+                                                          "the parameter MaxResults")
+        low, high = RESOURCE_MAX[kind]
+        if not low <= limit <= high:
+            raise invalid("MaxResults", limit, f"It must be between {low} and {high}.")
+    items = _filtered(kind, items, params.get("Filters"))
+    token = params.get("NextToken")
+    if token:
+        position = [i for i, item in enumerate(items) if item[_ID_FIELD[kind]] == _token_id(token)]
+        if not position:
+            raise invalid("NextToken", token, "It is not a NextToken of this call (or its item is gone).")
+        items = items[position[0] + 1:]
+    if limit and len(items) > limit:
+        return items[:limit], base64.urlsafe_b64encode(items[limit - 1][_ID_FIELD[kind]].encode()).decode()
+    return items, None
+
+
+_ID_FIELD = {"image": "ImageId", "snapshot": "SnapshotId", "volume": "VolumeId"}
+
+
+def _token_id(token):
+    try:
+        return base64.urlsafe_b64decode(token.encode()).decode()
+    except (ValueError, UnicodeDecodeError):
+        return None
 
 
 def describe_images(ctx, params):
-    _no_filters(params)
     dry_run(params)
     if not _owned(ctx, params.get("Owners")):
         return {"Images": []}
@@ -450,29 +548,32 @@ def describe_images(ctx, params):
             "BlockDeviceMappings": [{"DeviceName": "/dev/sda1",
                                      "Ebs": {"VolumeSize": max(1, -(-r.size // GiB)), "Encrypted": False,
                                              "DeleteOnTermination": True}}]})
-    return {"Images": images}
+    images, token = _resource_page(ctx, params, "image", "ImageIds", images)
+    return {"Images": images, "NextToken": token}
 
 
 def describe_snapshots(ctx, params):
-    _no_filters(params)
     dry_run(params)
     if not _owned(ctx, params.get("OwnerIds")):
         return {"Snapshots": []}
-    return {"Snapshots": [{
+    snapshots = [{
         "SnapshotId": r.id, "OwnerId": r.account_id, "State": "completed", "Progress": "100%",
         "StartTime": r.created_at, "VolumeSize": max(1, -(-r.size // GiB)), "Description": r.description,
         "Encrypted": False, "StorageTier": "standard", "FullSnapshotSizeInBytes": r.size}
-        for r in _resources(ctx, "snapshot", params.get("SnapshotIds") or [])]}
+        for r in _resources(ctx, "snapshot", params.get("SnapshotIds") or [])]
+    snapshots, token = _resource_page(ctx, params, "snapshot", "SnapshotIds", snapshots)
+    return {"Snapshots": snapshots, "NextToken": token}
 
 
 def describe_volumes(ctx, params):
-    _no_filters(params)
     dry_run(params)
-    return {"Volumes": [{
+    volumes = [{
         "VolumeId": r.id, "OwnerId": r.account_id, "Size": max(1, -(-r.size // GiB)), "State": "available",
         "CreateTime": r.created_at, "AvailabilityZone": (r.inspection or {}).get("availability_zone")
         or f"{ctx.settings.region}a", "VolumeType": "standard", "Encrypted": False, "Attachments": []}
-        for r in _resources(ctx, "volume", params.get("VolumeIds") or [])]}
+        for r in _resources(ctx, "volume", params.get("VolumeIds") or [])]
+    volumes, token = _resource_page(ctx, params, "volume", "VolumeIds", volumes)
+    return {"Volumes": volumes, "NextToken": token}
 
 
 def export_image(ctx, params):
@@ -501,7 +602,23 @@ def cancel_export_task(ctx, params):
     return {}
 
 
+def describe_account_attributes(ctx, params):
+    """AWS's standard attributes (this service has no VPCs: EC2-VPC, no default VPC) and one of
+    its own, `account-id`: the caller's account, which `imaging import` needs to name its
+    default bucket ACCOUNT-imports (there is no STS GetCallerIdentity here)."""
+    dry_run(params)
+    attributes = {"supported-platforms": ["VPC"], "default-vpc": ["none"], "account-id": [ctx.account.id]}
+    names = params.get("AttributeNames") or list(attributes)
+    unknown = [n for n in names if n not in attributes]
+    if unknown:
+        raise invalid("AttributeName", unknown[0], f"It must be one of {', '.join(attributes)}.")
+    return {"AccountAttributes": [{"AttributeName": n, "AttributeValues": [{"AttributeValue": v}
+                                                                           for v in attributes[n]]}
+                                  for n in names]}
+
+
 HANDLERS = {
+    "DescribeAccountAttributes": describe_account_attributes,
     "ImportImage": import_image,
     "ImportSnapshot": import_snapshot,
     "DescribeImportImageTasks": describe_import_image_tasks,

@@ -506,6 +506,7 @@ class _Events:
         self.failed_hooks = []
         self.stopped = False
         self.killed = False
+        self.kept = []  # what the task keeps (tasks.save_events): every event but progress
 
 
 def _follow(job, report, child, read_fd, fetched):
@@ -545,7 +546,16 @@ def _follow(job, report, child, read_fd, fetched):
         if term_sent is not None and now - term_sent > CHILD_TERM_GRACE and child.poll() is None:
             _stop_child(child)
     selector.close()
+    try:
+        tasks.save_events(job.db, job.task.id, [_user_event(job, e) for e in events.kept])
+    except Exception:  # noqa: BLE001 - the log is for people; the task's outcome does not depend on it
+        log.exception("task %s: could not keep its events", job.task.id)
     return events
+
+
+def _user_event(job, event):
+    """An event as its owner may read it: no host paths of the work directory."""
+    return {k: _user_text(job, v) if isinstance(v, str) else v for k, v in event.items()}
 
 
 def _event(job, report, events, line, fetched):
@@ -553,7 +563,12 @@ def _event(job, report, events, line, fetched):
         e = json.loads(line)
     except ValueError:
         return
+    if not isinstance(e, dict):
+        return
     name = e.get("event")
+    if name != "progress":
+        events.kept.append(e)
+        del events.kept[:-2 * tasks.MAX_EVENTS]  # bounded while it runs too
     if name == "phase-start" and e.get("phase") in PHASE_STEP:
         step = PHASE_STEP[e["phase"]]
         events.phase = e["phase"]

@@ -113,7 +113,10 @@ NOT_COMPARED = ("access_key",)
 
 def _same_or_mismatch(task, kind, params):
     def what(p):
-        return {k: v for k, v in p.items() if k not in NOT_COMPARED}
+        found = {k: v for k, v in p.items() if k not in NOT_COMPARED}
+        if isinstance(found.get("source"), dict):  # the checksums recorded at submit are not the request's
+            found["source"] = {k: v for k, v in found["source"].items() if k != "integrity"}
+        return found
     if task.kind != kind or what(task.params) != what(params):
         raise EC2Error("IdempotentParameterMismatch",
                        f"The client token {task.client_token} was used before with other parameters "
@@ -147,8 +150,9 @@ def decode_token(token):
 @functools.lru_cache(maxsize=64)
 def _query_statement(kinds, by_ids, by_states):
     """The describe query, built once per shape (building it costs more than running it)."""
-    stmt = select(*Task.__table__.columns).where(Task.account_id == bindparam("account_id"),
-                                                 Task.kind.in_(kinds))
+    # Not the kept toolkit events (up to 1 MiB a task): the describe calls never show them.
+    columns = [c for c in Task.__table__.columns if c.name != "events"]
+    stmt = select(*columns).where(Task.account_id == bindparam("account_id"), Task.kind.in_(kinds))
     if by_ids:
         stmt = stmt.where(Task.id.in_(bindparam("ids", expanding=True)))
     if by_states:
@@ -312,6 +316,56 @@ def cancel(db, account, task_id, reason="cancelled by the user", kinds=None):
 def finish_cancel(db, task_id, worker_id):
     """cancelling -> cancelled, by the worker once everything of the task is released."""
     return _move(db, task_id, "cancelled", ("cancelling",), worker_id=worker_id)
+
+
+MAX_EVENTS = 2000           # a task keeps its toolkit's last 2,000 events ...
+MAX_EVENTS_BYTES = 1 << 20  # ... and at most 1 MiB of them
+
+
+def bounded_events(events):
+    """The last events that fit both bounds; a first {"event": "dropped", "count"} says how many went."""
+    kept, size = [], 0
+    for e in reversed(events[-MAX_EVENTS:]):
+        size += len(json.dumps(e)) + 1
+        if size > MAX_EVENTS_BYTES:
+            break
+        kept.append(e)
+    kept.reverse()
+    if len(kept) < len(events):
+        kept[:0] = [{"event": "dropped", "count": len(events) - len(kept)}]
+    return kept
+
+
+def save_events(db, task_id, events):
+    """Keep the toolkit's events of a task's attempt (the task page and `imaging logs` show them)."""
+    with db.session(write=True) as s:
+        s.execute(update(Task).where(Task.id == task_id).values(events=bounded_events(events)))
+
+
+def events_of(db, task_id):
+    with db.session() as s:
+        return s.scalar(select(Task.events).where(Task.id == task_id)) or []
+
+
+def hand_back(db, task_id, worker_id):
+    """An orderly stop (SIGTERM) of the worker that runs a task: converting -> pending at once,
+    the interrupted attempt not counted, so that another worker (or the restarted service)
+    takes it without waiting for --orphan-after; a task being cancelled ends cancelled.
+    Returns the task's new state, or None when the worker no longer held it."""
+    now = utcnow()
+    with db.session(write=True) as s:
+        task = s.scalars(select(Task).where(Task.id == task_id, Task.worker_id == worker_id,
+                                            Task.state.in_(("converting", "cancelling"))).with_for_update()).first()
+        if task is None:
+            return None
+        if task.state == "cancelling" or task.cancel_requested:
+            task.state, task.finished_at = "cancelled", now
+        else:
+            task.state, task.step, task.progress, task.bytes_done = "pending", None, 0, 0
+            task.attempts = max(0, task.attempts - 1)
+            task.status_message = f"handed back by worker {worker_id} at its orderly stop; waiting for a worker"
+        task.worker_id, task.updated_at = None, now
+        return task.state
 
 
 def requeue_orphans(db, stale_after, max_attempts=3, now=None):

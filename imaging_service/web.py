@@ -11,6 +11,7 @@ sees every task and the workers.
 """
 
 import base64
+import datetime
 import hashlib
 import hmac
 import json
@@ -20,6 +21,7 @@ import time
 import urllib.parse
 
 from sqlalchemy import select
+from sqlalchemy.orm import undefer
 from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
@@ -65,7 +67,7 @@ class Sessions:
                            "expires": int(time.time()) + self.seconds})
 
     def make_token(self, access_key, hours=1):
-        """A sign-in token for the page (`python -m imaging_service.web token`): the operator hands
+        """A sign-in token for the page (`imaging-service credentials token ACCESS_KEY`): the operator hands
         it to a user instead of the secret; it signs in as that access key until it expires."""
         return self._pack({"kind": "login", "access_key": access_key, "nonce": secrets.token_urlsafe(8),
                            "expires": int(time.time() + hours * 3600)})
@@ -173,9 +175,52 @@ def task_view(task, now=None):
     }
 
 
-def _log(task, resources):
+HOOK_LEVEL = {"ok": "ok", "warning": "warning", "failed": "error", "skipped": "info"}
+
+
+def _event_time(value):
+    if isinstance(value, (int, float)):
+        return datetime.datetime.fromtimestamp(value, datetime.UTC).strftime("%H:%M:%S")
+    if isinstance(value, str) and "T" in value:
+        return value.split("T", 1)[1][:8]
+    return ""
+
+
+def event_lines(events):
+    """The toolkit's kept events of a task (tasks.save_events) as (when, what, detail, level) lines:
+    every hook with its result and duration, the phases, warnings and logged warnings/errors."""
+    lines = []
+    for e in events or []:
+        name, when = e.get("event"), _event_time(e.get("time"))
+        if name == "hook-end":
+            result, detail = str(e.get("result", "?")), e.get("reason") or e.get("description") or ""
+            duration = e.get("duration")
+            took = f" in {duration:.1f} s" if isinstance(duration, (int, float)) else ""
+            lines.append((when, f"hook {e.get('phase', '?')}/{e.get('hook', '?')}",
+                          f"{result}{took}" + (f": {detail}" if detail else ""), HOOK_LEVEL.get(result, "info")))
+        elif name == "phase-end":
+            duration = e.get("duration")
+            took = f", {duration:.1f} s" if isinstance(duration, (int, float)) else ""
+            lines.append((when, f"phase {e.get('phase', '?')}", f"{e.get('result', '?')}{took}",
+                          "error" if e.get("result") == "failed" else "info"))
+        elif name == "warning":
+            lines.append((when, "warning", str(e.get("message", "")), "warning"))
+        elif name == "log" and str(e.get("level", "")).upper() in ("WARN", "ERROR"):
+            lines.append((when, "log", str(e.get("message", "")),
+                          "error" if str(e.get("level")).upper() == "ERROR" else "warning"))
+        elif name == "process-end":
+            lines.append((when, "toolkit", f"{e.get('result', '?')} (exit code {e.get('exit_code', '?')})"
+                          + (f": {e['error']}" if e.get("error") else ""),
+                          "ok" if e.get("result") == "ok" else "error"))
+        elif name == "dropped":
+            lines.append(("", "earlier events", f"{e.get('count', '?')} not kept (a task keeps its last 2,000, "
+                                                "1 MiB)", "info"))
+    return lines
+
+
+def _log(task, resources, events=None):
     """The task's record as a list of (when, what, detail, level) lines: what the service keeps
-    of a task (its timestamps, validators, phase times, inspection)."""
+    of a task (its timestamps, the toolkit's events, validators, phase times, inspection)."""
     lines = []
     fmt = "%H:%M:%S"
     lines.append((task.created_at.strftime(fmt), "submitted",
@@ -183,8 +228,10 @@ def _log(task, resources):
     if task.started_at:
         lines.append((task.started_at.strftime(fmt), "started",
                       f"on worker {task.worker_id or '?'} (attempt {task.attempts or 1})", "info"))
+    lines += event_lines(events)
     result = task.result or {}
-    for phase, seconds in (result.get("phase_durations") or {}).items():
+    # The phases' times, unless the kept events (which have them) are shown.
+    for phase, seconds in ({} if events else result.get("phase_durations") or {}).items():
         lines.append(("", f"phase {phase}", f"{seconds:.1f} s" if isinstance(seconds, (int, float))
                       else str(seconds), "info"))
     for v in result.get("validators") or []:
@@ -294,7 +341,7 @@ class Web:
     def _task(self, session, task_id):
         """The task if this session may see it, else None (the same for another's and none)."""
         with self.service.db.session() as s:
-            task = s.get(Task, task_id)
+            task = s.get(Task, task_id, options=[undefer(Task.events)])
             if task is None or (not session["operator"] and task.account_id != session["account"]):
                 return None, []
             resources = list(s.scalars(select(Resource).where(Resource.task_id == task_id)))
@@ -350,7 +397,7 @@ class Web:
         if task is None:
             return self.page(request, "missing.html", session, status_code=404,
                              task_id=request.path_params["task_id"])
-        return self.page(request, "task.html", session, task=task_view(task), log=_log(task, resources),
+        return self.page(request, "task.html", session, task=task_view(task), log=_log(task, resources, task.events),
                          inspection=next((r.inspection for r in resources if r.inspection), None),
                          resources=resources, cancelled=request.query_params.get("cancelled"))
 
@@ -362,7 +409,7 @@ class Web:
         if task is None:
             return JSONResponse({"error": "no such task"}, status_code=404)
         view = task_view(task)
-        view["log"] = [list(line) for line in _log(task, resources)]
+        view["log"] = [list(line) for line in _log(task, resources, task.events)]
         return JSONResponse(view, headers={"Cache-Control": "no-store"})
 
     async def download(self, request):
@@ -441,35 +488,3 @@ async def _thread(function, *args):
 def routes(service):
     """The queue page's routes, for app.make_app."""
     return Web(service).routes()
-
-
-def main(argv=None):
-    """python -m imaging_service.web token ACCESS_KEY [--hours H] [settings]: print a sign-in token."""
-    import argparse
-    import sys
-
-    from imaging_service import config
-    from imaging_service.credentials import Credentials
-    from imaging_service.db import Database
-    p = argparse.ArgumentParser(prog="python -m imaging_service.web", description="a sign-in token for the queue page")
-    verbs = p.add_subparsers(dest="verb", required=True)
-    token = verbs.add_parser("token", help="a token that signs in as ACCESS_KEY on the queue page")
-    token.add_argument("access_key", metavar="ACCESS_KEY")
-    token.add_argument("--hours", type=float, default=1.0, help="how long the token is valid (default 1)")
-    rows = config.all_settings()
-    config.add_arguments(token, rows)
-    args = p.parse_args(argv)
-    settings = config.resolve({k: v for k, v in vars(args).items() if k in {r.name for r in rows}})
-    db = Database(settings.database_url)
-    try:
-        if Credentials(db, settings.key_file).lookup(args.access_key) is None:
-            print(f"imaging_service.web: error: no active access key {args.access_key}", file=sys.stderr)
-            return 1
-    finally:
-        db.dispose()
-    print(Sessions(settings.key_file).make_token(args.access_key, args.hours))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -127,7 +127,7 @@ class EmbeddedWorkers:
         self._threads.append(thread)
 
     def stop(self, timeout=30):
-        """Stop the threads; running tasks' toolkits are stopped and left for a retry."""
+        """Stop the threads; running tasks' toolkits are stopped and the tasks handed back (pending)."""
         self._stop.set()  # also every running job's `shutdown`
         self._wake.set()
         for thread in self._threads:
@@ -194,6 +194,11 @@ class EmbeddedWorkers:
             pipeline.cleanup_task_dir(work_dir)
             shutil.rmtree(work_dir, ignore_errors=True)
             self.running.pop(task.id, None)
+            if self._stop.is_set():  # an orderly stop: hand the task back now, released and clean
+                try:
+                    tasks.hand_back(self.db, task.id, worker_id)
+                except Exception:  # noqa: BLE001 - the orphan requeue takes it after --orphan-after
+                    log.exception("task %s: could not hand it back", task.id)
 
     def _user_store(self, task):
         access_key = task.params.get("access_key")

@@ -11,12 +11,18 @@ Exit status: 0 success (for import and wait: the task completed), 1 failure or r
 """
 
 import argparse
+import hashlib
 import json
 import os
 import sys
 import time
+import urllib.error
+import urllib.parse
+import urllib.request
 
 import boto3.s3.transfer
+from botocore.auth import SigV4Auth
+from botocore.awsrequest import AWSRequest
 from botocore.exceptions import BotoCoreError
 from botocore.exceptions import ClientError as AWSError
 from tqdm import tqdm
@@ -26,6 +32,7 @@ from imaging_service.clients.common import (
     add_aws_arguments,
     check_image,
     clients,
+    session,
 )
 
 PART_SIZE = 8 * 1024 * 1024
@@ -137,12 +144,25 @@ def upload(s3, path, bucket, key, quiet=False):
                        ExtraArgs={"ChecksumAlgorithm": "SHA256"})
 
 
+def default_bucket(ec2):
+    """ACCOUNT-imports, the account from the service's DescribeAccountAttributes `account-id`
+    (an attribute of this service; AWS's EC2 has none, so there --bucket is needed)."""
+    try:
+        found = ec2.describe_account_attributes()["AccountAttributes"]
+    except AWSError as e:
+        raise ClientError(f"cannot find your account for a default bucket ({e}); give --bucket") from None
+    for attribute in found:
+        if attribute.get("AttributeName") == "account-id" and attribute.get("AttributeValues"):
+            return f"{attribute['AttributeValues'][0]['AttributeValue']}-imports"
+    raise ClientError("the endpoint does not say which account you are (no account-id attribute); give --bucket")
+
+
 def cmd_import(args, ec2, s3):
     fmt = args.format or os.path.splitext(args.file)[1].lstrip(".").lower() or "raw"
     if fmt == "img":
         fmt = "raw"
     check_image(args.file, fmt)
-    bucket = args.bucket
+    bucket = args.bucket or default_bucket(ec2)
     key = args.key or f"{args.prefix or ''}{os.path.basename(args.file)}"
     upload(s3, args.file, bucket, key, quiet=args.quiet or args.json)
     container = {"Format": fmt.upper(), "UserBucket": {"S3Bucket": bucket, "S3Key": key}}
@@ -207,18 +227,54 @@ def cmd_cancel(args, ec2, s3):
     return 0
 
 
+def task_log(args, ec2, task_id):
+    """The service's event log of a task (GET /tasks/TASK/log.json, signed with SigV4 as the
+    EC2 API): {"log": [[when, what, detail, level]], "events": [...], "inspection": {...}}."""
+    credentials = session(args).get_credentials()
+    if credentials is None:
+        raise SystemExit("imaging: error: no AWS credentials (environment, ~/.aws/credentials or --profile)")
+    url = f"{ec2.meta.endpoint_url.rstrip('/')}/tasks/{urllib.parse.quote(task_id)}/log.json"
+    request = AWSRequest(method="GET", url=url, data=b"")
+    request.headers["X-Amz-Content-SHA256"] = hashlib.sha256(b"").hexdigest()
+    SigV4Auth(credentials.get_frozen_credentials(), "ec2", ec2.meta.region_name).add_auth(request)
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=dict(request.headers)), timeout=60) as r:
+            return json.load(r)
+    except urllib.error.HTTPError as e:
+        with e:
+            try:
+                found = json.load(e)
+            except ValueError:
+                found = {"message": f"HTTP {e.code}"}
+        raise SystemExit(f"imaging: error: {task_id}: {found.get('message') or found}") from None
+
+
 def cmd_logs(args, ec2, s3):
-    """What the API tells of a task, one fact a line; --follow prints each change until it ends."""
+    """What the API tells of a task, one fact a line (--follow: each change until it ends), then
+    the toolkit's event log the service kept (hooks with result and duration, validators) and
+    the inspection report."""
     last = None
     while True:
         view = one(ec2, args.task)
         line = f"{time.strftime('%H:%M:%S')} {view['status']} {view['progress']}% {view['message']}"
         if line.split(" ", 1)[1] != last:
-            print(json.dumps(view) if args.json else line, flush=True)
+            if not args.json:
+                print(line, flush=True)
             last = line.split(" ", 1)[1]
         if not args.follow or view["status"] in TERMINAL:
-            return 0
+            break
         time.sleep(1)
+    found = task_log(args, ec2, args.task)
+    if args.json:
+        print(json.dumps({**view, "log": found["log"], "events": found["events"],
+                          "inspection": found["inspection"]}))
+        return 0
+    for when, what, detail, _level in found["log"]:
+        print(f"{when or '        '} {what}: {detail}")
+    if found.get("inspection"):
+        print("inspection report:")
+        print(json.dumps(found["inspection"], indent=2, sort_keys=True))
+    return 0
 
 
 def cmd_export(args, ec2, s3):
@@ -242,9 +298,10 @@ def parser():
     imp = verbs.add_parser("import", parents=[common], help="upload FILE, import it, follow it to its end")
     imp.add_argument("file", metavar="FILE")
     imp.add_argument("-f", "--format", help="RAW, VMDK, VHD, VHDX or QCOW2 (default: the file's extension)")
-    imp.add_argument("-b", "--bucket", default=os.environ.get("IMAGING_BUCKET"), required=not os.environ.get(
-        "IMAGING_BUCKET"), help="bucket to upload to, made if missing (or IMAGING_BUCKET); on the service's "
-        "embedded store an account's buckets are named ACCOUNTID-...")
+    imp.add_argument("-b", "--bucket", default=os.environ.get("IMAGING_BUCKET"),
+                     help="bucket to upload to, made if missing (or IMAGING_BUCKET; default: ACCOUNTID-imports, "
+                     "the account as the imaging service tells it); on the service's embedded store an "
+                     "account's buckets are named ACCOUNTID-...")
     imp.add_argument("--key", help="object key (default: PREFIX + the file's name)")
     imp.add_argument("--prefix", help="key prefix")
     imp.add_argument("--snapshot", action="store_true", help="ImportSnapshot instead of ImportImage")

@@ -122,7 +122,8 @@ class Cluster(fixtures.Fixture):
         self.addCleanup(self.seaweed.stop)
         self.args = [*base, "--engine", "celery", "--broker-url", self.rabbit.url,
                      "--s3-endpoint", self.seaweed.endpoint_url, "--s3-access-key", self.operator[0],
-                     "--s3-secret-key", self.operator[1], *self.extra_args]
+                     # "=": a secret may start with "-", which argparse would take for a flag
+                     f"--s3-secret-key={self.operator[1]}", *self.extra_args]
         self.workers = []
 
     def _credential(self, base, state, operator=False):

@@ -93,6 +93,62 @@ class TestImportImage(APITestCase):
         self.assertError("InvalidAMIID.NotFound", self.ec2.describe_images, ImageIds=["ami-0123456789abcdef0"])
         self.assertError("InvalidAMIID.Malformed", self.ec2.describe_images, ImageIds=["ami-xyz"])
 
+    def test_describe_resources_filters_and_pages(self):
+        """DescribeImages/Snapshots/Volumes: Filters (AWS names, * and ? wildcards, every filter
+        must match, any value) and MaxResults/NextToken pages, as AWS does."""
+        db = self.db()
+        made = []
+        for i, (platform, gib) in enumerate((("linux", 1), ("windows", 2), ("linux", 3), ("linux", 4),
+                                             ("linux", 5), ("linux", 6))):
+            task_id = self.import_image(Description=f"n{i}")["ImportTaskId"]
+            self.assertEqual(task_id, tasks.claim(db, "w").id)
+            made.append(tasks.complete(db, task_id, "w", {"platform": platform}, [
+                {"kind": "image", "bucket": "service", "key": f"{i}.raw", "size": gib * 1024 ** 3, "format": "raw",
+                 "platform": platform, "architecture": "x86_64"},
+                {"kind": "snapshot", "bucket": "service", "key": f"{i}.raw", "size": gib * 1024 ** 3,
+                 "format": "raw"},
+                {"kind": "volume", "bucket": "service", "key": f"{i}.raw", "size": gib * 1024 ** 3,
+                 "format": "raw"}]).result)
+        images = [m["image_id"] for m in made]
+        snapshots = [m["snapshot_id"] for m in made]
+
+        def ids(found, key):
+            return sorted(x[key] for x in found)
+        windows = self.ec2.describe_images(Filters=[{"Name": "platform", "Values": ["windows"]}])["Images"]
+        self.assertEqual([images[1]], ids(windows, "ImageId"))
+        found = self.ec2.describe_images(Filters=[
+            {"Name": "image-id", "Values": [images[0][:6] + "*", images[2]]},
+            {"Name": "architecture", "Values": ["x86_?4"]}])["Images"]
+        self.assertEqual(sorted({images[0], images[2]} | {i for i in images if i.startswith(images[0][:6])}),
+                         ids(found, "ImageId"))
+        self.assertEqual([], self.ec2.describe_images(Filters=[{"Name": "state", "Values": ["pending"]}])["Images"])
+        self.assertEqual([], self.ec2.describe_images(Filters=[{"Name": "tag:Name", "Values": ["x"]}])["Images"])
+        big = self.ec2.describe_snapshots(Filters=[{"Name": "volume-size", "Values": ["5", "6"]},
+                                                   {"Name": "status", "Values": ["completed"]}])["Snapshots"]
+        self.assertEqual(sorted(snapshots[4:]), ids(big, "SnapshotId"))
+        volumes = self.ec2.describe_volumes(Filters=[{"Name": "size", "Values": ["2"]}])["Volumes"]
+        self.assertEqual([made[1]["volume_id"]], ids(volumes, "VolumeId"))
+        self.assertError("InvalidParameterValue", self.ec2.describe_images,
+                         Filters=[{"Name": "no-such-filter", "Values": ["x"]}])
+
+        # Pages: every item once, in order, the last page without a NextToken.
+        for call, key, field in ((self.ec2.describe_images, "Images", "ImageId"),
+                                 (self.ec2.describe_snapshots, "Snapshots", "SnapshotId"),
+                                 (self.ec2.describe_volumes, "Volumes", "VolumeId")):
+            seen, pages, token = [], 0, None
+            while True:
+                page = call(MaxResults=5, **({"NextToken": token} if token else {}))
+                seen += [x[field] for x in page[key]]
+                pages += 1
+                token = page.get("NextToken")
+                if not token:
+                    break
+            self.assertEqual((2, 6, 6), (pages, len(seen), len(set(seen))), (key, seen))
+        self.assertError("InvalidParameterValue", self.ec2.describe_images, MaxResults=5, NextToken="bm90LWFuLWlk")
+        self.assertError("InvalidParameterValue", self.ec2.describe_snapshots, MaxResults=2)
+        self.assertError("InvalidParameterCombination", self.ec2.describe_volumes, MaxResults=5,
+                         VolumeIds=[volumes[0]["VolumeId"]])
+
     def test_failure_shows_deleted_with_the_reason(self):
         task_id = self.import_image()["ImportTaskId"]
         db = self.db()
@@ -229,6 +285,22 @@ class TestErrorsAndIsolation(APITestCase):
         e = self.assertRaises(urllib.error.HTTPError, urllib.request.urlopen, request)
         self.assertEqual(401, e.code)
         self.assertIn(b"<Code>AuthFailure</Code>", e.read())
+        e.close()
+
+    def test_browser_at_root_goes_to_the_queue_page(self):
+        class NoRedirect(urllib.request.HTTPRedirectHandler):
+            def redirect_request(self, *args):
+                return None
+        opener = urllib.request.build_opener(NoRedirect)
+        request = urllib.request.Request(self.service.url + "/", headers={"Accept": "text/html,*/*;q=0.8"})
+        e = self.assertRaises(urllib.error.HTTPError, opener.open, request)
+        with e:
+            self.assertEqual((303, "/queue"), (e.code, e.headers["Location"]))
+        # Not a browser: the EC2 API answers (unsigned: AuthFailure).
+        e = self.assertRaises(urllib.error.HTTPError, opener.open, self.service.url + "/")
+        with e:
+            self.assertEqual(401, e.code)
+            self.assertIn(b"<Code>AuthFailure</Code>", e.read())
 
     def test_state_dir_private(self):
         self.assertEqual(0o700, stat.S_IMODE(os.stat(self.service.state_dir).st_mode))

@@ -4,9 +4,12 @@ front-ends and two `imaging-service worker` processes with their own work direct
 driven through boto3.  Faults: a worker SIGKILLed mid-task, a front-end killed, the
 broker stopped and restarted; cancellation within 5 s."""
 
+import json
 import os
 import signal
 import time
+import urllib.error
+import urllib.request
 
 import testtools
 from botocore.exceptions import EndpointConnectionError
@@ -187,6 +190,58 @@ class TestCeleryEngine(CeleryTest):
             self.assertEqual(1, task.attempts)
         self.assertIn("bytes of scratch", small.log())
         self.assert_work_dirs_empty([small, big])
+
+    def healthz(self, front, until, timeout=40):
+        """/healthz of a front-end once until(status, body) holds (its answer is cached 10 s)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                with urllib.request.urlopen(front.url + "/healthz", timeout=10) as r:
+                    found = r.status, json.load(r)
+            except urllib.error.HTTPError as e:
+                with e:
+                    found = e.code, json.load(e)
+            if until(*found):
+                return found
+            self.assertLess(time.monotonic(), deadline, found)
+            time.sleep(1)
+
+    def test_healthz_and_orderly_stop(self):
+        """/healthz of a celery front-end checks the broker and lists the live workers; SIGTERM to
+        a worker hands its running task back at once (pending, the attempt not counted)."""
+        c = self.cluster(slow=True)
+        front = c.frontend()
+        status, health = self.healthz(front, lambda status, h: True)
+        self.assertEqual((200, "ok", []), (status, health["broker"], health["live_workers"]))
+        first = c.worker()
+        status, health = self.healthz(front, lambda status, h: h["live_workers"])
+        self.assertEqual((200, "ok"), (status, health["workers"]))
+        self.assertEqual([2], [w["concurrency"] for w in health["live_workers"]])
+        self.assertIn(f"/{first.process.pid}-", health["live_workers"][0]["name"])
+
+        ec2 = self.ec2(front)
+        task_id = self.import_image(ec2, self.upload_vmdk())
+        self.wait_step(task_id, "validate")
+        asked = time.monotonic()
+        first.stop()
+        self.assertLess(time.monotonic() - asked, 20)
+        task = self.row(task_id)
+        self.assertEqual(("pending", 0, None), (task.state, task.attempts, task.worker_id))
+        self.assertIn("handed back", task.status_message)
+        self.assert_work_dirs_empty([first])
+        second = c.worker()
+        task = self.wait_step(task_id, "validate", timeout=60)
+        self.assertIn(f"/{second.process.pid}-", task.worker_id)
+        self.assertEqual(1, task.attempts)
+        ec2.cancel_import_task(ImportTaskId=task_id)
+        self.assertEqual("deleted", self.wait(ec2, task_id, until=("deleted",))["Status"])
+
+        c.rabbit.stop()
+        status, health = self.healthz(front, lambda status, h: h["broker"] != "ok")
+        self.assertEqual(503, status)
+        self.assertIn("cannot connect", health["broker"])
+        c.rabbit.start()
+        self.assert_work_dirs_empty([second])
 
     def test_broker_stopped_and_restarted(self):
         c = self.cluster()

@@ -88,7 +88,35 @@ class ClientsTest(PipelineTest):
         self.assertEqual([task_id], [t["id"] for t in listing])
         self.assertEqual("completed", json.loads(self.imaging("status", task_id, "--json").stdout)["status"])
         self.assertEqual(0, self.imaging("wait", task_id, "-q").returncode)
-        self.assertIn("completed", self.imaging("logs", task_id).stdout)
+        logs = self.imaging("logs", task_id).stdout
+        self.assertIn("completed", logs)
+        # The toolkit's events the service kept: every hook with its result and duration, the report.
+        self.assertRegex(logs, r"hook validate/\S+: ok in \d+\.\d s")
+        self.assertRegex(logs, r"hook convert/\S+: ok in \d+\.\d s")
+        self.assertIn("inspection report:", logs)
+        found = json.loads(self.imaging("logs", task_id, "--json").stdout)
+        hooks = [e for e in found["events"] if e["event"] == "hook-end"]
+        self.assertIn(("validate", "10-linux-release", "ok"), [(e["phase"], e["hook"], e["result"]) for e in hooks])
+        self.assertIn(("convert", "50-qemu-to-raw", "ok"), [(e["phase"], e["hook"], e["result"]) for e in hooks])
+        self.assertFalse(any(self.service.state_dir in json.dumps(e) for e in found["events"]))
+        self.assertEqual("debian", found["inspection"]["distro"])
+        # Another account's task, or none: the same answer.
+        self.assertIn("does not exist", self.imaging("logs", "import-ami-00000000000000000", expect=1).stderr)
+
+    def test_imaging_import_default_bucket(self):
+        """No --bucket: the account from DescribeAccountAttributes, the bucket ACCOUNT-imports made."""
+        ec2 = self.service.client(self.access, self.secret)
+        values = {a["AttributeName"]: [v["AttributeValue"] for v in a["AttributeValues"]]
+                  for a in ec2.describe_account_attributes()["AccountAttributes"]}
+        self.assertEqual([self.account], values["account-id"])
+        raw, _ = self.vmdk()
+        result = self.imaging("import", raw, "-f", "raw", "-p", "Linux", "--no-wait", "--json")
+        task = json.loads(result.stdout)
+        found = self.s3().list_objects_v2(Bucket=f"{self.account}-imports")["Contents"]
+        self.assertEqual(["disk.raw"], [o["Key"] for o in found])
+        self.assertEqual(f"{self.account}-imports", ec2.describe_import_image_tasks(ImportTaskIds=[task["id"]])[
+            "ImportImageTasks"][0]["SnapshotDetails"][0]["UserBucket"]["S3Bucket"])
+        ec2.cancel_import_task(ImportTaskId=task["id"])
 
     def test_imaging_wait_stops_on_a_failure(self):
         ec2 = self.service.client(self.access, self.secret)

@@ -15,6 +15,7 @@ import testtools
 from botocore.exceptions import ClientError
 
 from imaging_service import manifest, tasks
+from imaging_service.clients import imaging as imaging_client
 from imaging_service.credentials import Credentials
 from imaging_service.db import Database
 from imaging_service.objectstore import ObjectStore, ObjectStoreError
@@ -430,6 +431,27 @@ class TestFaults(PipelineTest):
                                                 r"space .* but the worker has 1048576 in all")
         self.assert_no_work_left()
 
+    def test_part_damaged_after_upload(self):
+        """An `imaging import` upload (parts with SHA-256) replaced in the store after the task was
+        submitted: the worker's fetch recomputes the checksums and the task fails naming the object."""
+        self.start("--workers", "1", "--cache", "false", *self.slow_elements())
+        ec2, store, bucket, _account = self.user()
+        raw, vmdk = self.vmdk()
+        store.put_file(vmdk, bucket, "busy.vmdk")
+        busy = self.import_image(ec2, bucket, "busy.vmdk")  # holds the only worker
+        self.wait_step(busy, "validate")
+        imaging_client.upload(store.client, raw, bucket, "disk.raw", quiet=True)
+        task_id = self.import_image(ec2, bucket, "disk.raw", fmt="RAW")
+        with open(raw, "rb") as f:
+            data = bytearray(f.read())
+        data[imaging_client.PART_SIZE + 4096] ^= 0xFF  # one byte of part 2
+        self.operator_store().put_bytes(bytes(data), bucket, "disk.raw")
+        ec2.cancel_import_task(ImportTaskId=busy)
+        task = self.wait_image(ec2, task_id, until=("deleted",))
+        self.assertRegex(task["StatusMessage"], rf"download failed: s3://{bucket}/disk.raw is corrupt: its "
+                                                r"SHA-256 checksum is not the one the store checked at upload")
+        self.assert_no_work_left()
+
     def test_cancel_during_conversion_and_killed_toolkit(self):
         self.start(*self.slow_elements())
         ec2, store, bucket, _account = self.user()
@@ -456,6 +478,31 @@ class TestFaults(PipelineTest):
         task = self.wait_image(ec2, second, until=("deleted",))
         self.assertRegex(task["StatusMessage"], r"validate failed: the toolkit process was killed by signal 9; "
                                                 r"its work directory was cleaned")
+        self.assert_no_work_left()
+
+    def test_orderly_stop_hands_the_task_back(self):
+        """SIGTERM to `serve`: the running task is pending at once, its attempt not counted, and the
+        restarted service takes it without waiting for --orphan-after (here an hour)."""
+        service = self.start("--orphan-after", "1h", *self.slow_elements())
+        ec2, store, bucket, _account = self.user()
+        _, vmdk = self.vmdk()
+        store.put_file(vmdk, bucket, "disk.vmdk")
+        task_id = self.import_image(ec2, bucket, "disk.vmdk")
+        self.wait_step(task_id, "validate")
+        asked = time.monotonic()
+        service.stop(signal.SIGTERM)
+        self.assertLess(time.monotonic() - asked, 15)
+        with self.db().session() as s:
+            task = s.get(tasks.Task, task_id)
+            self.assertEqual(("pending", 0, None), (task.state, task.attempts, task.worker_id))
+            self.assertIn("handed back", task.status_message)
+        self.assertEqual([], os.listdir(os.path.join(service.state_dir, "work")))
+        service.start()
+        self.wait_step(task_id, "validate", timeout=30)
+        with self.db().session() as s:
+            self.assertEqual(1, s.get(tasks.Task, task_id).attempts)
+        ec2.cancel_import_task(ImportTaskId=task_id)
+        self.assertEqual("deleted", self.wait_image(ec2, task_id, until=("deleted",))["Status"])
         self.assert_no_work_left()
 
     def test_service_killed_and_restarted(self):

@@ -183,6 +183,9 @@ class WebTest(PipelineTest):
         log = driver.find_element(By.ID, "log").text
         self.assertIn("validator", log)
         self.assertIn("registered ami-", log)
+        # The toolkit's events the service kept: each hook with its result and duration.
+        self.assertRegex(log, r"hook validate/10-linux-release\s+ok in \d+\.\d s")
+        self.assertRegex(log, r"hook convert/50-qemu-to-raw\s+ok in \d+\.\d s")
         self.shot(driver, "4-task-completed-log")
 
         # Download: a presigned URL of the store, the converted raw image.
@@ -224,6 +227,7 @@ class WebTest(PipelineTest):
         status, body = get(f"{self.service.url}/tasks/{first}", session)
         self.assertEqual(200, status)
         self.assertIn("completed", body)
+        self.assertIn("hook validate/10-linux-release", body)
 
 
 def _ok(function, arg, errors):
@@ -334,8 +338,9 @@ class SessionTest(PipelineTest):
 
     def test_sign_in_token(self):
         access, _, _ = self.service.credential()
-        made = subprocess.run([sys.executable, "-m", "imaging_service.web", "token", access, "--hours", "0.5",
-                               "--state-dir", self.service.state_dir], capture_output=True, text=True, check=True)
+        made = subprocess.run([sys.executable, "-m", "imaging_service.cli", "credentials", "token", access,
+                               "--hours", "0.5", "--state-dir", self.service.state_dir],
+                              capture_output=True, text=True, check=True)
         token = made.stdout.strip()
 
         def login_token(value):
@@ -360,7 +365,7 @@ class SessionTest(PipelineTest):
         self.assertEqual(401, e.exception.code)
         e.exception.close()
         # An unknown key gets no token.
-        result = subprocess.run([sys.executable, "-m", "imaging_service.web", "token", "AKIANOSUCHKEY",
+        result = subprocess.run([sys.executable, "-m", "imaging_service.cli", "credentials", "token", "AKIANOSUCHKEY",
                                  "--state-dir", self.service.state_dir], capture_output=True, text=True, check=False)
         self.assertEqual(1, result.returncode)
         self.assertIn("no active access key AKIANOSUCHKEY", result.stderr)
