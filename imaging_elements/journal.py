@@ -194,6 +194,7 @@ def _undo(entry):
             _reap(pid)
         if group:  # children that outlived their leader (a pgid is not reused while it exists)
             _signal(pid, signal.SIGKILL, group)
+            _wait_group_gone(pid)
     elif action == "remove":
         path = entry["path"]
         if os.path.isdir(path) and not os.path.islink(path):
@@ -209,6 +210,21 @@ def _signal(pid, sig, group):
         os.killpg(pid, sig) if group else os.kill(pid, sig)
     except ProcessLookupError:
         pass
+
+
+def _wait_group_gone(pgid, timeout=2):
+    """Until no process of the group is left (a sandbox's inner process ends a moment
+    after its leader): whoever checks for leftovers next must not see it."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        members = [pid for pid in os.listdir("/proc") if pid.isdigit()
+                   and (_stat_fields(pid) or ["", "", ""])[2] == str(pgid)
+                   and (_stat_fields(pid) or ["Z"])[0] != "Z"]
+        if not members:
+            return
+        for member in members:
+            _reap(int(member))
+        time.sleep(0.02)
 
 
 def _reap(pid):
