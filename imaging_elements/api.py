@@ -15,7 +15,7 @@ import os
 import signal
 import threading
 
-from imaging_elements import runner
+from imaging_elements import interrupts, runner
 
 
 @dataclasses.dataclass
@@ -129,7 +129,7 @@ class ProcessGuard:
     def _handle(self, signum, frame):
         self.cancel.signum = signum
         self.cancel.set()
-        runner.interrupt_main(signum)
+        interrupts.interrupt_main(signum)
 
     def __exit__(self, *exc):
         for sig, previous in self._previous.items():
