@@ -13,16 +13,16 @@ def target(phase, env):
     if not env.get("IMG_OUTPUT"):
         return None
     output_type = env["IMG_OUTPUT_TYPE"]
-    if phase.name == "convert":
+    if phase.chain_target == "image-type":
         current = env["IMG_IMAGE_TYPE"]
         if output_type == "bundle":
             wanted = current if current in ("raw", "partition") else "raw"
             return (current, wanted) if wanted != current else None
         return current, output_type
-    if phase.name == "crypt":
+    if phase.chain_target == "crypt":
         current, wanted = env.get("IMG_IMAGE_CRYPT", "none"), env.get("IMG_OUTPUT_CRYPT", "none")
         return (current, wanted) if current != wanted else None
-    if phase.name == "bundle":
+    if phase.chain_target == "bundle":
         return (env["IMG_IMAGE_TYPE"], "bundle") if output_type == "bundle" else None
     return None
 
@@ -48,7 +48,7 @@ def plan(phase, hooks_here, source, target_, accepts, element_names=()):
     cache = {}
 
     def edge(hook, s, d):
-        if phase.name == "crypt" and "none" not in (s, d):
+        if phase.pair_through and phase.pair_through not in (s, d):
             return False  # a crypt hook only ever encrypts or decrypts
         if (hook.name, s, d) not in cache:
             cache[hook.name, s, d] = accepts(hook, s, d)

@@ -14,7 +14,8 @@ import sys
 import time
 import traceback
 
-from imaging_elements import chain, config, elements, hookrun, hooks, imagetype, interrupts, sandbox, workdir
+from imaging_elements import (chain, config, elements, hookrun, hooks, imagetype, interrupts, phase_handlers,
+                              phases, sandbox, workdir)
 from imaging_elements.hookrun import MAX_MESSAGE, VAR_NAME
 from imaging_elements.interrupts import Cancelled, Terminated
 from imaging_elements.monitor import clean
@@ -26,46 +27,15 @@ MiB = 1024 * 1024
 PLATFORMS = ("auto", "linux", "windows", "unknown")
 
 # State the runner owns or acts on (paths, types, the journal, ...): a hook
-# may not set it, except the phases named in SETTABLE.  Hooks that run inside
+# may not set it, except what a phase's `settable` names (phases.py).  Hooks that run inside
 # the image (chroot, instance) may set nothing at all.
 RUNNER_STATE = frozenset("IMG_" + name for name in elements.RUNNER_VARIABLES) | {
     "IMG_SIZE", "IMG_KERNEL", "IMG_RAMDISK", "IMG_INSPECTION_REPORT"}
 # What -e (a request's options and environment) may not set: the runner's own
 # state has options of its own, or is not the operator's to give.
 NOT_OPTIONS = RUNNER_STATE - {"IMG_INSPECTION_REPORT", "IMG_SIZE", "IMG_KERNEL", "IMG_RAMDISK"}
-SETTABLE = {
-    # A container mounter hands the raw view on; the root finder says the platform.
-    "mount": frozenset(("IMG_DISK", "IMG_DISK_TYPE", "IMG_PLATFORM")),
-}
 
-
-class Phase:
-    """where: host, chroot or instance.  kind: how the phase's hooks are run:
-    all (every accepting hook), validate (all, results kept, optional ones
-    warn), chain (a planned chain of converters), transform (every accepting
-    hook replaces the image).  release_mount: the mount phase's resources are
-    let go first (the phase reads or boots the image file)."""
-
-    def __init__(self, name, where, kind, context=(), release_mount=False):
-        self.name, self.where, self.kind, self.context = name, where, kind, context
-        self.release_mount = release_mount
-
-
-PHASES = (
-    Phase("unbundle", "host", "transform", ("source-type",)),
-    Phase("mount", "host", "all", ("disk-type",)),
-    Phase("validate", "host", "validate", ("platform",)),
-    Phase("install", "chroot", "all", ("platform",)),
-    Phase("convert", "host", "chain", ("source-type", "dest-type"), release_mount=True),
-    Phase("instance-validate", "instance", "validate", ("platform",), release_mount=True),
-    Phase("crypt", "host", "chain", ("source-crypt", "dest-crypt")),
-    Phase("bundle", "host", "chain", ("source-type", "dest-type")),
-    Phase("cleanup", "host", "all"),
-)
-PHASE_NAMES = [p.name for p in PHASES]
-CONTEXT_VARS = {"disk-type": "IMG_DISK_TYPE", "platform": "IMG_PLATFORM",
-                "source-type": "IMG_SOURCE_TYPE", "dest-type": "IMG_DEST_TYPE",
-                "source-crypt": "IMG_SOURCE_CRYPT", "dest-crypt": "IMG_DEST_CRYPT"}
+PHASES, PHASE_NAMES, CONTEXT_VARS = phases.PHASES, phases.PHASE_NAMES, phases.CONTEXT_VARS
 
 
 class ProcessFailure(Exception):
@@ -285,7 +255,11 @@ class Process:
                         IMG_JOURNAL=self.journal.path, IMG_LIB=LIB, IMG_PYTHON=sys.executable,
                         IMG_ELEMENTS=" ".join(e.name for e in self.elements),
                         IMG_PLATFORM=request.platform or "auto",
-                        IMG_MOUNT_WRITABLE="1" if self.hooks["install"] and "install" in self.phases else "0")
+                        IMG_MOUNT_WRITABLE="1" if self._mount_writable() else "0")
+
+    def _mount_writable(self):
+        """A phase that changes the image (install) will run hooks: mount it writable."""
+        return any(p.writable_mount and self.hooks[p.name] and p.name in self.phases for p in PHASES)
 
     def _refuse_overwriting_inputs(self):
         """The output must not be (through links too) a file the process reads, nor in the work dir."""
@@ -429,9 +403,9 @@ class Process:
             duration = round(time.monotonic() - started, 3)
             self.phase_durations[phase.name] = duration
             self.monitor.event("phase-end", phase=phase.name, result=result, duration=duration)
-        if phase.name == "unbundle":
+        if phase.sets_disk_type:
             self.disk_type = self.env.get("IMG_IMAGE_TYPE")
-        if phase.name == "mount" and self.env.get("IMG_PLATFORM") == "auto":
+        if phase.finds_platform and self.env.get("IMG_PLATFORM") == "auto":
             self.env["IMG_PLATFORM"] = "unknown"
         self._break("after-" + phase.name, phase)
 
@@ -462,8 +436,8 @@ class Process:
 
     def _run_validators(self, phase, hooks_here):
         accepted = [h for h in hooks_here if self._accepted(phase, h)]
-        if phase.where == "instance":
-            return self._run_instance(phase, accepted)
+        if phase.handler:
+            return self._run_handler(phase, accepted)
         # Every validator runs, so the user sees all that is wrong at once.
         failures = []
         for hook in accepted:
@@ -536,7 +510,7 @@ class Process:
             if not final:
                 self.journal.add("remove", path=extra["IMG_CONVERT_OUTPUT"])
             self._run_hook(phase, hook, extra=extra)
-            if phase.name == "crypt":
+            if phase.chain_target == "crypt":  # the image's encryption changes, not its type
                 self.env["IMG_IMAGE_CRYPT"] = extra["IMG_DEST_CRYPT"]
                 self._advance_image(extra["IMG_CONVERT_OUTPUT"], image_type=self.env["IMG_IMAGE_TYPE"], hook=hook)
             else:
@@ -676,7 +650,7 @@ class Process:
                                     if target and target.startswith(self.work + os.sep) else ""))
 
     def _hook_timeout(self, phase):
-        return self.request.hook_timeout or config.HOOK_TIMEOUTS[phase.name]
+        return self.request.hook_timeout or phase.timeout
 
     def _redact(self, text):
         """Hide the values of secret variables in anything we log."""
@@ -688,15 +662,19 @@ class Process:
     def _channel(self, phase, hook):
         """The checker of what `hook` says; a host hook of `phase` may set variables."""
         protected = RUNNER_STATE | self.operator_names
-        settable = SETTABLE.get(phase.name, ())
+        settable = phase.settable
         return hookrun.Channel(self.monitor, self._warn, phase.name, hook, self.env,
                                lambda name, value: hookrun.may_set(name, value, settable, protected),
                                inside=phase.where != "host")
 
-    def _run_instance(self, phase, accepted):
+    def _run_handler(self, phase, accepted):
+        """A phase whose hooks a registered handler runs (instance-validate boots the image)."""
         if not accepted:
             return
-        from imaging_elements import instance  # boots qemu: loaded only when needed
+        handler = phase_handlers.get(phase.handler)
+        if handler is None:
+            raise ProcessFailure(2, f"{phase.name}: no phase handler {phase.handler!r} registered "
+                                    "(run processes through imaging_elements.api)")
         # The boot is no hook of its own: a log line, then one hook-end per guest-side hook.
         self.monitor.event("log", level="INFO", message=f"{phase.name}: booting the image to run "
                                                         f"{len(accepted)} validator(s) in it")
@@ -712,8 +690,8 @@ class Process:
                 report.message(json.dumps(message))
 
         try:
-            results = instance.run_phase([(h.name, h.path) for h in accepted], env, self.journal, emit)
-        except instance.InstanceError as exc:
+            results = handler([(h.name, h.path) for h in accepted], env, self.journal, emit)
+        except phase_handlers.HandlerError as exc:
             raise ProcessFailure(1, f"{phase.name}: {exc}") from exc
         optional = {h.name: h.optional for h in accepted}
         failed = []
@@ -833,8 +811,8 @@ class Process:
                 else:
                     ok, reason = hooks.accepts(hook, self._context(phase), self._hook_env(hook))
                     answer = "yes" if ok else f"no: {reason}"
-                    if phase.name == "mount" and not ok:
-                        answer += " (unless an earlier mounter changes the disk type)"
+                    if not ok:
+                        answer += phase.list_note
                 optional = " [optional]" if hook.optional else ""
                 out.write(f"  {hook.name:<28} {hook.element:<24} accepts: {answer}{optional}\n")
             if phase.kind == "chain" and self._chain_target(phase):
