@@ -40,9 +40,11 @@ import subprocess
 import time
 import uuid
 
-from imaging_elements import bootdisk, config, confine, disk, hooklib, qemuimg
+from imaging_elements import config, confine, hooklib
+from imaging_elements.convert import bootdisk, qemuimg
+from imaging_elements.mount import disk
 from imaging_elements import hooks as hooks_mod
-from imaging_elements.guest import Guest, GuestPathError
+from imaging_elements.guest.guest import Guest, GuestPathError
 from imaging_elements.journal import Journal
 from imaging_elements.resources import LIB, PACKAGE
 

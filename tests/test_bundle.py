@@ -17,7 +17,7 @@ import sys
 import tarfile
 import tempfile
 
-from imaging_elements import bundle
+from imaging_elements.bundle import bundle
 from imaging_elements.journal import Journal
 from tests import base, imagebuild
 
