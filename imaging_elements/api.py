@@ -20,7 +20,7 @@ from imaging_elements import interrupts, phase_handlers, runner
 
 def _instance_handler(hooks, env, journal, emit):
     """instance-validate: boot the image, run the validators in the guest (instance.py)."""
-    from imaging_elements import instance  # boots qemu: loaded only when needed
+    from imaging_elements.instance import instance  # boots qemu: loaded only when needed
     try:
         return instance.run_phase(hooks, env, journal, emit)
     except instance.InstanceError as exc:
