@@ -31,7 +31,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from imaging_elements import hooks as hooks_mod  # noqa: E402
+from imaging_elements.engine import hooks as hooks_mod  # noqa: E402
 from imaging_elements.instance import instance  # noqa: E402
 from imaging_elements.journal import Journal  # noqa: E402
 from benchmarks.compare import alternate, load, report  # noqa: E402

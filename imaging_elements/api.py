@@ -15,7 +15,7 @@ import os
 import signal
 import threading
 
-from imaging_elements import interrupts, phase_handlers, runner
+from imaging_elements.engine import interrupts, phase_handlers, runner
 
 
 def _instance_handler(hooks, env, journal, emit):

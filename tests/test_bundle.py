@@ -572,7 +572,7 @@ class TestHooks(BundleCase):
                                    "signature verified)"}, status)
 
     def test_unbundle_hook_accepts_only_bundles(self):
-        from imaging_elements import hooks
+        from imaging_elements.engine import hooks
         hook = hooks.Hook("unbundle", "50-unbundle-ec2", UNBUNDLE_HOOK, "bundle-ec2")
         self.assertEqual((True, ""), hooks.accepts(hook, {"source-type": "bundle"}, os.environ))
         self.assertEqual((False, "source-type raw is not one of: bundle"),

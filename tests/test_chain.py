@@ -5,7 +5,7 @@ import os
 import fixtures
 import testtools
 
-from imaging_elements import chain, hooks, runner
+from imaging_elements.engine import chain, hooks, runner
 
 PHASE = {p.name: p for p in runner.PHASES}
 

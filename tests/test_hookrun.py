@@ -3,7 +3,7 @@
 import os
 import time
 
-from imaging_elements import hookrun, hooks
+from imaging_elements.engine import hookrun, hooks
 from tests import base
 
 

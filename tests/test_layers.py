@@ -7,11 +7,11 @@ import os
 
 import testtools
 
-from imaging_elements import api, phase_handlers, phases
+from imaging_elements import api
+from imaging_elements.engine import phase_handlers, phases
 
 PACKAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "imaging_elements")
-ENGINE = ("runner", "chain", "hookrun", "workdir", "interrupts", "phases", "phase_handlers", "elements",
-          "hooks", "journal", "monitor", "config", "sandbox", "confine", "imagetype", "resources")
+ENGINE = os.path.join(PACKAGE, "engine")
 CLASS_LIBRARIES = ("disk", "fstab", "guest", "guestinfo", "qemuimg", "bootdisk", "bundle", "crypt", "instance",
                    "mount", "convert")
 
@@ -32,10 +32,9 @@ def imported(path):
 
 
 def engine_files():
-    for name in ENGINE:
-        path = os.path.join(PACKAGE, name + ".py")
-        if os.path.exists(path):
-            yield name, path
+    for name in sorted(os.listdir(ENGINE)):
+        if name.endswith(".py"):
+            yield name[:-3], os.path.join(ENGINE, name)
 
 
 class LayersTest(testtools.TestCase):

@@ -13,7 +13,7 @@ import random
 import shutil
 import struct
 
-from imaging_elements import hooks, imagetype
+from imaging_elements.engine import hooks, imagetype
 from imaging_elements.mount import disk
 from tests import base, imagebuild
 from tests.imagebuild import MiB, sh

@@ -18,7 +18,7 @@ import subprocess
 import sys
 import time
 
-from imaging_elements import config, sandbox
+from imaging_elements.engine import config, sandbox
 from tests import base, guestimages, imagebuild
 
 SH = "#!/bin/sh\n"

@@ -3,7 +3,7 @@
 import contextlib
 import os
 
-from imaging_elements import workdir
+from imaging_elements.engine import workdir
 from tests import base
 
 

@@ -7,7 +7,7 @@ import argparse
 import os
 import sys
 
-from imaging_elements import config
+from imaging_elements.engine import config
 from imaging_elements.bundle import bundle
 from imaging_elements.cli.bundle_image import ProgressBar
 

@@ -40,13 +40,14 @@ import subprocess
 import time
 import uuid
 
-from imaging_elements import config, confine, hooklib
+from imaging_elements import hooklib
+from imaging_elements.engine import config, confine
 from imaging_elements.convert import bootdisk, qemuimg
 from imaging_elements.mount import disk
-from imaging_elements import hooks as hooks_mod
+from imaging_elements.engine import hooks as hooks_mod
 from imaging_elements.guest.guest import Guest, GuestPathError
 from imaging_elements.journal import Journal
-from imaging_elements.resources import LIB, PACKAGE
+from imaging_elements.engine.resources import LIB, PACKAGE
 
 SCOPE = "instance-validate"
 

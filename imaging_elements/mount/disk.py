@@ -34,7 +34,8 @@ import threading
 import time
 import uuid as uuidlib
 
-from imaging_elements import confine, hooklib
+from imaging_elements import hooklib
+from imaging_elements.engine import confine
 from imaging_elements.convert import qemuimg
 from imaging_elements.mount import fstab
 from imaging_elements.guest.guest import Guest, GuestPathError, detect_platform
@@ -823,7 +824,7 @@ def check():
 
 def export_step():
     """mount-qemu-fuse: the container as a raw file; IMG_DISK and IMG_DISK_TYPE for the next."""
-    from imaging_elements import imagetype
+    from imaging_elements.engine import imagetype
     image = os.environ.get("IMG_DISK") or os.environ.get("IMG_IMAGE")
     fmt = os.environ.get("IMG_DISK_TYPE")
     warn_in_place()

@@ -12,7 +12,7 @@ import subprocess
 import time
 from collections import deque
 
-from imaging_elements.monitor import clean
+from imaging_elements.engine.monitor import clean
 
 OUTPUT_TAIL = 20
 VAR_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")

@@ -2,7 +2,7 @@
 the defaults, `--help` and docs/configuration.md.
 
 Every setting can be given as an option or as its IMG_* environment variable;
-the option wins.  `python -m imaging_elements.config` prints the Markdown
+the option wins.  `python -m imaging_elements.engine.config` prints the Markdown
 that docs/configuration.md holds.
 """
 
@@ -11,7 +11,7 @@ import os
 import re
 import sys
 
-from imaging_elements.phases import PHASES
+from imaging_elements.engine.phases import PHASES
 
 
 class Setting:
@@ -167,7 +167,7 @@ def parse(argv, environ=os.environ):
 
 def markdown():
     lines = ["# Configuration", "",
-             ("Generated from `imaging_elements/config.py` by `python -m imaging_elements.config`; "
+             ("Generated from `imaging_elements/engine/config.py` by `python -m imaging_elements.engine.config`; "
               "do not edit by hand."), "",
              ("Every setting of `euca-image-process` is an option and an environment variable; "
               "the option wins."), "",

@@ -14,13 +14,13 @@ import sys
 import time
 import traceback
 
-from imaging_elements import (chain, config, elements, hookrun, hooks, imagetype, interrupts, phase_handlers,
-                              phases, sandbox, workdir)
-from imaging_elements.hookrun import MAX_MESSAGE, VAR_NAME
-from imaging_elements.interrupts import Cancelled, Terminated
-from imaging_elements.monitor import clean
-from imaging_elements.resources import BIN, LIB
-from imaging_elements.resources import PYTHONPATH as ROOT
+from imaging_elements.engine import (chain, config, elements, hookrun, hooks, imagetype, interrupts,
+                                     phase_handlers, phases, sandbox, workdir)
+from imaging_elements.engine.hookrun import MAX_MESSAGE, VAR_NAME
+from imaging_elements.engine.interrupts import Cancelled, Terminated
+from imaging_elements.engine.monitor import clean
+from imaging_elements.engine.resources import BIN, LIB
+from imaging_elements.engine.resources import PYTHONPATH as ROOT
 
 SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 MiB = 1024 * 1024

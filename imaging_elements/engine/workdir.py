@@ -8,8 +8,9 @@ import os
 import shutil
 import tempfile
 
-from imaging_elements import hooklib, interrupts
-from imaging_elements.hookrun import run_tool
+from imaging_elements import hooklib
+from imaging_elements.engine import interrupts
+from imaging_elements.engine.hookrun import run_tool
 from imaging_elements.journal import Journal, describe
 
 CREATED = ".created-by-euca-image-process"
