@@ -2,7 +2,7 @@
 
 elements/ and lib/ stay at the top of the repository (the project layout); a
 build copies them into the package as imaging_elements/_data/, where
-imaging_elements/resources.py finds them in an installed copy.  An editable
+imaging_elements/engine/resources.py finds them in an installed copy.  An editable
 install uses them in place.
 """
 

@@ -76,7 +76,7 @@ def stages(image):
     from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
     from isal import igzip_lib, isal_zlib
 
-    from imaging_elements.bundle import GZIP_LEVEL, READ_CHUNK
+    from imaging_elements.bundle.bundle import GZIP_LEVEL, READ_CHUNK
     key, iv = os.urandom(16), os.urandom(16)
     deflate = isal_zlib.compressobj(GZIP_LEVEL, isal_zlib.DEFLATED, 31)
     with open(image, "rb") as f:

@@ -3,7 +3,7 @@
 
     sudo python3 benchmarks/instance.py [--runs 3] [--no-baseline] [--image DISK]
 
-Each run is `imaging_elements.instance.run_phase` with the hooks of
+Each run is `imaging_elements.instance.instance.run_phase` with the hooks of
 elements/instance-validate-linux on tests.imagebuild.debian_boot_disk() (a
 real Debian 12 from tests/images/mkdebian, extlinux, cached), as the runner
 calls it. Printed per run and as the median of --runs:
@@ -31,8 +31,8 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from imaging_elements import hooks as hooks_mod  # noqa: E402
-from imaging_elements import instance  # noqa: E402
+from imaging_elements.engine import hooks as hooks_mod  # noqa: E402
+from imaging_elements.instance import instance  # noqa: E402
 from imaging_elements.journal import Journal  # noqa: E402
 from benchmarks.compare import alternate, load, report  # noqa: E402
 from tests.imagebuild import debian_boot_disk  # noqa: E402

@@ -32,7 +32,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from benchmarks.compare import CACHE, alternate, dib_site, dib_venv, load, report, timed  # noqa: E402
-from imaging_elements import elements  # noqa: E402
+from imaging_elements.engine import elements  # noqa: E402
 
 CHAIN = 2000
 HOOK_COUNTS = (1, 10, 50)

@@ -15,7 +15,20 @@ import os
 import signal
 import threading
 
-from imaging_elements import runner
+from imaging_elements.engine import interrupts, phase_handlers, runner
+
+
+def _instance_handler(hooks, env, journal, emit):
+    """instance-validate: boot the image, run the validators in the guest (instance.py)."""
+    from imaging_elements.instance import instance  # boots qemu: loaded only when needed
+    try:
+        return instance.run_phase(hooks, env, journal, emit)
+    except instance.InstanceError as exc:
+        raise phase_handlers.HandlerError(str(exc)) from exc
+
+
+# The stock phase handlers: class libraries plug into the engine here, never the other way.
+phase_handlers.register("instance", _instance_handler)
 
 
 @dataclasses.dataclass
@@ -129,7 +142,7 @@ class ProcessGuard:
     def _handle(self, signum, frame):
         self.cancel.signum = signum
         self.cancel.set()
-        runner.interrupt_main(signum)
+        interrupts.interrupt_main(signum)
 
     def __exit__(self, *exc):
         for sig, previous in self._previous.items():

@@ -213,7 +213,8 @@ def _check(probe):
 def _toolkit(settings):
     """The toolkit answers: its API imports and every element list the tasks run resolves
     on the configured elements path (a service without its toolkit must be disabled)."""
-    from imaging_elements import api, elements  # noqa: F401
+    from imaging_elements import api  # noqa: F401
+    from imaging_elements.engine import elements
     library = elements.find_elements(":".join(settings.elements_path or []))
     for name in ("elements_linux", "elements_windows", "instance_elements", "export_elements"):
         elements.resolve(getattr(settings, name), library)

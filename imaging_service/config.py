@@ -19,7 +19,7 @@ import sys
 
 import yaml
 
-from imaging_elements.config import parse_size
+from imaging_elements.engine.config import parse_size
 
 PREFIX = "IMAGING_SERVICE_"
 # Modules whose SETTINGS lists are part of the table, in this order.

@@ -14,7 +14,7 @@ import os
 import sys
 
 from imaging_elements import api
-from imaging_elements.monitor import JsonMonitor
+from imaging_elements.engine.monitor import JsonMonitor
 
 
 def main(argv=None):

@@ -9,7 +9,7 @@ import threading
 import time
 
 from imaging_elements import api
-from imaging_elements.monitor import JsonMonitor
+from imaging_elements.engine.monitor import JsonMonitor
 from tests import base, guestimages
 from tests.test_runner import BASH, RunnerCase
 

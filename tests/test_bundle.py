@@ -18,7 +18,7 @@ import time
 import tarfile
 import tempfile
 
-from imaging_elements import bundle
+from imaging_elements.bundle import bundle
 from imaging_elements.journal import Journal
 from tests import base, imagebuild
 
@@ -586,7 +586,7 @@ class TestHooks(BundleCase):
                                    "signature verified)"}, status)
 
     def test_unbundle_hook_accepts_only_bundles(self):
-        from imaging_elements import hooks
+        from imaging_elements.engine import hooks
         hook = hooks.Hook("unbundle", "50-unbundle-ec2", UNBUNDLE_HOOK, "bundle-ec2")
         self.assertEqual((True, ""), hooks.accepts(hook, {"source-type": "bundle"}, os.environ))
         self.assertEqual((False, "source-type raw is not one of: bundle"),

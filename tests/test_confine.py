@@ -4,7 +4,7 @@ Each property is tried from inside, as a hostile tool would."""
 import os
 import subprocess
 
-from imaging_elements import confine
+from imaging_elements.engine import confine
 from tests import base, imagebuild
 
 MiB = imagebuild.MiB

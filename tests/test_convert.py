@@ -10,7 +10,7 @@ import sys
 import tempfile
 import time
 
-from imaging_elements import qemuimg
+from imaging_elements.convert import qemuimg
 from imaging_elements.journal import Journal
 from tests import base, imagebuild
 

@@ -15,7 +15,7 @@ import subprocess
 import tempfile
 import time
 
-from imaging_elements import bootdisk
+from imaging_elements.convert import bootdisk
 from imaging_elements.journal import Journal
 from tests import base, imagebuild
 from tests.test_convert import allocated, hook_env, run_hook, status

@@ -7,7 +7,7 @@ import sys
 
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
-from imaging_elements import crypt
+from imaging_elements.bundle import crypt
 from imaging_elements.journal import Journal
 from tests import base, imagebuild
 
@@ -95,7 +95,7 @@ class TestKeyFile(CryptCase):
     def test_genkey_is_private_and_never_overwrites(self):
         self.assertEqual(0o600, os.stat(self.key_file).st_mode & 0o777)
         self.assertEqual((self.key, self.iv), crypt.read_key_file(self.key_file))
-        result = subprocess.run([sys.executable, "-m", "imaging_elements.crypt", "genkey", self.key_file],
+        result = subprocess.run([sys.executable, "-m", "imaging_elements.bundle.crypt", "genkey", self.key_file],
                                 cwd=base.ROOT, stderr=subprocess.PIPE, text=True)
         self.assertEqual(1, result.returncode)
         self.assertIn("File exists", result.stderr)

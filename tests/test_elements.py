@@ -4,7 +4,7 @@ import itertools
 import json
 import os
 
-from imaging_elements import elements
+from imaging_elements.engine import elements
 from tests import base
 
 

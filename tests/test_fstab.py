@@ -1,11 +1,11 @@
-"""One fstab parser and one device resolver (imaging_elements.fstab), shared by
+"""One fstab parser and one device resolver (imaging_elements.mount.fstab), shared by
 the mounters and the validators: names resolve against the image's own
 filesystems, never the host's."""
 
 import os
 
-from imaging_elements import fstab
-from imaging_elements.guest import Guest, GuestPathError
+from imaging_elements.mount import fstab
+from imaging_elements.guest.guest import Guest, GuestPathError
 from tests import base
 
 FILESYSTEMS = [

@@ -1,4 +1,4 @@
-"""imaging_elements.guest: guest paths never leave the image, reads are capped.
+"""imaging_elements.guest.guest: guest paths never leave the image, reads are capped.
 
 The hostile trees here are built to escape: absolute and relative symlinks
 out of the root, `..` above it, loops, huge and binary files, FIFOs.  A host
@@ -13,7 +13,7 @@ import subprocess
 import sys
 
 from imaging_elements import hooklib
-from imaging_elements.guest import DEFAULT_LIMIT, MAX_LINKS, Guest, GuestPathError, decode_text, detect_platform
+from imaging_elements.guest.guest import DEFAULT_LIMIT, MAX_LINKS, Guest, GuestPathError, decode_text, detect_platform
 from imaging_elements.journal import Journal
 from tests import base
 from tests.imagebuild import MiB, make_fs, write_tree
@@ -214,10 +214,10 @@ class TestCommandLine(base.TestCase):
         self.assertEqual(f"{real}/secret\nyes\nno\n", result.stdout, result.stderr)
 
     def test_platform_and_ls(self):
-        result = subprocess.run([sys.executable, "-m", "imaging_elements.guest", "--root", self.root, "platform"],
+        result = subprocess.run([sys.executable, "-m", "imaging_elements.guest.guest", "--root", self.root, "platform"],
                                 env=self.env, stdout=subprocess.PIPE, text=True)
         self.assertEqual("linux\n", result.stdout)
-        result = subprocess.run([sys.executable, "-m", "imaging_elements.guest", "ls", "/lib64/modules"],
+        result = subprocess.run([sys.executable, "-m", "imaging_elements.guest.guest", "ls", "/lib64/modules"],
                                 env=self.env, stdout=subprocess.PIPE, text=True)
         self.assertEqual("6.1\n", result.stdout)
 

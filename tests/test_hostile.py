@@ -13,7 +13,7 @@ import threading
 import time
 import zlib
 
-from imaging_elements import bundle
+from imaging_elements.bundle import bundle
 from tests import base, imagebuild
 from tests.test_runner import BASH, RunnerCase, SandboxTest
 

@@ -13,7 +13,7 @@ import shutil
 import struct
 import tempfile
 
-from imaging_elements import qemuimg
+from imaging_elements.convert import qemuimg
 from tests import base, imagebuild
 
 MiB = imagebuild.MiB

@@ -1,4 +1,4 @@
-"""The inspection report (imaging_elements.guestinfo.inspect and the inspect element).
+"""The inspection report (imaging_elements.guest.guestinfo.inspect and the inspect element).
 
 On guest trees: the report's fields, package databases of each format, a
 Windows guest read through hivex, hostile files; the hook's JSON outputs.
@@ -12,7 +12,7 @@ import sqlite3
 import subprocess
 import sys
 
-from imaging_elements import guestinfo
+from imaging_elements.guest import guestinfo
 from tests import base
 from tests.guestimages import linux_root, windows_tree
 from tests.validators import ROOT_FS, hook_path, run_hook, write_filesystems
@@ -92,7 +92,8 @@ class TestInspectLinux(base.TestCase):
                          text.splitlines())
 
     def test_command_line(self):
-        result = subprocess.run([sys.executable, "-m", "imaging_elements.guestinfo", "--root", self.root, "--json"],
+        result = subprocess.run([sys.executable, "-m", "imaging_elements.guest.guestinfo", "--root", self.root,
+                                 "--json"],
                                 stdout=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONPATH=base.ROOT))
         self.assertEqual("testguest", json.loads(result.stdout)["hostname"])
 

@@ -21,8 +21,8 @@ import time
 
 import testtools.content
 
-from imaging_elements import hooks as hooks_mod
-from imaging_elements import instance
+from imaging_elements.engine import hooks as hooks_mod
+from imaging_elements.instance import instance
 from imaging_elements.journal import Journal
 from tests import base, imagebuild
 

@@ -16,7 +16,7 @@ import shutil
 import tempfile
 import time
 
-from imaging_elements import imagetype
+from imaging_elements.engine import imagetype
 from tests import base, imagebuild
 from tests.test_instance import edit_fs
 

@@ -13,7 +13,8 @@ import random
 import shutil
 import struct
 
-from imaging_elements import disk, hooks, imagetype
+from imaging_elements.engine import hooks, imagetype
+from imaging_elements.mount import disk
 from tests import base, imagebuild
 from tests.imagebuild import MiB, sh
 from tests.test_mount_support import (BOOT_UUID, ESP_PARTUUID, KERNEL, MOUNTERS, XFS_UUID, MountRun,

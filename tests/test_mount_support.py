@@ -21,7 +21,7 @@ import tempfile
 import threading
 import time
 
-from imaging_elements import hooks
+from imaging_elements.engine import hooks
 from imaging_elements.journal import Journal
 from tests import imagebuild
 from tests.base import ROOT

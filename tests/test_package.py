@@ -120,7 +120,7 @@ class PackageTest(base.TestCase):
         self.assertTrue(package.startswith(os.path.realpath(venv)), package)
         # Bytecode written at install: no process recompiles the package.
         self.assertTrue(os.path.exists(os.path.join(
-            package, "__pycache__", f"runner.{sys.implementation.cache_tag}.pyc")))
+            package, "engine", "__pycache__", f"runner.{sys.implementation.cache_tag}.pyc")))
         for name in DRIVERS:
             self.assertIn("usage:", self.run_installed(venv, name, "--help"))
         self.assert_stock_elements(venv)
@@ -133,7 +133,7 @@ class PackageTest(base.TestCase):
             venv = self.venv(["wheel"], ["--no-build-isolation", ROOT])
         self.assert_stock_elements(venv)
         elements = sh(os.path.join(venv, "bin", "python"), "-c",
-                      "import imaging_elements.resources as r; print(r.ELEMENTS)", cwd=self.tmp, env=self.env())
+                      "import imaging_elements.engine.resources as r; print(r.ELEMENTS)", cwd=self.tmp, env=self.env())
         self.assertTrue(os.path.realpath(elements.strip()).startswith(os.path.realpath(venv) + os.sep), elements)
 
     def test_sdist_carries_the_tree(self):
@@ -142,7 +142,7 @@ class PackageTest(base.TestCase):
             names = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
         for needed in ("lib/img-functions", "elements/mounters/element-deps", "setup.py", "pyproject.toml",
                        "MANIFEST.in", "LICENSE", "requirements.txt", "tox.ini", "docs/cli.md",
-                       "tests/test_package.py", "imaging_elements/resources.py"):
+                       "tests/test_package.py", "imaging_elements/engine/resources.py"):
             self.assertIn(needed, names)
         self.assertFalse([n for n in names if "__pycache__" in n])
 

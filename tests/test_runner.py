@@ -8,7 +8,7 @@ import subprocess
 import sys
 import time
 
-from imaging_elements import config
+from imaging_elements.engine import config
 from imaging_elements.journal import Journal
 from tests import base, imagebuild
 
@@ -477,7 +477,7 @@ class ConfigTest(base.TestCase):
     def test_docs_match_the_table(self):
         with open(os.path.join(base.ROOT, "docs", "configuration.md")) as f:
             self.assertEqual(config.markdown(), f.read(),
-                             "regenerate: python -m imaging_elements.config > docs/configuration.md")
+                             "regenerate: python -m imaging_elements.engine.config > docs/configuration.md")
 
     def test_help_comes_from_the_table(self):
         out = self.run_bin("euca-image-process", "--help", check=0).stdout

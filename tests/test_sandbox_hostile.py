@@ -16,7 +16,7 @@ import stat
 import subprocess
 import sys
 
-from imaging_elements import config, sandbox
+from imaging_elements.engine import config, sandbox
 from tests import base, guestimages, imagebuild
 
 SH = "#!/bin/sh\n"

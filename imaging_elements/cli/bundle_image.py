@@ -10,7 +10,8 @@ import shutil
 import sys
 import tempfile
 
-from imaging_elements import bundle, config
+from imaging_elements.engine import config
+from imaging_elements.bundle import bundle
 
 PROG = "euca-bundle-image"
 

@@ -5,7 +5,7 @@ import json
 import os
 import sys
 
-from imaging_elements import elements
+from imaging_elements.engine import elements
 
 
 def main(argv=None):

@@ -6,8 +6,8 @@ import sys
 import tempfile
 import time
 
-from imaging_elements import config
-from imaging_elements.monitor import (
+from imaging_elements.engine import config
+from imaging_elements.engine.monitor import (
     JsonMonitor,
     Monitors,
     TextMonitor,
@@ -101,7 +101,8 @@ def main(argv=None):
     started = time.monotonic()
     args = config.parse(sys.argv[1:] if argv is None else argv)
     # Imported after parsing so that --help stays fast.
-    from imaging_elements import api, runner
+    from imaging_elements import api
+    from imaging_elements.engine import workdir
     try:
         monitor = _monitors(args)
     except UsageError as exc:
@@ -116,7 +117,7 @@ def main(argv=None):
         with api.ProcessGuard() as guard:
             try:
                 if args.cleanup:
-                    code, error = runner.cleanup_work_dir(
+                    code, error = workdir.cleanup_work_dir(
                         os.path.abspath(args.cleanup), warn,
                         lambda text: monitor.event("log", level="INFO", message=text))
                 else:

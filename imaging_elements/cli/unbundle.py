@@ -7,7 +7,8 @@ import argparse
 import os
 import sys
 
-from imaging_elements import bundle, config
+from imaging_elements.engine import config
+from imaging_elements.bundle import bundle
 from imaging_elements.cli.bundle_image import ProgressBar
 
 PROG = "euca-unbundle"

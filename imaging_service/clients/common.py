@@ -7,7 +7,8 @@ import sys
 import boto3
 import botocore.config
 
-from imaging_elements import confine, imagetype, qemuimg
+from imaging_elements.convert import qemuimg
+from imaging_elements.engine import confine, imagetype
 
 # EC2's names of the formats and the toolkit's image types.
 FORMATS = {"raw": "raw", "vmdk": "vmdk", "vhd": "vhd", "vhdx": "vhdx", "qcow2": "qcow2"}

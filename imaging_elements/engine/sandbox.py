@@ -35,7 +35,7 @@ import struct
 import subprocess
 import sys
 
-from imaging_elements.resources import LIB, PACKAGE
+from imaging_elements.engine.resources import LIB, PACKAGE
 
 INSIDE = "/run/img"
 HOSTNAME = "imaging-sandbox"
@@ -139,7 +139,7 @@ def hook_argv(root, hook, verb="run", writable=True, limits=None):
 
 def parse_limits(items):
     """["memory=512M,processes=100", "cpu=60"] (or one such string) -> LIMITS with those changed."""
-    from imaging_elements import config  # not at the top: the launcher runs stdlib only
+    from imaging_elements.engine import config  # not at the top: the launcher runs stdlib only
     limits = dict(LIMITS)
     if isinstance(items, str):
         items = [items]
@@ -166,7 +166,7 @@ def parse_limits(items):
 def inside_environment(env, allowed_secrets=()):
     """The hook environment as seen inside the sandbox: no host paths, and no
     secret-named variable (config.is_secret_name) unless it is in `allowed_secrets`."""
-    from imaging_elements import config  # not at the top: the launcher runs stdlib only
+    from imaging_elements.engine import config  # not at the top: the launcher runs stdlib only
     env = dict(env, IMG_LIB=f"{INSIDE}/lib", PYTHONPATH=f"{INSIDE}/python",
                IMG_MOUNT_POINT="/", IMG_PYTHON="python3", PATH=GUEST_PATH)
     # Host-side paths mean nothing in there, and tell the guest about the host.

@@ -14,8 +14,8 @@ import math
 import os
 import re
 
-from imaging_elements import config
-from imaging_elements.resources import ELEMENTS as PROJECT_ELEMENTS
+from imaging_elements.engine import config
+from imaging_elements.engine.resources import ELEMENTS as PROJECT_ELEMENTS
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 NOT_ELEMENTS = {"__pycache__", "tests"}

@@ -19,7 +19,7 @@ import struct
 import subprocess
 import sys
 
-from imaging_elements import confine
+from imaging_elements.engine import confine
 
 # Our image types -> qemu block drivers.
 DRIVERS = {"raw": "raw", "partition": "raw", "vmdk": "vmdk", "qcow2": "qcow2",
@@ -418,7 +418,7 @@ def required_bytes(source, source_type, dest_type, env=os.environ):
 # Both hooks (to raw, from raw) are this code; their headers say which pairs they take.
 
 def _content_matches(path, declared):
-    from imaging_elements import imagetype
+    from imaging_elements.engine import imagetype
     try:
         detected = imagetype.detect(path)
     except imagetype.ImageTypeError as exc:

@@ -44,12 +44,15 @@ import subprocess
 import time
 import uuid
 
-from imaging_elements import bootdisk, config, confine, disk, hooklib, qemuimg
-from imaging_elements import hooks as hooks_mod
-from imaging_elements.guest import Guest, GuestPathError
+from imaging_elements import hooklib
+from imaging_elements.engine import config, confine
+from imaging_elements.convert import bootdisk, qemuimg
+from imaging_elements.mount import disk
+from imaging_elements.engine import hooks as hooks_mod
+from imaging_elements.guest.guest import Guest, GuestPathError
 from imaging_elements.journal import Journal
-from imaging_elements.monitor import clean as clean_text
-from imaging_elements.resources import ELEMENTS, LIB, PACKAGE
+from imaging_elements.engine.monitor import clean as clean_text
+from imaging_elements.engine.resources import ELEMENTS, LIB, PACKAGE
 
 AGENT = os.path.join("agent", "img-agent")  # in the element's directory
 STOCK_ELEMENT = "instance-validate-linux"

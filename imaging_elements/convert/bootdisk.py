@@ -20,7 +20,10 @@ import subprocess
 import sys
 import tempfile
 
-from imaging_elements import guest, hooklib, imagetype, qemuimg
+from imaging_elements import hooklib
+from imaging_elements.engine import imagetype
+from imaging_elements.convert import qemuimg
+from imaging_elements.guest import guest
 
 MiB = 1 << 20
 START = MiB                                   # the partition's offset

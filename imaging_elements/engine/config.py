@@ -2,7 +2,7 @@
 the defaults, `--help` and docs/configuration.md.
 
 Every setting can be given as an option or as its IMG_* environment variable;
-the option wins.  `python -m imaging_elements.config` prints the Markdown
+the option wins.  `python -m imaging_elements.engine.config` prints the Markdown
 that docs/configuration.md holds.
 """
 
@@ -10,6 +10,8 @@ import argparse
 import os
 import re
 import sys
+
+from imaging_elements.engine.phases import PHASES
 
 
 class Setting:
@@ -112,12 +114,10 @@ def is_secret_name(name):
     return bool(SECRET_NAME.search(name))
 
 
-# Default time limit of one hook, by phase (seconds): generous, so that a real
-# image never meets it, and a hook that hangs (a guest's interpreter that
-# sleeps forever) still ends.
-HOOK_TIMEOUTS = {"unbundle": 6 * 3600, "mount": 1800, "validate": 1800, "install": 1800,
-                 "convert": 6 * 3600, "instance-validate": 3600, "crypt": 6 * 3600,
-                 "bundle": 6 * 3600, "cleanup": 1800}
+# Default time limit of one hook, by phase (seconds; the phase table, phases.py):
+# generous, so that a real image never meets it, and a hook that hangs (a
+# guest's interpreter that sleeps forever) still ends.
+HOOK_TIMEOUTS = {p.name: p.timeout for p in PHASES}
 
 SIZE = re.compile(r"^(\d+(?:\.\d+)?)\s*([KMGTP]?)(i?B?)$", re.IGNORECASE)
 
@@ -167,7 +167,7 @@ def parse(argv, environ=os.environ):
 
 def markdown():
     lines = ["# Configuration", "",
-             ("Generated from `imaging_elements/config.py` by `python -m imaging_elements.config`; "
+             ("Generated from `imaging_elements/engine/config.py` by `python -m imaging_elements.engine.config`; "
               "do not edit by hand."), "",
              ("Every setting of `euca-image-process` is an option and an environment variable; "
               "the option wins."), "",

@@ -76,7 +76,7 @@ def qemu_format(path):
     confined to the file, which it sees under a fixed plain name (no `nbd:` or
     `json:` parsing of the user's name).
     """
-    from imaging_elements import confine
+    from imaging_elements.engine import confine
     try:
         image = confine.File(os.path.abspath(path), "image")
         result = confine.run(["qemu-img", "info", "--output=json", image.inside], [image],

@@ -17,11 +17,11 @@ decoded tolerantly (UTF-8 or UTF-16 with a BOM, undecodable bytes replaced).
 
 Command line (the bash twins in lib/img-functions call it):
 
-    python -m imaging_elements.guest [--root R] [--nocase] path GUEST_PATH
-    python -m imaging_elements.guest [--root R] [--nocase] read GUEST_PATH [--limit N]
-    python -m imaging_elements.guest [--root R] [--nocase] exists GUEST_PATH
-    python -m imaging_elements.guest [--root R] [--nocase] ls GUEST_PATH
-    python -m imaging_elements.guest [--root R] platform
+    python -m imaging_elements.guest.guest [--root R] [--nocase] path GUEST_PATH
+    python -m imaging_elements.guest.guest [--root R] [--nocase] read GUEST_PATH [--limit N]
+    python -m imaging_elements.guest.guest [--root R] [--nocase] exists GUEST_PATH
+    python -m imaging_elements.guest.guest [--root R] [--nocase] ls GUEST_PATH
+    python -m imaging_elements.guest.guest [--root R] platform
 
 ROOT defaults to $IMG_MOUNT_POINT.  Errors go to stderr naming the guest path
 and the reason; the exit code is 1 (2 for bad usage).
@@ -272,7 +272,7 @@ def detect_platform(root):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m imaging_elements.guest",
+    parser = argparse.ArgumentParser(prog="python -m imaging_elements.guest.guest",
                                      description="Read a guest image's files safely.")
     parser.add_argument("--root", default=os.environ.get("IMG_MOUNT_POINT"),
                         help="the image root (default: $IMG_MOUNT_POINT)")

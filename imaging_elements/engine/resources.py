@@ -14,7 +14,8 @@ importlib.resources would add to every process's start-up.
 import os
 import sys
 
-PACKAGE = os.path.dirname(os.path.abspath(__file__))
+# The package imaging_elements/ (this file is in its engine/).
+PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The directory to put on PYTHONPATH for `import imaging_elements`.
 PYTHONPATH = os.path.dirname(PACKAGE)
 _DATA = os.path.join(PACKAGE, "_data")

@@ -1,6 +1,6 @@
 """Facts about a guest, read from its files: shared by validators and inspection.
 
-Everything here reads the guest through `imaging_elements.guest.Guest`, so no
+Everything here reads the guest through `imaging_elements.guest.guest.Guest`, so no
 path ever leaves the image, and nothing from the image is executed.  Windows
 registry hives are read with hivex's `hivexget`, never with our own parser.
 
@@ -17,7 +17,7 @@ import struct
 import subprocess
 import sys
 
-from imaging_elements.guest import Guest, GuestPathError
+from imaging_elements.guest.guest import Guest, GuestPathError
 
 
 def linux_guest(root):
@@ -218,7 +218,7 @@ def check_expected_release(g, expect, release):
     return None
 
 
-# fstab and device resolution: imaging_elements.fstab
+# fstab and device resolution: imaging_elements.mount.fstab
 
 # ---------------------------------------------------------------------------
 # kernels
@@ -792,7 +792,7 @@ def windows_hibernated(g):
 
 def inspect(root, platform=None, filesystems=None):
     """The inspection report as a dict (virt-inspector's fields where they exist)."""
-    from imaging_elements.guest import detect_platform
+    from imaging_elements.guest.guest import detect_platform
     platform = platform if platform in ("linux", "windows") else detect_platform(root)
     filesystems = filesystems or []
     report = {"name": platform, "arch": None, "distro": None, "product_name": None,
@@ -878,7 +878,7 @@ def format_report(report):
 
 def main(argv=None):
     import argparse
-    parser = argparse.ArgumentParser(prog="python -m imaging_elements.guestinfo",
+    parser = argparse.ArgumentParser(prog="python -m imaging_elements.guest.guestinfo",
                                      description="Inspect a mounted guest image (read-only, nothing executed).")
     parser.add_argument("--root", default=os.environ.get("IMG_MOUNT_POINT"))
     parser.add_argument("--platform", default=os.environ.get("IMG_PLATFORM"))

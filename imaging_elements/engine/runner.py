@@ -7,171 +7,41 @@ lines on $IMG_STATUS_FD, see docs/hooks.md).
 """
 
 import contextlib
-import fcntl
 import json
 import os
-import re
-import selectors
-import shutil
-import signal
 import subprocess
 import sys
-import tempfile
-import threading
 import time
 import traceback
-from collections import deque
 
-from imaging_elements import config, elements, hooklib, hooks, imagetype, sandbox
-from imaging_elements.journal import Journal, describe
-from imaging_elements.monitor import clean
-from imaging_elements.resources import BIN, LIB
-from imaging_elements.resources import PYTHONPATH as ROOT
+from imaging_elements.engine import (chain, config, elements, hookrun, hooks, imagetype, interrupts,
+                                     phase_handlers, phases, sandbox, workdir)
+from imaging_elements.engine.hookrun import MAX_MESSAGE, VAR_NAME
+from imaging_elements.engine.interrupts import Cancelled, Terminated
+from imaging_elements.engine.monitor import clean
+from imaging_elements.engine.resources import BIN, LIB
+from imaging_elements.engine.resources import PYTHONPATH as ROOT
 
 SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-OUTPUT_TAIL = 20
 MiB = 1024 * 1024
-VAR_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 PLATFORMS = ("auto", "linux", "windows", "unknown")
 
-# Bounds on what a hook (or a guest behind it) can make the runner hold or print.
-MAX_LINE = 8192        # bytes of one output or status line; the rest of the line is dropped
-MAX_MESSAGE = 2000     # characters of one describe/warn/fail text
-MAX_DESCRIBE, MAX_WARN = 20, 100
-MAX_VALUE = 4096       # characters of a value a hook sets
-MAX_LOGGED = 10000     # output lines of one hook in the log; then only its last lines are kept
-PROGRESS_EVERY = 0.1   # seconds between two progress events of one hook
-
 # State the runner owns or acts on (paths, types, the journal, ...): a hook
-# may not set it, except the phases named in SETTABLE.  Hooks that run inside
+# may not set it, except what a phase's `settable` names (phases.py).  Hooks that run inside
 # the image (chroot, instance) may set nothing at all.
 RUNNER_STATE = frozenset("IMG_" + name for name in elements.RUNNER_VARIABLES) | {
     "IMG_SIZE", "IMG_KERNEL", "IMG_RAMDISK", "IMG_INSPECTION_REPORT"}
 # What -e (a request's options and environment) may not set: the runner's own
 # state has options of its own, or is not the operator's to give.
 NOT_OPTIONS = RUNNER_STATE - {"IMG_INSPECTION_REPORT", "IMG_SIZE", "IMG_KERNEL", "IMG_RAMDISK"}
-SETTABLE = {
-    # A container mounter hands the raw view on; the root finder says the platform.
-    "mount": frozenset(("IMG_DISK", "IMG_DISK_TYPE", "IMG_PLATFORM")),
-}
 
-
-class _LineReader:
-    """Split a byte stream into lines of at most MAX_LINE bytes, holding no more."""
-
-    def __init__(self):
-        self.buffer, self.cut = bytearray(), False
-
-    def feed(self, data):
-        lines, start = [], 0
-        while (end := data.find(b"\n", start)) >= 0:
-            self._add(data[start:end])
-            lines.append(self.flush())
-            start = end + 1
-        self._add(data[start:])
-        return lines
-
-    def _add(self, data):
-        room = MAX_LINE - len(self.buffer)
-        if len(data) > room:
-            self.cut = True
-        self.buffer += data[:max(room, 0)]
-
-    def pending(self):
-        return bool(self.buffer) or self.cut
-
-    def flush(self):
-        line = bytes(self.buffer) + (b" [line cut]" if self.cut else b"")
-        self.buffer, self.cut = bytearray(), False
-        return line
-
-
-class Phase:
-    """where: host, chroot or instance.  kind: how the phase's hooks are run:
-    all (every accepting hook), validate (all, results kept, optional ones
-    warn), chain (a planned chain of converters), transform (every accepting
-    hook replaces the image).  release_mount: the mount phase's resources are
-    let go first (the phase reads or boots the image file)."""
-
-    def __init__(self, name, where, kind, context=(), release_mount=False):
-        self.name, self.where, self.kind, self.context = name, where, kind, context
-        self.release_mount = release_mount
-
-
-PHASES = (
-    Phase("unbundle", "host", "transform", ("source-type",)),
-    Phase("mount", "host", "all", ("disk-type",)),
-    Phase("validate", "host", "validate", ("platform",)),
-    Phase("install", "chroot", "all", ("platform",)),
-    Phase("convert", "host", "chain", ("source-type", "dest-type"), release_mount=True),
-    Phase("instance-validate", "instance", "validate", ("platform",), release_mount=True),
-    Phase("crypt", "host", "chain", ("source-crypt", "dest-crypt")),
-    Phase("bundle", "host", "chain", ("source-type", "dest-type")),
-    Phase("cleanup", "host", "all"),
-)
-PHASE_NAMES = [p.name for p in PHASES]
-CONTEXT_VARS = {"disk-type": "IMG_DISK_TYPE", "platform": "IMG_PLATFORM",
-                "source-type": "IMG_SOURCE_TYPE", "dest-type": "IMG_DEST_TYPE",
-                "source-crypt": "IMG_SOURCE_CRYPT", "dest-crypt": "IMG_DEST_CRYPT"}
+PHASES, PHASE_NAMES, CONTEXT_VARS = phases.PHASES, phases.PHASE_NAMES, phases.CONTEXT_VARS
 
 
 class ProcessFailure(Exception):
     def __init__(self, code, message):
         super().__init__(message)
         self.code = code
-
-
-class Terminated(BaseException):
-    """SIGTERM, raised in the main thread so that the ExitStack unwinds."""
-
-
-class Cancelled(BaseException):
-    """The caller's cancel event was set: unwind as for SIGTERM."""
-
-    def __init__(self, code, message):
-        super().__init__(message)
-        self.code = code
-
-
-# Exit code and message of a cancelled process, by the signal that caused it.
-CANCEL_CODES = {signal.SIGINT: (130, "interrupted"), signal.SIGTERM: (143, "terminated by SIGTERM"),
-                None: (143, "cancelled")}
-
-# What a process run in the main thread may be interrupted by: ProcessGuard's
-# signal handler raises there (as SIGTERM always did), except while resources
-# are being released.  Other threads see only their cancel event.
-_main = {"running": 0, "deferred": 0}
-
-
-def _in_main_thread():
-    return threading.current_thread() is threading.main_thread()
-
-
-def interrupt_main(signum):
-    """Called by ProcessGuard's signal handler (main thread): raise into a run there."""
-    if _main["running"] and not _main["deferred"]:
-        raise KeyboardInterrupt() if signum == signal.SIGINT else Terminated()
-
-
-@contextlib.contextmanager
-def _main_running():
-    main = _in_main_thread()
-    _main["running"] += main
-    try:
-        yield
-    finally:
-        _main["running"] -= main
-
-
-@contextlib.contextmanager
-def _signals_deferred():
-    """While releasing resources, a Ctrl-C or SIGTERM must not stop us halfway."""
-    main = _in_main_thread()
-    _main["deferred"] += main
-    try:
-        yield
-    finally:
-        _main["deferred"] -= main
 
 
 class _NoMonitor:
@@ -214,7 +84,7 @@ class Process:
         started = time.monotonic()
         code, error = 1, "internal error"
         try:
-            with _main_running():
+            with interrupts.main_running():
                 code, error = self._run()
         except Cancelled as cancelled:  # while the work dir was being removed
             code, error = cancelled.code, str(cancelled)
@@ -268,8 +138,8 @@ class Process:
 
     def _cancel_point(self):
         """A safe point: stop here if the caller cancelled."""
-        if self.cancel is not None and self.cancel.is_set() and not self.cancel_ignored:
-            raise Cancelled(*CANCEL_CODES.get(getattr(self.cancel, "signum", None), CANCEL_CODES[None]))
+        if not self.cancel_ignored:
+            interrupts.check(self.cancel)
 
     # -- setup -------------------------------------------------------------------
     def _check_request(self):
@@ -369,70 +239,27 @@ class Process:
 
     def _prepare_work_dir(self, stack):
         request = self.request
-        if request.work_dir:
-            work = os.path.abspath(request.work_dir)
-            os.makedirs(work, exist_ok=True)
-            created = False
-        else:
-            # /var/tmp, not /tmp: images are large and /tmp may be in memory.
-            work = tempfile.mkdtemp(prefix="euca-image-process.", dir=os.environ.get("TMPDIR", "/var/tmp"))
-            created = True
-            with open(os.path.join(work, ".created-by-euca-image-process"), "w"):
-                pass
-        self.work = work
-        lock = open(os.path.join(work, "lock"), "w")  # noqa: SIM115 (held until the stack unwinds)
-        stack.callback(lock.close)
         try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise ProcessFailure(2, f"{work}: another euca-image-process is using this work dir")
-        if created and not request.keep_work_dir:
-            # After a failure the logs (a guest's console, daemons' output) stay.
-            stack.callback(lambda: remove_work_dir(work, self._warn, keep_logs=self.failed))
-        self.journal = Journal(os.path.join(work, "journal.jsonl"))
-        stack.callback(self._unwind)
-        leftover = self.journal.pending()
-        if leftover:
-            raise ProcessFailure(2, f"{work}: {len(leftover)} resource(s) left by an earlier process; "
-                                    f"run euca-image-process --cleanup {work} first")
-        scratch = os.path.join(work, "scratch")
-        mount_point = os.path.join(work, "mnt")
-        for path in (scratch, mount_point, os.path.join(work, "logs")):
-            os.makedirs(path, exist_ok=True)
-        if request.scratch_limit and not self.list_out:
-            self._limit_scratch(scratch, request.scratch_limit)
+            self.work = work = workdir.open_work_dir(
+                stack, request.work_dir, self._warn, remove=not request.keep_work_dir,
+                failed=lambda: self.failed, tmpdir=os.environ.get("TMPDIR", "/var/tmp"))
+            self.journal = workdir.journal_of(work)
+            stack.callback(self._unwind)
+            scratch, mount_point = workdir.fill(work, self.journal)
+            if request.scratch_limit and not self.list_out:
+                workdir.limit_scratch(work, scratch, request.scratch_limit, self.journal, self._cancel_point)
+                self.scratch_limited = True
+        except workdir.WorkDirError as exc:
+            raise ProcessFailure(exc.code, str(exc)) from exc
         self.env.update(IMG_WORK_DIR=work, IMG_SCRATCH_DIR=scratch, IMG_MOUNT_POINT=mount_point,
                         IMG_JOURNAL=self.journal.path, IMG_LIB=LIB, IMG_PYTHON=sys.executable,
                         IMG_ELEMENTS=" ".join(e.name for e in self.elements),
                         IMG_PLATFORM=request.platform or "auto",
-                        IMG_MOUNT_WRITABLE="1" if self.hooks["install"] and "install" in self.phases else "0")
+                        IMG_MOUNT_WRITABLE="1" if self._mount_writable() else "0")
 
-    def _limit_scratch(self, scratch, limit):
-        """--scratch-limit: the scratch directory becomes a filesystem of that size,
-        so that whatever writes there meets ENOSPC at the limit, while it writes."""
-        image = os.path.join(self.work, "scratch.ext4")
-        self.journal.add("remove", path=image)
-        with open(image, "wb") as f:
-            f.truncate(limit)  # sparse: it takes host space only as scratch fills
-        code, errors = self._run_tool(["mke2fs", "-q", "-F", "-t", "ext4", "-O", "^has_journal", "-m", "0",
-                                       "-E", "nodiscard", image])
-        if code:
-            raise ProcessFailure(1, f"--scratch-limit: cannot make the scratch filesystem: "
-                                    f"{errors.decode(errors='replace').strip()}")
-        # Our own loop device, detached through the journal: with mount -o loop the kernel
-        # lets go of it some time after the umount, not when the process ends.
-        try:
-            device, _ = hooklib.losetup(image, readonly=False, journal_=self.journal)
-        except hooklib.HookFailure as exc:
-            raise ProcessFailure(1, f"--scratch-limit: {exc}") from exc
-        # Journal first: undoing an umount of a path that is not mounted does nothing.
-        self.journal.add("umount", path=os.path.realpath(scratch))
-        code, errors = self._run_tool(["mount", "-t", "ext4", "-o", "nodev,nosuid", device, scratch])
-        if code:
-            raise ProcessFailure(1, f"--scratch-limit: cannot mount the scratch filesystem: "
-                                    f"{errors.decode(errors='replace').strip()}")
-        os.rmdir(os.path.join(scratch, "lost+found"))
-        self.scratch_limited = True
+    def _mount_writable(self):
+        """A phase that changes the image (install) will run hooks: mount it writable."""
+        return any(p.writable_mount and self.hooks[p.name] and p.name in self.phases for p in PHASES)
 
     def _refuse_overwriting_inputs(self):
         """The output must not be (through links too) a file the process reads, nor in the work dir."""
@@ -481,7 +308,7 @@ class Process:
     def _working_copy(self, path):
         """install.d hooks change the image: they get a copy, never the user's file."""
         copy = os.path.join(self.env["IMG_SCRATCH_DIR"], "working-copy." + self.env["IMG_IMAGE_TYPE"])
-        need, have = os.stat(path).st_blocks * 512, _free(self.env["IMG_SCRATCH_DIR"])
+        need, have = os.stat(path).st_blocks * 512, chain.free(self.env["IMG_SCRATCH_DIR"])
         if need > have:
             raise ProcessFailure(4, f"{path}: a working copy needs {need} bytes in "
                                     f"{self.env['IMG_SCRATCH_DIR']}, {have} bytes free")
@@ -493,15 +320,7 @@ class Process:
 
     def _run_tool(self, argv, env=None):
         """Run a short host command, stopping it if the caller cancels; (exit code, stderr)."""
-        process = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                   stderr=subprocess.PIPE, start_new_session=True)
-        try:
-            errors = _collect(process, process.stderr, self._cancel_point)
-        finally:
-            if process.poll() is None:  # cancelled: stop it first
-                _stop(process)
-            process.stderr.close()
-        return process.returncode, errors
+        return hookrun.run_tool(argv, self._cancel_point, env)
 
     def _prepare_output(self):
         request = self.request
@@ -584,16 +403,16 @@ class Process:
             duration = round(time.monotonic() - started, 3)
             self.phase_durations[phase.name] = duration
             self.monitor.event("phase-end", phase=phase.name, result=result, duration=duration)
-        if phase.name == "unbundle":
+        if phase.sets_disk_type:
             self.disk_type = self.env.get("IMG_IMAGE_TYPE")
-        if phase.name == "mount" and self.env.get("IMG_PLATFORM") == "auto":
+        if phase.finds_platform and self.env.get("IMG_PLATFORM") == "auto":
             self.env["IMG_PLATFORM"] = "unknown"
         self._break("after-" + phase.name, phase)
 
     def _release_mount(self):
         """Conversion reads the image file: first let go of every mount-phase resource."""
         self.cleanup_failures += self.journal.unwind(scope="mount", log=self._warn)
-        still = _mounts_under(self.env["IMG_MOUNT_POINT"])
+        still = workdir.mounts_under(self.env["IMG_MOUNT_POINT"])
         if still:
             raise ProcessFailure(1, f"could not release the mounted image: {', '.join(still)} still mounted")
 
@@ -617,8 +436,8 @@ class Process:
 
     def _run_validators(self, phase, hooks_here):
         accepted = [h for h in hooks_here if self._accepted(phase, h)]
-        if phase.where == "instance":
-            return self._run_instance(phase, accepted)
+        if phase.handler:
+            return self._run_handler(phase, accepted)
         # Every validator runs, so the user sees all that is wrong at once.
         failures = []
         for hook in accepted:
@@ -660,77 +479,28 @@ class Process:
     # -- converter chains ------------------------------------------------------------
     def _chain_target(self, phase):
         """(source, target) the phase must get from and to, or None when it has nothing to do."""
-        env = self.env
-        if not env.get("IMG_OUTPUT"):
-            return None
-        output_type = env["IMG_OUTPUT_TYPE"]
-        if phase.name == "convert":
-            current = env["IMG_IMAGE_TYPE"]
-            if output_type == "bundle":
-                target = current if current in ("raw", "partition") else "raw"
-                return (current, target) if target != current else None
-            return current, output_type
-        if phase.name == "crypt":
-            current, wanted = env.get("IMG_IMAGE_CRYPT", "none"), env.get("IMG_OUTPUT_CRYPT", "none")
-            return (current, wanted) if current != wanted else None
-        if phase.name == "bundle":
-            return (env["IMG_IMAGE_TYPE"], "bundle") if output_type == "bundle" else None
-        return None
-
-    def _is_last_writer(self, phase):
-        later = PHASE_NAMES[PHASE_NAMES.index(phase.name) + 1:]
-        return not any(p.kind == "chain" and p.name in later and p.name in self.phases
-                       and self._chain_target(p) for p in PHASES)
+        return chain.target(phase, self.env)
 
     def _plan(self, phase, hooks_here, source, target):
-        """The shortest chain of accepting hooks from source to target (ties: hook order)."""
         src_key, dst_key = phase.context
-        types = {target}
-        for hook in hooks_here:
-            types.update(t for t in hook.header.get("accepts-" + dst_key, "").split() if t != "*")
-        types = sorted(types)
-        cache = {}
 
-        def edge(hook, s, d):
-            if phase.name == "crypt" and "none" not in (s, d):
-                return False  # a crypt hook only ever encrypts or decrypts
-            if (hook.name, s, d) not in cache:
-                env = self._hook_env(hook, {CONTEXT_VARS[src_key]: s, CONTEXT_VARS[dst_key]: d})
-                cache[hook.name, s, d] = self._accepted(phase, hook, {src_key: s, dst_key: d}, env)
-            return cache[hook.name, s, d]
+        def accepts(hook, s, d):
+            env = self._hook_env(hook, {CONTEXT_VARS[src_key]: s, CONTEXT_VARS[dst_key]: d})
+            return self._accepted(phase, hook, {src_key: s, dst_key: d}, env)
 
-        for hook in hooks_here:  # one hook for the whole way, if any
-            if edge(hook, source, target):
-                return [(hook, source, target)]
-        previous, frontier = {source: None}, [source]
-        while frontier and target not in previous:
-            following = []
-            for s in frontier:
-                for hook in hooks_here:
-                    for d in types:
-                        if d not in previous and d != s and edge(hook, s, d):
-                            previous[d] = (hook, s)
-                            following.append(d)
-            frontier = following
-        if target not in previous:
-            names = ", ".join(e.name for e in self.elements)
-            raise ProcessFailure(2, f"{phase.name}: no hook of the elements ({names}) converts "
-                                    f"{source} to {target}, alone or in a chain")
-        chain, step = [], target
-        while previous[step]:
-            hook, s = previous[step]
-            chain.append((hook, s, step))
-            step = s
-        return chain[::-1]
+        try:
+            return chain.plan(phase, hooks_here, source, target, accepts, [e.name for e in self.elements])
+        except chain.PlanError as exc:
+            raise ProcessFailure(2, str(exc)) from exc
 
     def _run_chain(self, phase, hooks_here):
         source, target = self._chain_target(phase)
         src_key, dst_key = phase.context
-        chain = self._plan(phase, hooks_here, source, target)
-        last_writer = self._is_last_writer(phase)
+        steps_planned = self._plan(phase, hooks_here, source, target)
+        last_writer = chain.is_last_writer(phase, PHASES, self.phases, self.env)
         steps = []
-        for index, (hook, s, d) in enumerate(chain):
-            final = last_writer and index == len(chain) - 1
+        for index, (hook, s, d) in enumerate(steps_planned):
+            final = last_writer and index == len(steps_planned) - 1
             output = self.output_tmp if final else os.path.join(
                 self.env["IMG_SCRATCH_DIR"], f"{phase.name}-{index}-{hook.name}.{d}")
             extra = {CONTEXT_VARS[src_key]: s, CONTEXT_VARS[dst_key]: d, "IMG_CONVERT_OUTPUT": output}
@@ -740,7 +510,7 @@ class Process:
             if not final:
                 self.journal.add("remove", path=extra["IMG_CONVERT_OUTPUT"])
             self._run_hook(phase, hook, extra=extra)
-            if phase.name == "crypt":
+            if phase.chain_target == "crypt":  # the image's encryption changes, not its type
                 self.env["IMG_IMAGE_CRYPT"] = extra["IMG_DEST_CRYPT"]
                 self._advance_image(extra["IMG_CONVERT_OUTPUT"], image_type=self.env["IMG_IMAGE_TYPE"], hook=hook)
             else:
@@ -753,7 +523,7 @@ class Process:
             try:
                 need = hooks.required_capacity(hook, self._hook_env(hook, extra))
             except hooks.HookError as exc:
-                code, said = _said(str(exc))
+                code, said = hookrun.said(str(exc))
                 raise ProcessFailure(code, f"{phase.name}/{hook.name} ({hook.element}): cannot tell the space "
                                            f"it needs: {self._user_names(said)}") from exc
             if final:
@@ -761,15 +531,15 @@ class Process:
             else:
                 scratch_need += need
         scratch = self.env["IMG_SCRATCH_DIR"]
-        checks = [(scratch_need, scratch, _free(scratch), "left of --scratch-limit"
+        checks = [(scratch_need, scratch, "left of --scratch-limit"
                    if self.scratch_limited else "free in the work directory")]
         if output_need:
-            checks.append((output_need, os.path.dirname(self.output_tmp),
-                           _free(os.path.dirname(self.output_tmp)), "free in the output directory"))
-        for need, where, have, what in checks:
-            if need > have:
-                raise ProcessFailure(4, f"{phase.name}: not enough space: needs {need} bytes in "
-                                        f"{where}, {max(have, 0)} bytes {what}")
+            checks.append((output_need, os.path.dirname(self.output_tmp), "free in the output directory"))
+        short = chain.short_of_space(checks)
+        if short:
+            need, where, have, what = short
+            raise ProcessFailure(4, f"{phase.name}: not enough space: needs {need} bytes in "
+                                    f"{where}, {have} bytes {what}")
 
     # -- running one hook ------------------------------------------------------------
     def _base_env(self):
@@ -790,8 +560,6 @@ class Process:
         env = self._hook_env(hook, extra)
         self.monitor.event("hook-start", phase=phase.name, hook=hook.name, element=hook.element)
         started = time.monotonic()
-        status_read, status_write = os.pipe()
-        env["IMG_STATUS_FD"] = str(status_write)
         try:
             if phase.where == "chroot":
                 argv = sandbox.hook_argv(self.env["IMG_MOUNT_POINT"], hook, limits=self.sandbox_limits,
@@ -799,18 +567,17 @@ class Process:
                 env = sandbox.inside_environment(env, hook.secrets)
             else:
                 argv = hook.argv("run")
-            process = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                       stderr=subprocess.STDOUT, pass_fds=(status_write,),
-                                       start_new_session=True)
-        except (OSError, sandbox.SandboxError) as exc:
-            os.close(status_read)
+            process, status_read = hookrun.spawn(argv, env)
+        except (hookrun.HookStartError, sandbox.SandboxError) as exc:
             raise ProcessFailure(1, f"{hook.path}: cannot run: {exc}") from exc
-        finally:
-            os.close(status_write)
         entry = self.journal.add("kill", pid=process.pid, group=True)
-        report = {"describe": [], "warn": [], "fail": None}
+        report = self._channel(phase, hook)
         try:
-            tail = self._follow(phase, hook, process, status_read, report)
+            try:
+                tail = hookrun.follow(process, status_read, report, self._hook_timeout(phase),
+                                      self._cancel_point, self._redact)
+            except hookrun.TimedOut as exc:
+                raise ProcessFailure(1, str(exc)) from exc
         except BaseException as exc:  # stopped (time limit, cancel, signal): the stream still says so
             self.monitor.event("hook-end", phase=phase.name, hook=hook.name, element=hook.element,
                                result="failed", duration=round(time.monotonic() - started, 3),
@@ -818,10 +585,10 @@ class Process:
             raise
         finally:
             if process.poll() is None:  # interrupted: stop it before anything else unwinds
-                _stop(process)
+                hookrun.stop(process)
             self.journal.done(entry)
         duration = round(time.monotonic() - started, 3)
-        description = "; ".join(report["describe"])
+        description = "; ".join(report.describe)
         if process.returncode == 0:
             self.monitor.event("hook-end", phase=phase.name, hook=hook.name, element=hook.element,
                                result="ok", duration=duration, description=description)
@@ -831,7 +598,7 @@ class Process:
         sandboxed = phase.where == "chroot"  # a bound the sandbox saw wins over what the guest says
         exit_text = sandbox.exit_reason(process.returncode, self.sandbox_limits) if sandboxed \
             else f"exit {process.returncode}"
-        said = not (sandboxed and process.returncode in sandbox.BOUND_EXITS) and report["fail"]
+        said = not (sandboxed and process.returncode in sandbox.BOUND_EXITS) and report.fail
         reason = self._user_names(said or (exit_text + (": " + " | ".join(tail) if tail else "")))
         full = self._full(phase, hook, reason + " ".join(tail), (extra or {}).get("IMG_CONVERT_OUTPUT"))
         if full:
@@ -848,7 +615,7 @@ class Process:
         if validator:
             self.results.append({"hook": hook.name, "result": "failed", "reason": reason})
         # A hook that said the input is bad (unreadable, damaged): exit 3, as the early checks.
-        raise ProcessFailure(3 if report.get("bad_input") else 1,
+        raise ProcessFailure(3 if report.bad_input else 1,
                              f"{phase.name}/{hook.name} ({hook.element}) failed: {reason}")
 
     def _user_names(self, text):
@@ -867,9 +634,9 @@ class Process:
         scratch = self.env["IMG_SCRATCH_DIR"]
         to_output = bool(target) and target == self.output_tmp
         if self.scratch_limited and not to_output and (
-                enospc or _free(scratch) < max(MiB, self.request.scratch_limit // 100)):
+                enospc or chain.free(scratch) < max(MiB, self.request.scratch_limit // 100)):
             if not (target and target.startswith(scratch + os.sep)):
-                target = _newest_file(scratch)
+                target = workdir.newest_file(scratch)
             writing = f" while writing {os.path.relpath(target, self.work)}" if target else ""
             return ProcessFailure(4, f"{where}: the scratch space is full: --scratch-limit of "
                                      f"{self.request.scratch_limit} bytes reached{writing}")
@@ -883,63 +650,7 @@ class Process:
                                     if target and target.startswith(self.work + os.sep) else ""))
 
     def _hook_timeout(self, phase):
-        return self.request.hook_timeout or config.HOOK_TIMEOUTS[phase.name]
-
-    def _follow(self, phase, hook, process, status_read, report):
-        """Relay the hook's output and status lines until it ends; returns its last lines.
-
-        Stops the hook when the caller cancels or its time limit passes.  Memory
-        is bounded whatever the hook writes: a line is cut at MAX_LINE bytes."""
-        tail = deque(maxlen=OUTPUT_TAIL)
-        readers = {status_read: _LineReader(), process.stdout.fileno(): _LineReader()}
-        limit = self._hook_timeout(phase)
-        deadline = time.monotonic() + limit
-        selector = selectors.DefaultSelector()
-        for fd in readers:
-            os.set_blocking(fd, False)
-            selector.register(fd, selectors.EVENT_READ)
-
-        def line(fd, raw):
-            text = self._redact(raw.decode(errors="replace"))
-            if fd == status_read:
-                self._message(phase, hook, text, report)
-            else:
-                text = clean(text)
-                tail.append(text)
-                report["lines"] = report.get("lines", 0) + 1
-                if report["lines"] <= MAX_LOGGED:
-                    self.monitor.event("log", level="INFO", message=f"{hook.name}: {text}")
-                elif report["lines"] == MAX_LOGGED + 1:
-                    self._warn(f"{phase.name}/{hook.name} ({hook.element}): more than {MAX_LOGGED} lines "
-                               "of output; the rest are not logged (the last lines are kept)")
-
-        try:
-            while selector.get_map():
-                self._cancel_point()
-                if time.monotonic() > deadline:
-                    _stop(process)
-                    raise ProcessFailure(1, f"{phase.name}/{hook.name} ({hook.element}) killed: it ran longer "
-                                            f"than the hook time limit of {limit:g} s (--hook-timeout)")
-                exited = process.poll() is not None
-                ready = selector.select(timeout=0 if exited else 0.2)
-                if exited and not ready:
-                    break  # a daemon the hook started keeps the pipes open
-                for key, _ in ready:
-                    data = os.read(key.fd, 65536)
-                    if not data:
-                        selector.unregister(key.fd)
-                        continue
-                    for raw in readers[key.fd].feed(data):
-                        line(key.fd, raw)
-            for fd, reader in readers.items():
-                if reader.pending():
-                    line(fd, reader.flush())
-            process.wait()
-        finally:
-            selector.close()
-            os.close(status_read)
-            process.stdout.close()
-        return list(tail)
+        return self.request.hook_timeout or phase.timeout
 
     def _redact(self, text):
         """Hide the values of secret variables in anything we log."""
@@ -948,97 +659,39 @@ class Process:
                 text = text.replace(value, "***")
         return text
 
-    def _message(self, phase, hook, text, report):
-        """One status line: checked, never trusted; a bad one is a warning naming the hook."""
-        where = f"{phase.name}/{hook.name} ({hook.element})"
-        try:
-            message = json.loads(text)
-            if not isinstance(message, dict) or len(message) != 1:
-                raise ValueError("not an object with one key")
-            (kind, value), = message.items()
-        except (ValueError, RecursionError):
-            self._hook_warn(report, f"{where}: not a status line: {clean(text[:200])!r}")
-            return
-        inside = phase.where != "host"
-        if kind in ("describe", "warn", "fail", "bad-input"):
-            if not isinstance(value, (str, int, float)):
-                self._hook_warn(report, f"{where}: status {kind}: the value must be a string")
-                return
-            value = clean(str(value))[:MAX_MESSAGE]
-            if kind == "describe" and len(report["describe"]) < MAX_DESCRIBE:
-                report["describe"].append(value)
-            elif kind == "warn" and len(report["warn"]) < MAX_WARN:
-                report["warn"].append(value)
-                self._hook_warn(report, f"{phase.name}/{hook.name}: {value}")
-            elif kind in ("fail", "bad-input"):
-                report["fail"], report["bad_input"] = value, kind == "bad-input"
-        elif kind == "progress":
-            done, total = (value.get("done"), value.get("total")) if isinstance(value, dict) else (None, None)
-            if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in (done, total)) \
-                    or set(value) != {"done", "total"} or total == 0:
-                self._hook_warn(report, f"{where}: status progress: give {{\"done\": N, \"total\": N}} with "
-                           f"whole numbers, total above 0, not {clean(text[:200])!r}")
-                return
-            now = time.monotonic()
-            if now - report.get("progress_at", 0) >= PROGRESS_EVERY or done >= total:
-                report["progress_at"] = now  # a flood of progress lines is not a flood of events
-                self.monitor.event("progress", phase=phase.name, hook=hook.name, done=min(done, total),
-                                   total=total)
-        elif kind == "set" and isinstance(value, dict):
-            if inside:
-                self._hook_warn(report, f"{where}: runs inside the image and may not set variables; "
-                           f"ignored: {clean(', '.join(map(str, value))[:200])}")
-                return
-            for name, setting in value.items():
-                problem = self._may_set(phase, name, setting)
-                if problem:
-                    self._hook_warn(report, f"{where}: may not set {clean(str(name)[:100])}: {problem}; ignored")
-                else:
-                    self.env[name] = setting
-        else:
-            self._hook_warn(report, f"{where}: unknown status line {clean(text[:200])!r}")
+    def _channel(self, phase, hook):
+        """The checker of what `hook` says; a host hook of `phase` may set variables."""
+        protected = RUNNER_STATE | self.operator_names
+        settable = phase.settable
+        return hookrun.Channel(self.monitor, self._warn, phase.name, hook, self.env,
+                               lambda name, value: hookrun.may_set(name, value, settable, protected),
+                               inside=phase.where != "host")
 
-    def _hook_warn(self, report, text):
-        """A warning about what one hook sent; after MAX_WARN of them, one last note."""
-        report["warnings"] = report.get("warnings", 0) + 1
-        if report["warnings"] <= MAX_WARN:
-            self._warn(text)
-        elif report["warnings"] == MAX_WARN + 1:
-            self._warn(text.split(":", 1)[0] + f": more than {MAX_WARN} warnings; the rest are not shown")
-
-    def _may_set(self, phase, name, value):
-        """None if a host hook of `phase` may set `name` to `value`, else why not."""
-        if not isinstance(name, str) or not name.startswith("IMG_") or not VAR_NAME.match(name):
-            return "only IMG_* variables (letters, digits, _)"
-        if not isinstance(value, str) or len(value) > MAX_VALUE or "\0" in value:
-            return f"the value must be a string of at most {MAX_VALUE} characters"
-        if name in SETTABLE.get(phase.name, ()):
-            return None
-        if name in RUNNER_STATE or name in self.operator_names:
-            return "the runner's or the operator's setting"
-        return None
-
-    def _run_instance(self, phase, accepted):
+    def _run_handler(self, phase, accepted):
+        """A phase whose hooks a registered handler runs (instance-validate boots the image)."""
         if not accepted:
             return
-        from imaging_elements import instance  # boots qemu: loaded only when needed
+        handler = phase_handlers.get(phase.handler)
+        if handler is None:
+            raise ProcessFailure(2, f"{phase.name}: no phase handler {phase.handler!r} registered "
+                                    "(run processes through imaging_elements.api)")
         # The boot is no hook of its own: a log line, then one hook-end per guest-side hook.
         self.monitor.event("log", level="INFO", message=f"{phase.name}: booting the image to run "
                                                         f"{len(accepted)} validator(s) in it")
         env = self._base_env()
 
-        report = {"describe": [], "warn": [], "fail": None}  # one for the guest's whole report
+        report = self._channel(phase, accepted[0])  # one for the guest's whole report
 
         def emit(message):
             if "describe" in message:  # how the guest was booted, and how long it took
                 text = clean(str(message["describe"])[:MAX_MESSAGE])
                 self.monitor.event("log", level="INFO", message=f"{phase.name}: {text}")
             else:
-                self._message(phase, accepted[0], json.dumps(message), report)
+                report.message(json.dumps(message))
 
         try:
-            results = instance.run_phase([(h.name, h.path) for h in accepted], env, self.journal, emit)
-        except instance.InstanceError as exc:
+            results = handler([(h.name, h.path) for h in accepted], env, self.journal, emit)
+        except phase_handlers.HandlerError as exc:
             raise ProcessFailure(1, f"{phase.name}: {exc}") from exc
         optional = {h.name: h.optional for h in accepted}
         failed = []
@@ -1135,7 +788,7 @@ class Process:
                 return
 
     def _unwind(self):
-        with _signals_deferred():
+        with interrupts.deferred():
             self.cleanup_failures += self.journal.unwind(log=self._warn)
 
     def _warn(self, message):
@@ -1158,134 +811,15 @@ class Process:
                 else:
                     ok, reason = hooks.accepts(hook, self._context(phase), self._hook_env(hook))
                     answer = "yes" if ok else f"no: {reason}"
-                    if phase.name == "mount" and not ok:
-                        answer += " (unless an earlier mounter changes the disk type)"
+                    if not ok:
+                        answer += phase.list_note
                 optional = " [optional]" if hook.optional else ""
                 out.write(f"  {hook.name:<28} {hook.element:<24} accepts: {answer}{optional}\n")
             if phase.kind == "chain" and self._chain_target(phase):
                 source, target = self._chain_target(phase)
                 try:
-                    chain = self._plan(phase, self.hooks[phase.name], source, target)
-                    plan = " -> ".join([source] + [f"[{h.name}] {d}" for h, _, d in chain])
+                    steps = self._plan(phase, self.hooks[phase.name], source, target)
+                    plan = " -> ".join([source] + [f"[{h.name}] {d}" for h, _, d in steps])
                 except ProcessFailure as exc:
                     plan = f"impossible: {exc}"
                 out.write(f"  plan: {plan}\n")
-
-
-def _collect(process, stream, check):
-    """Wait for `process`, calling check() every 0.2 s; its last 64 KiB of `stream`."""
-    kept = b""
-    os.set_blocking(stream.fileno(), False)
-    with selectors.DefaultSelector() as selector:
-        selector.register(stream, selectors.EVENT_READ)
-        while True:
-            check()
-            if selector.select(timeout=0.2):
-                data = os.read(stream.fileno(), 65536)
-                if not data:
-                    break
-                kept = (kept + data)[-65536:]
-    while True:
-        try:
-            process.wait(timeout=0.2)
-            return kept
-        except subprocess.TimeoutExpired:
-            check()
-
-
-def _mounts_under(path):
-    real = os.path.realpath(path)
-    with open("/proc/self/mountinfo") as f:
-        points = [line.split()[4].replace("\\040", " ") for line in f]
-    return [p for p in points if p == real or p.startswith(real + "/")]
-
-
-def remove_work_dir(work, warn, keep_logs=False):
-    """Remove a work dir we created, unless something is still mounted in it;
-    with keep_logs, all but a non-empty logs/ (for a failed process)."""
-    busy = _mounts_under(work)
-    if busy:
-        warn(f"{work}: not removed, still mounted: {', '.join(busy)}")
-        return
-    logs = os.path.join(work, "logs")
-    if keep_logs and os.path.isdir(logs) and os.listdir(logs):
-        for name in os.listdir(work):
-            path = os.path.join(work, name)
-            if name == "logs":
-                continue
-            if os.path.isdir(path) and not os.path.islink(path):
-                shutil.rmtree(path, ignore_errors=True)
-            else:
-                os.unlink(path)
-        warn(f"logs kept in {logs}")
-        return
-    shutil.rmtree(work, ignore_errors=True)
-
-
-def cleanup_work_dir(work, warn, say=None):
-    """--cleanup: unwind what a killed process left; returns (exit code, error).
-    say(text) is told what was released, or that there was nothing."""
-    say = say or warn
-    journal_path = os.path.join(work, "journal.jsonl")
-    if not os.path.isfile(journal_path):
-        return 2, f"{work}: no cleanup journal here (not a work directory?)"
-    with open(os.path.join(work, "lock"), "w") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return 2, f"{work}: a running euca-image-process still uses it"
-        journal = Journal(journal_path)
-        pending = journal.pending()
-        with _signals_deferred():
-            failures = journal.unwind(log=warn)
-    released = [describe(e) for e in reversed(pending)
-                if not any(f.startswith(f"cleanup {describe(e)} failed") for f in failures)]
-    say(f"{work}: released {len(released)}: {', '.join(released)}" if released
-        else f"{work}: nothing to release")
-    if failures:
-        return 5, "; ".join(failures)
-    if os.path.exists(os.path.join(work, ".created-by-euca-image-process")):
-        remove_work_dir(work, warn)
-    return 0, None
-
-
-def _stop(process):
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, sig)
-        try:
-            process.wait(timeout=5)
-            return
-        except subprocess.TimeoutExpired:
-            continue
-
-
-def _free(path):
-    st = os.statvfs(path)
-    return st.f_bavail * st.f_frsize
-
-
-def _said(text):
-    """(exit code, words) of a hook's failure text: its status line's `fail` (1) or
-    `bad-input` (3) once, in words, if it wrote one (a hook run outside the status
-    channel prints the line and then the same words)."""
-    for line in text.splitlines():
-        for kind, code in (("fail", 1), ("bad-input", 3)):
-            start = line.find(f'{{"{kind}"')
-            if start >= 0:
-                with contextlib.suppress(ValueError, KeyError, TypeError):
-                    return code, clean(str(json.loads(line[start:])[kind])[:MAX_MESSAGE])
-    return 1, clean(text[:MAX_MESSAGE])
-
-
-def _newest_file(path):
-    """The regular file under `path` changed last (the one being written), or None."""
-    newest, when = None, -1.0
-    for directory, _, files in os.walk(path):
-        for name in files:
-            full = os.path.join(directory, name)
-            with contextlib.suppress(OSError):
-                st = os.lstat(full)
-                if st.st_mtime > when and not os.path.islink(full):
-                    newest, when = full, st.st_mtime
-    return newest

@@ -9,7 +9,7 @@ partlabel, fstype, root), never against the host's devices.
 
 import re
 
-from imaging_elements.guest import decode_text, is_binary
+from imaging_elements.guest.guest import decode_text, is_binary
 
 VIRTUAL_FS = frozenset({
     "proc", "sysfs", "devpts", "tmpfs", "devtmpfs", "securityfs", "cgroup", "cgroup2", "debugfs", "tracefs",
@@ -91,7 +91,7 @@ def parse(text):
 
 
 def read(guest, path="/etc/fstab"):
-    """parse() of the guest's fstab, read through `guest` (an imaging_elements.guest.Guest).
+    """parse() of the guest's fstab, read through `guest` (an imaging_elements.guest.guest.Guest).
 
     Raises GuestPathError (missing, too large, a link out of the image) or
     FstabError (binary data) with a message naming the file."""

@@ -2,13 +2,13 @@
 
 An encrypted image is the bare ciphertext: no header, no salt.  It decrypts
 with `openssl enc -d -aes-128-cbc -K KEY -iv IV`, and the EC2 bundle format
-(imaging_elements.bundle) uses the same cipher for its parts.
+(imaging_elements.bundle.bundle) uses the same cipher for its parts.
 
 The key file (IMG_CRYPT_KEY_FILE for the crypt-aes element) is text with one
 `name=value` a line: `key=` 32 hex digits and `iv=` 32 hex digits; blank
 lines, `#` comments and other names (such as the `salt=` line) are ignored, so
 the output of `openssl enc -aes-128-cbc -P ...` is a valid key file.
-`python3 -m imaging_elements.crypt genkey FILE` writes a random one (mode 0600).
+`python3 -m imaging_elements.bundle.crypt genkey FILE` writes a random one (mode 0600).
 """
 
 import os
@@ -181,7 +181,7 @@ def decrypt_file(src, dst, key, iv, progress=None, on_temp=None):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 2 or argv[0] != "genkey":
-        print("usage: python3 -m imaging_elements.crypt genkey FILE", file=sys.stderr)
+        print("usage: python3 -m imaging_elements.bundle.crypt genkey FILE", file=sys.stderr)
         return 2
     try:
         write_key_file(argv[1])

@@ -46,7 +46,7 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from isal import igzip_lib, isal_zlib
 
 from imaging_elements import __version__
-from imaging_elements.crypt import CryptError, Decryptor, Encryptor, temp_path
+from imaging_elements.bundle.crypt import CryptError, Decryptor, Encryptor, temp_path
 
 MiB = 1024 * 1024
 CHUNK = MiB

@@ -14,7 +14,7 @@ The pieces the mounter elements (elements/mount-*) are made of:
 * `mount_step()`: find the guest's root and mount the guest's own fstab
   entries beneath it, resolving UUID=, LABEL=, PARTUUID=, PARTLABEL= and
   /dev names against the image's partitions, never the host's devices
-  (imaging_elements.fstab, shared with the validators).
+  (imaging_elements.mount.fstab, shared with the validators).
 
 The mounter hooks share their state in `$IMG_WORK_DIR/filesystems.json`
 (see docs/mounters.md).  Every loop device, mount and daemon is in the cleanup
@@ -34,8 +34,11 @@ import threading
 import time
 import uuid as uuidlib
 
-from imaging_elements import confine, fstab, hooklib, qemuimg
-from imaging_elements.guest import Guest, GuestPathError, detect_platform
+from imaging_elements import hooklib
+from imaging_elements.engine import confine
+from imaging_elements.convert import qemuimg
+from imaging_elements.mount import fstab
+from imaging_elements.guest.guest import Guest, GuestPathError, detect_platform
 
 KERNEL_FS = ("ext2", "ext3", "ext4", "xfs", "btrfs", "squashfs")
 # Filesystems the kernel here cannot mount, and the element that can.
@@ -613,7 +616,7 @@ def classify_root(root):
 
 
 def read_fstab(root):
-    """The entries of the guest's /etc/fstab (imaging_elements.fstab.Entry); none, with
+    """The entries of the guest's /etc/fstab (imaging_elements.mount.fstab.Entry); none, with
     a warning, when it cannot be read."""
     try:
         entries, _ = fstab.read(Guest(root))
@@ -821,7 +824,7 @@ def check():
 
 def export_step():
     """mount-qemu-fuse: the container as a raw file; IMG_DISK and IMG_DISK_TYPE for the next."""
-    from imaging_elements import imagetype
+    from imaging_elements.engine import imagetype
     image = os.environ.get("IMG_DISK") or os.environ.get("IMG_IMAGE")
     fmt = os.environ.get("IMG_DISK_TYPE")
     warn_in_place()
@@ -846,11 +849,11 @@ COMMANDS = {
 
 
 def main(argv=None):
-    """`python -m imaging_elements.disk COMMAND`: what the mounter hooks run
+    """`python -m imaging_elements.mount.disk COMMAND`: what the mounter hooks run
     (they are bash, so that a hook with nothing to do costs no Python start)."""
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1 or argv[0] not in COMMANDS:
-        sys.exit(f"usage: python -m imaging_elements.disk {{{'|'.join(COMMANDS)}}}")
+        sys.exit(f"usage: python -m imaging_elements.mount.disk {{{'|'.join(COMMANDS)}}}")
     sys.argv[1:] = []  # hooklib.main's verb: run
     hooklib.main(COMMANDS[argv[0]])
 

@@ -1,0 +1,1 @@
+"""Class library: bundles and their encryption (bundle.py, crypt.py)."""

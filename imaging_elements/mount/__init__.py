@@ -1,0 +1,1 @@
+"""Class library: mounting an image (disk.py: exports, partitions, filesystems; fstab.py: the guest's fstab)."""

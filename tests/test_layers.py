@@ -1,0 +1,90 @@
+"""The layers of the package: the engine never imports a class library, and
+no per-phase rule is a check on a phase's name (phases.py holds them)."""
+
+import ast
+import importlib
+import os
+
+import testtools
+
+from imaging_elements import api
+from imaging_elements.engine import phase_handlers, phases
+
+PACKAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "imaging_elements")
+ENGINE = os.path.join(PACKAGE, "engine")
+CLASS_LIBRARIES = ("disk", "fstab", "guest", "guestinfo", "qemuimg", "bootdisk", "bundle", "crypt", "instance",
+                   "mount", "convert")
+
+
+def imported(path):
+    """Every module name an import statement of the file names (relative ones too)."""
+    with open(path) as f:
+        tree = ast.parse(f.read(), path)
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            names.add(base)
+            names.update(f"{base}.{alias.name}" if base else alias.name for alias in node.names)
+    return names
+
+
+def engine_files():
+    for name in sorted(os.listdir(ENGINE)):
+        if name.endswith(".py"):
+            yield name[:-3], os.path.join(ENGINE, name)
+
+
+class LayersTest(testtools.TestCase):
+
+    def test_engine_never_imports_a_class_library(self):
+        found = list(engine_files())
+        self.assertGreater(len(found), 10)
+        for name, path in found:
+            for module in imported(path):
+                parts = module.split(".")
+                library = (parts[0] == "imaging_elements" and len(parts) > 1 and parts[1] in CLASS_LIBRARIES) \
+                    or parts[0] in CLASS_LIBRARIES
+                self.assertFalse(library, f"engine module {name} imports the class library {module}")
+
+    def test_the_checker_sees_a_forbidden_import(self):
+        path = os.path.join(self.useFixture(__import__("fixtures").TempDir()).path, "x.py")
+        with open(path, "w") as f:
+            f.write("def f():\n    from imaging_elements import instance\n")
+        self.assertIn("imaging_elements.instance", imported(path))
+
+    def test_engine_checks_no_phase_name(self):
+        names = set(phases.PHASE_NAMES)
+        for name, path in engine_files():
+            with open(path) as f:
+                tree = ast.parse(f.read(), path)
+            for node in ast.walk(tree):
+                if isinstance(node, ast.Compare):
+                    sides = [node.left, *node.comparators]
+                    attrs = [s for s in sides if isinstance(s, ast.Attribute) and s.attr == "name"]
+                    consts = [s for s in sides if isinstance(s, ast.Constant) and s.value in names]
+                    self.assertFalse(attrs and consts, f"{name}.py:{node.lineno}: a check on a phase name; "
+                                                       "make it a property of phases.Phase")
+
+    def test_instance_handler_registered_by_the_api(self):
+        self.assertIs(api._instance_handler, phase_handlers.get("instance"))
+        # The handler's deferred import names a module that is there (it boots qemu: not called here).
+        with open(api.__file__) as f:
+            tree = ast.parse(f.read())
+        handler = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "_instance_handler")
+        for node in ast.walk(handler):
+            if isinstance(node, ast.ImportFrom):
+                module = importlib.import_module(node.module)
+                for alias in node.names:
+                    self.assertTrue(hasattr(module, alias.name) or
+                                    importlib.import_module(f"{node.module}.{alias.name}").run_phase)
+        handled = [p.name for p in phases.PHASES if p.handler]
+        self.assertEqual(["instance-validate"], handled)
+
+    def test_phases_that_read_the_image_file_release_the_mount(self):
+        # --skip-phases convert must not leave the image mounted while instance-validate boots it.
+        for phase in phases.PHASES:
+            if phase.where == "instance" or phase.chain_target == "image-type":
+                self.assertTrue(phase.release_mount, phase.name)
