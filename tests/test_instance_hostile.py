@@ -18,7 +18,7 @@ import resource
 
 import testtools.content
 
-from imaging_elements import instance
+from imaging_elements.instance import instance
 from tests import base, imagebuild
 from tests.test_instance import PhaseCase, write_hook
 
