@@ -19,7 +19,7 @@ import struct
 import subprocess
 import sys
 
-from imaging_elements.engine import confine
+from imaging_elements.engine import config, confine
 
 # Our image types -> qemu block drivers.
 DRIVERS = {"raw": "raw", "partition": "raw", "vmdk": "vmdk", "qcow2": "qcow2",
@@ -382,11 +382,11 @@ def measure_qcow2(source, source_type, name=None):
 
 
 def parse_size(text):
-    """'4G' -> bytes, powers of 1024 (the runner passes --size through as IMG_SIZE)."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGTP]?)(?:i?B)?\s*", str(text), re.IGNORECASE)
-    if not match:
-        raise QemuImgError(f"IMG_SIZE={text!r} is not a size (like 512M, 10G, or bytes)")
-    return int(float(match.group(1)) * 1024 ** " KMGTP".index(match.group(2).upper() or " "))
+    """IMG_SIZE ('4G') -> bytes: config.parse_size, the rule the option was checked with."""
+    try:
+        return config.parse_size(text)
+    except ValueError:
+        raise QemuImgError(f"IMG_SIZE={text!r} is not a size (like 512M, 10G, or bytes)") from None
 
 
 # The allocation unit of each output type (qcow2: measured by qemu-img).
