@@ -41,9 +41,14 @@ INSIDE = "/run/img"
 HOSTNAME = "imaging-sandbox"
 GUEST_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
-# Variables that name host paths: not given to the guest.
-HOST_PATHS = ("IMG_JOURNAL", "IMG_WORK_DIR", "IMG_SCRATCH_DIR", "IMG_ELEMENT_DIR", "TMPDIR", "IMG_IMAGE",
-              "IMG_INPUT", "IMG_OUTPUT", "IMG_KERNEL", "IMG_RAMDISK", "IMG_CONVERT_OUTPUT", "IMG_DISK")
+# Variables that name host things (paths, the journal, the runner's own settings): never
+# given to code that runs from the image, in this sandbox or in a booted instance.
+HOST_PATHS = frozenset((
+    "IMG_JOURNAL", "IMG_JOURNAL_SCOPE", "IMG_WORK_DIR", "IMG_SCRATCH_DIR", "IMG_ELEMENT_DIR", "TMPDIR",
+    "IMG_IMAGE", "IMG_INPUT", "IMG_OUTPUT", "IMG_KERNEL", "IMG_RAMDISK", "IMG_CONVERT_OUTPUT", "IMG_DISK",
+    "IMG_MOUNT_POINT", "IMG_LIB", "IMG_PYTHON", "IMG_INSPECTION_REPORT", "IMG_ELEMENTS_PATH",
+    "IMG_LOG_FILE", "IMG_EVENTS_FILE", "IMG_EVENTS_FD", "IMG_CLEANUP", "IMG_RESULT_JSON",
+    "IMG_SANDBOX_LIMITS", "IMG_SCRATCH_LIMIT", "IMG_BREAK", "IMG_KEEP_WORK_DIR"))
 
 # Host uids and gids SANDBOX_UID..SANDBOX_UID+65535 are the guest's 0..65535:
 # a range no host account uses (far above any /etc/subuid allocation).
@@ -167,13 +172,11 @@ def inside_environment(env, allowed_secrets=()):
     """The hook environment as seen inside the sandbox: no host paths, and no
     secret-named variable (config.is_secret_name) unless it is in `allowed_secrets`."""
     from imaging_elements.engine import config  # not at the top: the launcher runs stdlib only
-    env = dict(env, IMG_LIB=f"{INSIDE}/lib", PYTHONPATH=f"{INSIDE}/python",
-               IMG_MOUNT_POINT="/", IMG_PYTHON="python3", PATH=GUEST_PATH)
     # Host-side paths mean nothing in there, and tell the guest about the host.
-    for name in HOST_PATHS:
-        env.pop(name, None)
-    return {name: value for name, value in env.items()
-            if not config.is_secret_name(name) or name in allowed_secrets}
+    env = {name: value for name, value in env.items() if name not in HOST_PATHS
+           and (not config.is_secret_name(name) or name in allowed_secrets)}
+    return dict(env, IMG_LIB=f"{INSIDE}/lib", PYTHONPATH=f"{INSIDE}/python",
+                IMG_MOUNT_POINT="/", IMG_PYTHON="python3", PATH=GUEST_PATH)
 
 
 def exit_reason(returncode, limits=None):

@@ -45,7 +45,7 @@ import time
 import uuid
 
 from imaging_elements import hooklib
-from imaging_elements.engine import config, confine
+from imaging_elements.engine import config, confine, sandbox
 from imaging_elements.convert import bootdisk, qemuimg
 from imaging_elements.mount import disk
 from imaging_elements.engine import hooks as hooks_mod
@@ -81,12 +81,7 @@ MAX_WARN = 20                  # warnings kept per hook
 KERNEL_LIMIT = 512 << 20       # a kernel or initrd read from the image, at most
 
 # The IMG_* variables that name host things, or are secrets: never sent into the guest.
-HOST_ONLY = {"IMG_JOURNAL", "IMG_JOURNAL_SCOPE", "IMG_STATUS_FD", "IMG_LIB", "IMG_PYTHON",
-             "IMG_WORK_DIR", "IMG_SCRATCH_DIR", "IMG_MOUNT_POINT", "IMG_IMAGE", "IMG_INPUT",
-             "IMG_OUTPUT", "IMG_KERNEL", "IMG_RAMDISK", "IMG_CONVERT_OUTPUT", "IMG_DISK",
-             "IMG_ELEMENT_DIR", "IMG_INSPECTION_REPORT", "IMG_ELEMENTS_PATH", "IMG_LOG_FILE",
-             "IMG_EVENTS_FILE", "IMG_EVENTS_FD", "IMG_CLEANUP", "IMG_RESULT_JSON", "IMG_SANDBOX_LIMITS",
-             "IMG_SCRATCH_LIMIT", "IMG_BREAK", "IMG_KEEP_WORK_DIR"}
+HOST_ONLY = sandbox.HOST_PATHS | {"IMG_STATUS_FD"}  # the guest's status fd is its own (3)
 
 # Console lines that mean the guest will never reach the agent.
 FATAL = [
