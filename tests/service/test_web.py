@@ -93,7 +93,9 @@ class WebTest(PipelineTest):
         driver.find_element(By.ID, "access_key").send_keys(access)
         driver.find_element(By.ID, "secret_key").send_keys(secret)
         driver.find_element(By.ID, "sign-in").click()
-        self.until("the queue", lambda: driver.current_url.endswith("/queue"), driver=driver)
+        # The path, not the URL's end: the sign-in page's own URL ends with ?next=/queue.
+        self.until("the queue", lambda: urllib.parse.urlsplit(driver.current_url).path == "/queue",
+                   driver=driver)
 
     def imaging(self, access, secret, *args):
         env = dict(os.environ, AWS_ACCESS_KEY_ID=access, AWS_SECRET_ACCESS_KEY=secret,
