@@ -139,7 +139,7 @@ class ThreadsTest(ApiCase):
 
 
 def _pending(work):
-    from imaging_elements.journal import Journal
+    from imaging_elements.sdk.journal import Journal
     return Journal(os.path.join(work, "journal.jsonl")).pending()
 
 

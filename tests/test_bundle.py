@@ -19,7 +19,7 @@ import tarfile
 import tempfile
 
 from imaging_elements.bundle import bundle
-from imaging_elements.journal import Journal
+from imaging_elements.sdk.journal import Journal
 from tests import base, imagebuild
 
 MiB = 1024 * 1024

@@ -11,7 +11,7 @@ import tempfile
 import time
 
 from imaging_elements.convert import qemuimg
-from imaging_elements.journal import Journal
+from imaging_elements.sdk.journal import Journal
 from tests import base, imagebuild
 
 MiB = imagebuild.MiB

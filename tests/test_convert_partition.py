@@ -16,7 +16,7 @@ import tempfile
 import time
 
 from imaging_elements.convert import bootdisk
-from imaging_elements.journal import Journal
+from imaging_elements.sdk.journal import Journal
 from tests import base, imagebuild
 from tests.test_convert import allocated, hook_env, run_hook, status
 

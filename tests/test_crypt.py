@@ -8,7 +8,7 @@ import sys
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from imaging_elements.bundle import crypt
-from imaging_elements.journal import Journal
+from imaging_elements.sdk.journal import Journal
 from tests import base, imagebuild
 
 MiB = 1024 * 1024

@@ -12,9 +12,9 @@ import os
 import subprocess
 import sys
 
-from imaging_elements import hooklib
+from imaging_elements.sdk import hooklib
 from imaging_elements.guest.guest import DEFAULT_LIMIT, MAX_LINKS, Guest, GuestPathError, decode_text, detect_platform
-from imaging_elements.journal import Journal
+from imaging_elements.sdk.journal import Journal
 from tests import base
 from tests.imagebuild import MiB, make_fs, write_tree
 

@@ -6,12 +6,12 @@ import shutil
 import subprocess
 import sys
 
-from imaging_elements.journal import Journal
+from imaging_elements.sdk.journal import Journal
 from tests import base
 
 HOOKS = {
     "bash": ["bash", "-c", 'source "$IMG_LIB/img-functions"; img_losetup "$FILE" ${OFFSET:-}'],
-    "python": [sys.executable, "-c", "import os; from imaging_elements import hooklib; print(hooklib.losetup("
+    "python": [sys.executable, "-c", "import os; from imaging_elements.sdk import hooklib; print(hooklib.losetup("
                                      "os.environ['FILE'], int(os.environ.get('OFFSET') or 0))[0])"],
 }
 

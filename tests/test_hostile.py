@@ -347,7 +347,7 @@ class MessagesTest(RunnerCase):
     def test_required_capacity_failure_once_in_words(self):
         self.element("c", {"convert.d/10-x": "#!/usr/bin/env python3\n#@ accepts-source-type: raw\n"
                            "#@ accepts-dest-type: qcow2\n#@ verbs: required-capacity\n"
-                           "from imaging_elements import hooklib\n"
+                           "from imaging_elements.sdk import hooklib\n"
                            "hooklib.main(lambda: None,\n"
                            "             required_capacity=lambda: hooklib.fail('the image is damaged'))\n"})
         image = self.path("in.raw")
@@ -360,7 +360,7 @@ class MessagesTest(RunnerCase):
         self.assertNotIn('{"fail"', result.stderr)
 
     def test_cleanup_says_what_it_released(self):
-        from imaging_elements.journal import Journal
+        from imaging_elements.sdk.journal import Journal
         os.makedirs(self.work)
         leftover = self.path("leftover")
         with open(leftover, "w"):

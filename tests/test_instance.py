@@ -23,7 +23,7 @@ import testtools.content
 
 from imaging_elements.engine import hooks as hooks_mod
 from imaging_elements.instance import instance
-from imaging_elements.journal import Journal
+from imaging_elements.sdk.journal import Journal
 from tests import base, imagebuild
 
 MiB = imagebuild.MiB
@@ -131,7 +131,7 @@ class TestDebianBoots(PhaseCase):
                        "[ ! -e \"${IMG_WORK_DIR:-/nonexistent}\" ] || img_fail \"a host path reached the guest\"\n"
                        "img_fail \"deliberate failure in $IMG_HOOK ($IMG_PHASE)\"\n"),
             write_hook(extra, "92-python", "#!/usr/bin/env python3\n"
-                       "from imaging_elements import hooklib\n"
+                       "from imaging_elements.sdk import hooklib\n"
                        "hooklib.main(lambda: hooklib.describe('python ran'))\n"),
         ]
         started = time.monotonic()
@@ -465,7 +465,7 @@ class TestWithoutBoot(base.TestCase):
         self.assertNotIn("PASSPHRASE", settings)
         self.assertEqual(0o600, os.stat(os.path.join(agent, "instance-key")).st_mode & 0o777)
         self.assertTrue(os.path.isfile(os.path.join(agent, "lib", "img-functions")))
-        self.assertTrue(os.path.isfile(os.path.join(agent, "lib", "imaging_elements", "hooklib.py")))
+        self.assertTrue(os.path.isfile(os.path.join(agent, "lib", "imaging_elements", "sdk", "hooklib.py")))
         # The agent is the element's own file, copied as it is.
         shipped = os.path.join(base.ROOT, "elements", "instance-validate-linux", "agent", "img-agent")
         self.assertEqual(open(shipped, "rb").read(), open(os.path.join(agent, "img-agent"), "rb").read())

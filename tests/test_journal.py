@@ -4,7 +4,7 @@ import os
 import subprocess
 import time
 
-from imaging_elements.journal import Journal, process_start_time
+from imaging_elements.sdk.journal import Journal, process_start_time
 from tests import base, imagebuild
 
 

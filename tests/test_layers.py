@@ -1,9 +1,13 @@
-"""The layers of the package: the engine never imports a class library, and
+"""The layers of the package: the engine never imports a class library, the
+hook SDK imports the standard library only (it runs on a guest's Python), and
 no per-phase rule is a check on a phase's name (phases.py holds them)."""
 
 import ast
 import importlib
 import os
+import shutil
+import subprocess
+import sys
 
 import testtools
 
@@ -12,6 +16,7 @@ from imaging_elements.engine import phase_handlers, phases
 
 PACKAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "imaging_elements")
 ENGINE = os.path.join(PACKAGE, "engine")
+SDK = os.path.join(PACKAGE, "sdk")
 CLASS_LIBRARIES = ("disk", "fstab", "guest", "guestinfo", "qemuimg", "bootdisk", "bundle", "crypt", "instance",
                    "mount", "convert")
 
@@ -31,10 +36,37 @@ def imported(path):
     return names
 
 
-def engine_files():
-    for name in sorted(os.listdir(ENGINE)):
+def modules(directory):
+    for name in sorted(os.listdir(directory)):
         if name.endswith(".py"):
-            yield name[:-3], os.path.join(ENGINE, name)
+            yield name[:-3], os.path.join(directory, name)
+
+
+def engine_files():
+    return modules(ENGINE)
+
+
+def not_stdlib_or_sdk(path):
+    """The imports of the file that are neither the standard library nor the SDK itself."""
+    with open(path) as f:
+        tree = ast.parse(f.read(), path)
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:  # relative: within sdk/ only (`from . import journal`)
+                if node.level > 1:
+                    found.append("." * node.level + (node.module or ""))
+                continue
+            names = [node.module]
+        else:
+            continue
+        for name in names:
+            if name != "imaging_elements.sdk" and not name.startswith("imaging_elements.sdk.") \
+                    and name.split(".")[0] not in sys.stdlib_module_names:
+                found.append(name)
+    return found
 
 
 class LayersTest(testtools.TestCase):
@@ -48,6 +80,43 @@ class LayersTest(testtools.TestCase):
                 library = (parts[0] == "imaging_elements" and len(parts) > 1 and parts[1] in CLASS_LIBRARIES) \
                     or parts[0] in CLASS_LIBRARIES
                 self.assertFalse(library, f"engine module {name} imports the class library {module}")
+
+    def test_sdk_imports_the_standard_library_only(self):
+        # It runs inside the guest (chroot sandbox, booted instance) with only itself there.
+        found = list(modules(SDK))
+        self.assertEqual(["__init__", "hooklib", "journal"], [name for name, _ in found])
+        for name, path in found:
+            self.assertEqual([], not_stdlib_or_sdk(path), f"sdk module {name} imports beyond the stdlib")
+
+    def test_the_sdk_checker_sees_engine_and_library_imports(self):
+        path = os.path.join(self.useFixture(__import__("fixtures").TempDir()).path, "x.py")
+        with open(path, "w") as f:
+            f.write("import json\nfrom . import journal\nfrom imaging_elements.sdk.journal import Journal\n"
+                    "def f():\n    from imaging_elements.engine import config\n"
+                    "    from ..mount import disk\n    import sh\n")
+        self.assertEqual(["imaging_elements.engine", "..mount", "sh"], not_stdlib_or_sdk(path))
+
+    def test_the_old_top_level_modules_are_gone(self):
+        # One implementation: the old top-level hooklib/journal modules are gone, not shims.
+        for name in ("hooklib.py", "journal.py"):
+            self.assertFalse(os.path.exists(os.path.join(PACKAGE, name)), name)
+
+    def test_the_sdk_alone_runs_as_the_guest_gets_it(self):
+        # Copied as the instance agent copies it: imaging_elements/ holds sdk/ only (a
+        # namespace package), the interpreter isolated from the site packages.
+        guest = os.path.join(self.useFixture(__import__("fixtures").TempDir()).path, "lib")
+        shutil.copytree(SDK, os.path.join(guest, "imaging_elements", "sdk"),
+                        ignore=shutil.ignore_patterns("__pycache__"))
+        hook = ("import sys; sys.path.insert(0, %r)\n"
+                "from imaging_elements.sdk import hooklib\n"
+                "import imaging_elements\n"
+                "assert list(imaging_elements.__path__) == [%r], imaging_elements.__path__\n"
+                "hooklib.main(lambda: hooklib.describe('sdk alone'))\n"
+                ) % (guest, os.path.join(guest, "imaging_elements"))
+        result = subprocess.run([sys.executable, "-I", "-S", "-c", hook, "run"], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, env={"PATH": "/usr/bin:/bin"})
+        self.assertEqual(0, result.returncode, result.stderr)
+        self.assertIn('{"describe": "sdk alone"}', result.stderr)
 
     def test_the_checker_sees_a_forbidden_import(self):
         path = os.path.join(self.useFixture(__import__("fixtures").TempDir()).path, "x.py")

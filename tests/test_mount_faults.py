@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 
-from imaging_elements.journal import Journal, process_start_time, process_state
+from imaging_elements.sdk.journal import Journal, process_start_time, process_state
 from tests import base
 from tests.test_mount_support import image, test_elements
 

@@ -22,7 +22,7 @@ import threading
 import time
 
 from imaging_elements.engine import hooks
-from imaging_elements.journal import Journal
+from imaging_elements.sdk.journal import Journal
 from tests import imagebuild
 from tests.base import ROOT
 from tests.imagebuild import MiB, sh

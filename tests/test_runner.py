@@ -9,11 +9,11 @@ import sys
 import time
 
 from imaging_elements.engine import config
-from imaging_elements.journal import Journal
+from imaging_elements.sdk.journal import Journal
 from tests import base, imagebuild
 
 BASH = "#!/bin/bash\nsource \"$IMG_LIB/img-functions\"\n"
-PY = "#!/usr/bin/env python3\nfrom imaging_elements import hooklib\n"
+PY = "#!/usr/bin/env python3\nfrom imaging_elements.sdk import hooklib\n"
 
 
 class RunnerCase(base.TestCase):

@@ -110,19 +110,25 @@ class HostileGuest(base.TestCase):
     def test_binds_cannot_be_remounted_written_or_unmounted(self):
         package = os.path.join(base.ROOT, "imaging_elements")
         before = digest_tree(package)
-        marker = os.path.join(package, "escaped-from-sandbox")
+        marker = os.path.join(package, "sdk", "escaped-from-sandbox")
         self.addCleanup(lambda: os.path.exists(marker) and os.unlink(marker))
-        script = (probe("remount-python", "mount -o remount,bind,rw /run/img/python")
+        sdk = "/run/img/python/imaging_elements/sdk"
+        script = (probe("remount-python", f"mount -o remount,bind,rw {sdk}")
                   + probe("remount-lib", "mount -o remount,rw /run/img/lib")
                   + probe("remount-hook", "mount -o remount,bind,rw /run/img/hooks/50-attack")
-                  + probe("write-python", "touch /run/img/python/imaging_elements/escaped-from-sandbox")
-                  + probe("write-hooklib", "sh -c 'echo pwned >> /run/img/python/imaging_elements/hooklib.py'")
-                  + probe("umount-python", "umount /run/img/python")
+                  + probe("write-python", f"touch {sdk}/escaped-from-sandbox")
+                  + probe("write-hooklib", f"sh -c 'echo pwned >> {sdk}/hooklib.py'")
+                  + probe("umount-python", f"umount {sdk}")
                   + probe("umount-lazy", "umount -l /run/img/lib")
-                  + probe("bind-over", "mount --bind /tmp /run/img/python"))
+                  + probe("bind-over", f"mount --bind /tmp {sdk}")
+                  # Only the hook SDK is bound in, not the engine or a class library.
+                  + probe("see-engine", "test -e /run/img/python/imaging_elements/engine")
+                  + probe("see-mount-library", "test -e /run/img/python/imaging_elements/mount")
+                  + f"test -f {sdk}/hooklib.py && test -f {sdk}/journal.py && echo PROBE sdk present\n")
         _, probes, _ = self.attack(script, check=0)
         self.assertHeld(probes, "remount-python", "remount-lib", "remount-hook", "write-python", "write-hooklib",
-                        "umount-python", "umount-lazy", "bind-over")
+                        "umount-python", "umount-lazy", "bind-over", "see-engine", "see-mount-library")
+        self.assertEqual(["present"], probes.get("sdk"), probes)
         self.assertFalse(os.path.exists(marker))
         self.assertEqual(before, digest_tree(package))
 
@@ -298,7 +304,7 @@ class HostileGuest(base.TestCase):
                                       "mounters", "attack", "copy"])
         output = base.read_until(fd, b"before-install] ")
         self.assertIn(b"[euca-image-process before-install]", output)
-        os.write(fd, b"mount -o remount,bind,rw /run/img/python 2>/dev/null && echo RE''MOUNTED; "
+        os.write(fd, b"mount -o remount,bind,rw /run/img/python/imaging_elements/sdk 2>/dev/null && echo RE''MOUNTED; "
                      b"echo SECRET=${#IMG_DB_PASSWORD} UID=$(id -u) HOST=$(hostname); grep CapEff /proc/self/status; "
                      b"exit 0\n")
         output = base.read_until(fd, None).decode(errors="replace")

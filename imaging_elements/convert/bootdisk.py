@@ -20,7 +20,7 @@ import subprocess
 import sys
 import tempfile
 
-from imaging_elements import hooklib
+from imaging_elements.sdk import hooklib
 from imaging_elements.engine import imagetype
 from imaging_elements.convert import qemuimg
 from imaging_elements.guest import guest

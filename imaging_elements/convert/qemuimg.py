@@ -432,7 +432,7 @@ def _content_matches(path, declared):
 
 
 def hook_run():
-    from imaging_elements import hooklib
+    from imaging_elements.sdk import hooklib
     env = os.environ
     source, dest = env["IMG_IMAGE"], env["IMG_CONVERT_OUTPUT"]
     source_type, dest_type = env["IMG_SOURCE_TYPE"], env["IMG_DEST_TYPE"]
@@ -464,7 +464,7 @@ def hook_run():
 
 
 def hook_required_capacity():
-    from imaging_elements import hooklib
+    from imaging_elements.sdk import hooklib
     env = os.environ
     # The runner asks every step of a chain before the first one runs: IMG_IMAGE is
     # then still the current image, of type IMG_IMAGE_TYPE, with the same guest data.

@@ -29,5 +29,7 @@ else:                                                # a checkout
     LIB = os.path.join(PYTHONPATH, "lib")
     BIN = os.path.join(PYTHONPATH, "bin")
 
-# The bash helpers every hook sources.
+# The hook SDK: its Python half (a package, bound or copied into the guest as
+# imaging_elements/sdk/) and its bash half.
+SDK = os.path.join(PACKAGE, "sdk")
 IMG_FUNCTIONS = os.path.join(LIB, "img-functions")

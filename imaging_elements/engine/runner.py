@@ -1,7 +1,7 @@
 """The image process: walk the phases, run the hooks, own every resource.
 
 Read this file top to bottom: `Process.run` is the whole story.  Resources
-are recorded in the cleanup journal (journal.py) and unwound by one ExitStack,
+are recorded in the cleanup journal (sdk/journal.py) and unwound by one ExitStack,
 newest first, whatever happens.  Hooks talk back through one channel (JSON
 lines on $IMG_STATUS_FD, see docs/hooks.md).
 """

@@ -10,7 +10,7 @@ docs/security.md for the properties and what enforces each one.  In short:
   the identity map) and, in a mount namespace of its own (its mounts vanish
   with it), stages on a tmpfs over /run: an idmapped (through OUTER), nodev,
   nosuid clone of the image root, so that the guest's root owns the image's
-  root files while being host uid SANDBOX_UID; binds of lib/ and the package;
+  root files while being host uid SANDBOX_UID; binds of lib/ and the hook SDK;
   a copy of the hook.
 * bubblewrap, started as host uid SANDBOX_UID, enters OUTER (`--userns`),
   builds the sandbox from the staged tree (mount, PID, IPC, UTS, network,
@@ -35,7 +35,7 @@ import struct
 import subprocess
 import sys
 
-from imaging_elements.engine.resources import LIB, PACKAGE
+from imaging_elements.engine.resources import LIB, SDK
 
 INSIDE = "/run/img"
 HOSTNAME = "imaging-sandbox"
@@ -126,9 +126,11 @@ def wrap(root, argv, binds=(), writable=True, interactive=False, limits=None):
                            "not found on PATH: apt-get install bubblewrap")
     if not os.path.isdir(root):
         raise SandboxError(f"{root}: the image is not mounted (no mount.d hook mounted it)")
-    for host in (LIB, PACKAGE):
+    for host in (LIB, SDK):
         _check_readable(host)
-    binds = [(LIB, f"{INSIDE}/lib"), (PACKAGE, f"{INSIDE}/python/imaging_elements")] + list(binds)
+    # The hook SDK only (stdlib-only: it runs on the guest's Python), never the engine or a
+    # class library; imaging_elements/ inside is a namespace package holding sdk/.
+    binds = [(LIB, f"{INSIDE}/lib"), (SDK, f"{INSIDE}/python/imaging_elements/sdk")] + list(binds)
     spec = {"root": root, "argv": list(argv), "binds": binds, "writable": bool(writable),
             "interactive": bool(interactive), "limits": dict(LIMITS, **(limits or {}))}
     # -I: the environment (meant for the guest) cannot steer the launcher.

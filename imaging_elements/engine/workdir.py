@@ -8,10 +8,10 @@ import os
 import shutil
 import tempfile
 
-from imaging_elements import hooklib
+from imaging_elements.sdk import hooklib
 from imaging_elements.engine import interrupts
 from imaging_elements.engine.hookrun import run_tool
-from imaging_elements.journal import Journal, describe
+from imaging_elements.sdk.journal import Journal, describe
 
 CREATED = ".created-by-euca-image-process"
 

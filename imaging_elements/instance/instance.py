@@ -44,15 +44,15 @@ import subprocess
 import time
 import uuid
 
-from imaging_elements import hooklib
+from imaging_elements.sdk import hooklib
 from imaging_elements.engine import config, confine, sandbox
 from imaging_elements.convert import bootdisk, qemuimg
 from imaging_elements.mount import disk
 from imaging_elements.engine import hooks as hooks_mod
 from imaging_elements.guest.guest import Guest, GuestPathError
-from imaging_elements.journal import Journal
+from imaging_elements.sdk.journal import Journal
 from imaging_elements.engine.monitor import clean as clean_text
-from imaging_elements.engine.resources import ELEMENTS, LIB, PACKAGE
+from imaging_elements.engine.resources import ELEMENTS, LIB, SDK
 
 AGENT = os.path.join("agent", "img-agent")  # in the element's directory
 STOCK_ELEMENT = "instance-validate-linux"
@@ -349,7 +349,7 @@ def inject(root, hooks, env, token, settle, hook_timeout):
     agent_path = agent_file(hooks)
     agent = _place(guest, GUEST_DIR)
     os.mkdir(agent, 0o700)
-    for sub in ("hooks", "lib", "lib/imaging_elements", "secrets"):
+    for sub in ("hooks", "lib", "lib/imaging_elements", "lib/imaging_elements/sdk", "secrets"):
         os.mkdir(os.path.join(agent, sub), 0o700 if sub == "secrets" else 0o755)
     parsed = [hooks_mod.Hook("instance-validate", name, path, os.path.basename(os.path.dirname(
         os.path.dirname(path)))) for name, path in hooks]
@@ -364,11 +364,12 @@ def inject(root, hooks, env, token, settle, hook_timeout):
            "".join(f"{hook.name} {int('accepts' in hook.verbs)}\n" for hook in parsed).encode())
     with open(os.path.join(LIB, "img-functions"), "rb") as f:
         _write(os.path.join(agent, "lib", "img-functions"), f.read())
-    # Python hooks import imaging_elements.hooklib: the helpers, not the whole package.
-    _write(os.path.join(agent, "lib", "imaging_elements", "__init__.py"), b"")
-    for name in ("hooklib.py", "journal.py"):
-        with open(os.path.join(PACKAGE, name), "rb") as f:
-            _write(os.path.join(agent, "lib", "imaging_elements", name), f.read())
+    # The hook SDK as a package (`from imaging_elements.sdk import hooklib`, as on the host and
+    # in the sandbox), not the whole toolkit: imaging_elements/ is a namespace package there.
+    for name in sorted(os.listdir(SDK)):
+        if name.endswith(".py"):
+            with open(os.path.join(SDK, name), "rb") as f:
+                _write(os.path.join(agent, "lib", "imaging_elements", "sdk", name), f.read())
     settings = guest_environment(env)
     settings.update(IMGV_TOKEN=token, IMGV_PORT="/dev/ttyS1", IMGV_SETTLE=str(settle),
                     IMGV_HOOK_TIMEOUT=str(hook_timeout), IMGV_OUTPUT_LIMIT=str(OUTPUT_LIMIT),

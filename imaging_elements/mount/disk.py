@@ -34,7 +34,7 @@ import threading
 import time
 import uuid as uuidlib
 
-from imaging_elements import hooklib
+from imaging_elements.sdk import hooklib
 from imaging_elements.engine import confine
 from imaging_elements.convert import qemuimg
 from imaging_elements.mount import fstab

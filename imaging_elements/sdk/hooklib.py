@@ -1,4 +1,4 @@
-"""Helpers for hooks written in Python; the twin of lib/img-functions.
+"""The hook SDK's helpers for hooks written in Python; the twin of lib/img-functions.
 
 A Python hook is a few lines:
 
@@ -6,7 +6,7 @@ A Python hook is a few lines:
     #@ description: refuse images larger than IMG_MAX_SIZE bytes
     #@ accepts-disk-type: raw
     import os
-    from imaging_elements import hooklib
+    from imaging_elements.sdk import hooklib
 
     def run():
         size = os.path.getsize(hooklib.env("IMG_IMAGE"))
@@ -25,7 +25,7 @@ import os
 import subprocess
 import sys
 
-from imaging_elements.journal import Journal
+from imaging_elements.sdk.journal import Journal
 
 
 class HookFailure(Exception):
@@ -195,11 +195,11 @@ def undoing(entry_id):
 
 
 def cli(argv=None):
-    """`python -m imaging_elements.hooklib losetup FILE [OFFSET [SIZELIMIT]]`: the
+    """`python -m imaging_elements.sdk.hooklib losetup FILE [OFFSET [SIZELIMIT]]`: the
     bash helpers' way to the same code (img_losetup), so both journal first."""
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] != "losetup" or not 2 <= len(argv) <= 4:
-        print("usage: python -m imaging_elements.hooklib losetup FILE [OFFSET [SIZELIMIT]]", file=sys.stderr)
+        print("usage: python -m imaging_elements.sdk.hooklib losetup FILE [OFFSET [SIZELIMIT]]", file=sys.stderr)
         return 2
     try:
         device, _ = losetup(argv[1], int(argv[2]) if len(argv) > 2 else 0,

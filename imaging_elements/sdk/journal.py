@@ -235,7 +235,7 @@ def _reap(pid):
 
 
 def main(argv=None):
-    """Command line used by lib/img-functions: `python -m imaging_elements.journal`."""
+    """Command line used by lib/img-functions: `python -m imaging_elements.sdk.journal`."""
     argv = sys.argv[1:] if argv is None else argv
     path = os.environ.get("IMG_JOURNAL")
     if not path:
