@@ -179,6 +179,29 @@ class TimedOut(Exception):
     pass
 
 
+def run(argv, env, channel, limit, cancel_point=lambda: None, redact=str, journal=None):
+    """Run one hook to its end: spawn() it, record its process group in `journal` (a
+    `kill` entry, so that even a SIGKILLed runner's --cleanup stops it), follow() it,
+    and stop it if anything interrupts the wait.  Returns (exit code, its last lines);
+    raises HookStartError, TimedOut, or what cancel_point() raises."""
+    process, status_read = spawn(argv, env)
+    try:
+        entry = journal.add("kill", pid=process.pid, group=True) if journal else None
+    except BaseException:
+        stop(process)
+        os.close(status_read)
+        process.stdout.close()
+        raise
+    try:
+        tail = follow(process, status_read, channel, limit, cancel_point, redact)
+    finally:
+        if process.poll() is None:  # interrupted: stop it before anything else unwinds
+            stop(process)
+        if entry:
+            journal.done(entry)
+    return process.returncode, tail
+
+
 def follow(process, status_read, channel, limit, cancel_point, redact=str):
     """Relay the hook's output and status lines until it ends; returns its last lines.
 

@@ -49,6 +49,70 @@ class _NoMonitor:
         pass
 
 
+# -- one hook, as a process runs it: the pieces Process uses, and run_hook() --------
+def work_state(work, scratch, mount_point, journal):
+    """The runner's own IMG_* variables for a work directory (workdir.fill() made
+    `scratch` and `mount_point`) and its journal."""
+    return {"IMG_WORK_DIR": work, "IMG_SCRATCH_DIR": scratch, "IMG_MOUNT_POINT": mount_point,
+            "IMG_JOURNAL": journal.path, "IMG_LIB": LIB, "IMG_PYTHON": sys.executable}
+
+
+def base_environment(state):
+    """The clean environment a host hook starts from, with the IMG_* `state`."""
+    path = os.pathsep.join([os.path.dirname(sys.executable), BIN, SYSTEM_PATH])
+    return {"PATH": path, "LANG": "C.UTF-8", "HOME": "/root", "PYTHONPATH": ROOT,
+            "TMPDIR": state.get("IMG_SCRATCH_DIR", "/tmp"), **state}
+
+
+def hook_environment(hook, state, extra=None):
+    """The environment of `hook` (a hooks.Hook) on the host: base_environment(state),
+    which hook it is, then `extra` (a chain step's source, target and output)."""
+    env = base_environment(state)
+    env.update(IMG_PHASE=hook.phase, IMG_HOOK=hook.name, IMG_ELEMENT=hook.element,
+               IMG_ELEMENT_DIR=os.path.dirname(os.path.dirname(hook.path)),
+               IMG_JOURNAL_SCOPE=hook.phase)
+    env.update(extra or {})
+    return env
+
+
+def hook_channel(phase, hook, state, monitor, warn, protected=RUNNER_STATE):
+    """The checker of what `hook` says; a host hook of `phase` may set the variables of
+    `state` that are not `protected`, and those its phase's `settable` names."""
+    settable = phase.settable
+    return hookrun.Channel(monitor, warn, phase.name, hook, state,
+                           lambda name, value: hookrun.may_set(name, value, settable, protected),
+                           inside=phase.where != "host")
+
+
+def redact(text, state):
+    """`text` with the values of the secret variables of `state` hidden."""
+    for name, value in state.items():
+        if value and len(value) >= 4 and config.is_secret_name(name):
+            text = text.replace(value, "***")
+    return text
+
+
+def run_hook(hook, state, journal, monitor=None, extra=None, timeout=None, cancel=None):
+    """Run one host hook (`run` verb) as a process runs it, outside a process (tests, tools):
+    the environment hook_environment() builds from `state`, its status lines checked
+    as a process checks them (a `set` line changes `state` within what the hook's phase
+    allows), its process group in `journal` while it runs, stopped after `timeout`
+    (default: its phase's) or when `cancel` is set.  Its output lines, progress and
+    warnings are `monitor` events (log, progress, warning), secrets redacted.
+    Returns (exit code, its last output lines, the hookrun.Channel: describe,
+    warnings_said, fail, bad_input).  Raises hookrun.HookStartError, hookrun.TimedOut."""
+    phase = phases.BY_NAME[hook.phase]
+    if phase.where != "host":
+        raise ValueError(f"{hook.phase}/{hook.name} runs inside the image: run it through a process")
+    monitor = monitor or _NoMonitor()
+    channel = hook_channel(phase, hook, state, monitor,
+                           lambda message: monitor.event("warning", message=message))
+    code, tail = hookrun.run(hook.argv("run"), hook_environment(hook, state, extra), channel,
+                             timeout or phase.timeout, lambda: interrupts.check(cancel),
+                             lambda text: redact(text, state), journal)
+    return code, tail, channel
+
+
 class Process:
     """One image process.  `request` is an api.ProcessRequest (read, never
     changed); `cancel` anything with is_set().  only_hook and list_out are the
@@ -251,8 +315,7 @@ class Process:
                 self.scratch_limited = True
         except workdir.WorkDirError as exc:
             raise ProcessFailure(exc.code, str(exc)) from exc
-        self.env.update(IMG_WORK_DIR=work, IMG_SCRATCH_DIR=scratch, IMG_MOUNT_POINT=mount_point,
-                        IMG_JOURNAL=self.journal.path, IMG_LIB=LIB, IMG_PYTHON=sys.executable,
+        self.env.update(work_state(work, scratch, mount_point, self.journal),
                         IMG_ELEMENTS=" ".join(e.name for e in self.elements),
                         IMG_PLATFORM=request.platform or "auto",
                         IMG_MOUNT_WRITABLE="1" if self._mount_writable() else "0")
@@ -543,17 +606,10 @@ class Process:
 
     # -- running one hook ------------------------------------------------------------
     def _base_env(self):
-        path = os.pathsep.join([os.path.dirname(sys.executable), BIN, SYSTEM_PATH])
-        return {"PATH": path, "LANG": "C.UTF-8", "HOME": "/root", "PYTHONPATH": ROOT,
-                "TMPDIR": self.env.get("IMG_SCRATCH_DIR", "/tmp"), **self.env}
+        return base_environment(self.env)
 
     def _hook_env(self, hook, extra=None):
-        env = self._base_env()
-        env.update(IMG_PHASE=hook.phase, IMG_HOOK=hook.name, IMG_ELEMENT=hook.element,
-                   IMG_ELEMENT_DIR=os.path.dirname(os.path.dirname(hook.path)),
-                   IMG_JOURNAL_SCOPE=hook.phase)
-        env.update(extra or {})
-        return env
+        return hook_environment(hook, self.env, extra)
 
     def _run_hook(self, phase, hook, extra=None, validator=False):
         self._cancel_point()
@@ -567,38 +623,34 @@ class Process:
                 env = sandbox.inside_environment(env, hook.secrets)
             else:
                 argv = hook.argv("run")
-            process, status_read = hookrun.spawn(argv, env)
-        except (hookrun.HookStartError, sandbox.SandboxError) as exc:
+        except sandbox.SandboxError as exc:
             raise ProcessFailure(1, f"{hook.path}: cannot run: {exc}") from exc
-        entry = self.journal.add("kill", pid=process.pid, group=True)
         report = self._channel(phase, hook)
         try:
             try:
-                tail = hookrun.follow(process, status_read, report, self._hook_timeout(phase),
-                                      self._cancel_point, self._redact)
+                returncode, tail = hookrun.run(argv, env, report, self._hook_timeout(phase),
+                                               self._cancel_point, self._redact, self.journal)
             except hookrun.TimedOut as exc:
                 raise ProcessFailure(1, str(exc)) from exc
+        except hookrun.HookStartError as exc:
+            raise ProcessFailure(1, f"{hook.path}: cannot run: {exc}") from exc
         except BaseException as exc:  # stopped (time limit, cancel, signal): the stream still says so
             self.monitor.event("hook-end", phase=phase.name, hook=hook.name, element=hook.element,
                                result="failed", duration=round(time.monotonic() - started, 3),
                                reason=str(exc) or type(exc).__name__)
             raise
-        finally:
-            if process.poll() is None:  # interrupted: stop it before anything else unwinds
-                hookrun.stop(process)
-            self.journal.done(entry)
         duration = round(time.monotonic() - started, 3)
         description = "; ".join(report.describe)
-        if process.returncode == 0:
+        if returncode == 0:
             self.monitor.event("hook-end", phase=phase.name, hook=hook.name, element=hook.element,
                                result="ok", duration=duration, description=description)
             if validator:
                 self.results.append({"hook": hook.name, "result": "ok", "description": description})
             return
         sandboxed = phase.where == "chroot"  # a bound the sandbox saw wins over what the guest says
-        exit_text = sandbox.exit_reason(process.returncode, self.sandbox_limits) if sandboxed \
-            else f"exit {process.returncode}"
-        said = not (sandboxed and process.returncode in sandbox.BOUND_EXITS) and report.fail
+        exit_text = sandbox.exit_reason(returncode, self.sandbox_limits) if sandboxed \
+            else f"exit {returncode}"
+        said = not (sandboxed and returncode in sandbox.BOUND_EXITS) and report.fail
         reason = self._user_names(said or (exit_text + (": " + " | ".join(tail) if tail else "")))
         full = self._full(phase, hook, reason + " ".join(tail), (extra or {}).get("IMG_CONVERT_OUTPUT"))
         if full:
@@ -654,18 +706,11 @@ class Process:
 
     def _redact(self, text):
         """Hide the values of secret variables in anything we log."""
-        for name, value in self.env.items():
-            if value and len(value) >= 4 and config.is_secret_name(name):
-                text = text.replace(value, "***")
-        return text
+        return redact(text, self.env)
 
     def _channel(self, phase, hook):
-        """The checker of what `hook` says; a host hook of `phase` may set variables."""
-        protected = RUNNER_STATE | self.operator_names
-        settable = phase.settable
-        return hookrun.Channel(self.monitor, self._warn, phase.name, hook, self.env,
-                               lambda name, value: hookrun.may_set(name, value, settable, protected),
-                               inside=phase.where != "host")
+        """The checker of what `hook` says; nor may a hook change what the operator set."""
+        return hook_channel(phase, hook, self.env, self.monitor, self._warn, RUNNER_STATE | self.operator_names)
 
     def _run_handler(self, phase, accepted):
         """A phase whose hooks a registered handler runs (instance-validate boots the image)."""
