@@ -6,13 +6,13 @@ import random
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 
 from imaging_elements.convert import qemuimg
+from imaging_elements.engine import hookrun, hooks, runner
 from imaging_elements.sdk.journal import Journal
-from tests import base, imagebuild
+from tests import base, hookcall, imagebuild
 
 MiB = imagebuild.MiB
 ELEMENTS = os.path.join(base.ROOT, "elements")
@@ -22,32 +22,45 @@ REENCODE = os.path.join(ELEMENTS, "convert-qemu", "convert.d", "55-qemu-reencode
 FIXTURES = None
 
 
-def hook_env(tmp, **extra):
-    """The environment the runner gives a convert.d hook (status lines go to stderr)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("IMG_")}
-    env.update(PYTHONPATH=base.ROOT, IMG_LIB=os.path.join(base.ROOT, "lib"), IMG_PYTHON=sys.executable,
-               IMG_JOURNAL=os.path.join(tmp, "journal"), IMG_SCRATCH_DIR=tmp)
-    env.update({k: str(v) for k, v in extra.items()})
-    return env
+def scratch(tmp):
+    """The scratch space of the hooks run in `tmp` (the work directory is tmp/work)."""
+    return os.path.join(tmp, "work", "scratch")
 
 
-def run_hook(hook, verb, tmp, **extra):
-    """(exit code, stdout, status records) of `hook verb`; unwinds the hook's journal after."""
-    env = hook_env(tmp, **extra)
-    result = subprocess.run([hook, verb], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
-    Journal(env["IMG_JOURNAL"]).unwind()
-    records = []
-    for line in result.stderr.splitlines():
-        try:
-            records.append(json.loads(line))
-        except ValueError:
-            pass
-    return result.returncode, result.stdout, records, result.stderr
+def hook_state(tmp, **extra):
+    """A process's state for a convert.d hook, its work directory tmp/work, then `extra`."""
+    return hookcall.state(os.path.join(tmp, "work"), **extra)
 
 
-def status(records, key):
-    return [r[key] for r in records if key in r]
+def hook_env(path, tmp, **extra):
+    """The environment the runner gives the convert.d hook at `path` (its status lines go to
+    stderr: no IMG_STATUS_FD), for the tests that signal the hook's own process."""
+    return runner.hook_environment(hookcall.hook(path, "convert"), hook_state(tmp, **extra))
+
+
+def run_hook(path, tmp, **extra):
+    """Run the convert.d hook at `path` as a process runs it; (exit code, what it said, its
+    output); unwinds the hook's journal after."""
+    state = hook_state(tmp, **extra)
+    try:
+        ran = hookcall.run(hookcall.hook(path, "convert"), state)
+    finally:
+        Journal(state["IMG_JOURNAL"]).unwind()
+    return ran.code, ran.said, ran.text
+
+
+def required_capacity(path, tmp, **extra):
+    """What the hook says it needs, asked as the runner asks it (raises hooks.HookError)."""
+    return hookcall.required_capacity(hookcall.hook(path, "convert"), hook_state(tmp, **extra))
+
+
+def accepts(path, tmp, **extra):
+    """(accepted, reason) as the runner asks the hook."""
+    return hookcall.accepts(hookcall.hook(path, "convert"), hook_state(tmp, **extra))
+
+
+def status(said, key):
+    return said.get(key, [])
 
 
 def allocated(path):
@@ -81,10 +94,10 @@ class ConvertCase(base.TestCase):
 
     def convert(self, hook, source, source_type, dest_type, name=None, expect=0, **extra):
         output = self.path(name or f"out.{dest_type}")
-        code, out, records, stderr = run_hook(hook, "run", self.tmp, IMG_IMAGE=source,
-                                              IMG_SOURCE_TYPE=source_type, IMG_DEST_TYPE=dest_type,
-                                              IMG_CONVERT_OUTPUT=output, **extra)
-        self.assertEqual(expect, code, stderr)
+        code, records, text = run_hook(hook, self.tmp, IMG_IMAGE=source,
+                                       IMG_SOURCE_TYPE=source_type, IMG_DEST_TYPE=dest_type,
+                                       IMG_CONVERT_OUTPUT=output, **extra)
+        self.assertEqual(expect, code, f"{records} {text}")
         return output, records
 
 
@@ -148,10 +161,9 @@ class TestReencode(ConvertCase):
         subprocess.run(["cmp", self.disk, back], check=True)
 
     def test_only_within_one_format(self):
-        code, out, _, _ = run_hook(REENCODE, "accepts", self.tmp, IMG_SOURCE_TYPE="vhdx", IMG_DEST_TYPE="vmdk")
-        self.assertEqual((1, "re-encodes within one format only\n"), (code, out))
-        self.assertEqual(0, run_hook(REENCODE, "accepts", self.tmp, IMG_SOURCE_TYPE="qcow2",
-                                     IMG_DEST_TYPE="qcow2")[0])
+        self.assertEqual((False, "re-encodes within one format only"),
+                         accepts(REENCODE, self.tmp, IMG_SOURCE_TYPE="vhdx", IMG_DEST_TYPE="vmdk"))
+        self.assertEqual((True, ""), accepts(REENCODE, self.tmp, IMG_SOURCE_TYPE="qcow2", IMG_DEST_TYPE="qcow2"))
 
 
 class TestSize(ConvertCase):
@@ -189,10 +201,8 @@ class TestCapacity(ConvertCase):
                                        ("qcow2", FROM_RAW, {}), ("vhd", FROM_RAW, {}),
                                        ("vhdx", FROM_RAW, {}),
                                        ("vhd", FROM_RAW, {"IMG_VHD_SUBFORMAT": "fixed"})):
-            code, out, _, stderr = run_hook(hook, "required-capacity", self.tmp, IMG_IMAGE=self.disk,
-                                            IMG_SOURCE_TYPE="raw", IMG_DEST_TYPE=dest_type, **extra)
-            self.assertEqual(0, code, stderr)
-            need = int(out)
+            need = required_capacity(hook, self.tmp, IMG_IMAGE=self.disk, IMG_SOURCE_TYPE="raw",
+                                     IMG_DEST_TYPE=dest_type, **extra)
             output, _ = self.convert(hook, self.disk, "raw", dest_type, name=f"cap.{dest_type}", **extra)
             written = allocated(output)
             self.assertGreaterEqual(need, written, f"{dest_type} {extra}")
@@ -204,11 +214,9 @@ class TestCapacity(ConvertCase):
     def test_capacity_of_a_later_chain_step_is_read_from_the_current_image(self):
         """Asked before step 1 runs, step 2 (raw -> vmdk) measures the current vhdx image."""
         vhdx = imagebuild.qemu_convert(self.disk, self.path("in.vhdx"), "vhdx")
-        code, out, _, stderr = run_hook(FROM_RAW, "required-capacity", self.tmp,
-                                        IMG_IMAGE=vhdx, IMG_IMAGE_TYPE="vhdx",
-                                        IMG_SOURCE_TYPE="raw", IMG_DEST_TYPE="vmdk")
-        self.assertEqual(0, code, stderr)
-        self.assertGreater(int(out), qemuimg.data_bytes(vhdx, "vhdx"))
+        need = required_capacity(FROM_RAW, self.tmp, IMG_IMAGE=vhdx, IMG_IMAGE_TYPE="vhdx",
+                                 IMG_SOURCE_TYPE="raw", IMG_DEST_TYPE="vmdk")
+        self.assertGreater(need, qemuimg.data_bytes(vhdx, "vhdx"))
 
 
 class TestVhdx(ConvertCase):
@@ -220,18 +228,17 @@ class TestVhdx(ConvertCase):
             self.skipTest("qemu-io could not be stopped with the VHDX log dirty here")
         with open(vhdx, "rb") as f:
             before = f.read()
-        need = run_hook(TO_RAW, "required-capacity", self.tmp, IMG_IMAGE=vhdx, IMG_SOURCE_TYPE="vhdx",
-                        IMG_DEST_TYPE="raw")
-        self.assertEqual(0, need[0], need[3])
+        need = required_capacity(TO_RAW, self.tmp, IMG_IMAGE=vhdx, IMG_SOURCE_TYPE="vhdx", IMG_DEST_TYPE="raw")
         back, records = self.convert(TO_RAW, vhdx, "vhdx", "raw", name="back.raw")
         subprocess.run(["cmp", self.disk, back], check=True)
         # The copy and the output, at most: what the runner reserves in the scratch space.
-        self.assertGreaterEqual(int(need[1]), allocated(back) + allocated(vhdx))
+        self.assertGreaterEqual(need, allocated(back) + allocated(vhdx))
         with open(vhdx, "rb") as f:
             self.assertEqual(before, f.read(), "the user's file was changed")
         self.assertIn(f"{vhdx}: the vhdx log was replayed on a copy in the scratch directory",
                       " ".join(status(records, "warn")))
-        self.assertEqual(["back.raw", "dirty.vhdx", "journal"], sorted(os.listdir(self.tmp)))
+        self.assertEqual(["back.raw", "dirty.vhdx", "work"], sorted(os.listdir(self.tmp)))
+        self.assertEqual([], os.listdir(scratch(self.tmp)))  # the copy is gone
 
     def test_capacity_from_what_is_written(self):
         """qemu maps a VHDX as data from end to end: the estimate comes from the bytes
@@ -243,24 +250,24 @@ class TestVhdx(ConvertCase):
         os.unlink(big)
         extents = json.loads(imagebuild.sh("qemu-img", "map", "--output=json", vhdx))
         self.assertEqual([(1024 * MiB, True)], [(e["length"], e["data"]) for e in extents])
-        code, out, _, stderr = run_hook(TO_RAW, "required-capacity", self.tmp, IMG_IMAGE=vhdx,
-                                        IMG_SOURCE_TYPE="vhdx", IMG_DEST_TYPE="raw")
-        self.assertEqual(0, code, stderr)
+        need = required_capacity(TO_RAW, self.tmp, IMG_IMAGE=vhdx, IMG_SOURCE_TYPE="vhdx", IMG_DEST_TYPE="raw")
         output, _ = self.convert(TO_RAW, vhdx, "vhdx", "raw")
-        self.assertGreaterEqual(int(out), allocated(output))
-        self.assertLess(int(out), allocated(vhdx) + MiB)
-        self.assertLess(int(out), 64 * MiB)
+        self.assertGreaterEqual(need, allocated(output))
+        self.assertLess(need, allocated(vhdx) + MiB)
+        self.assertLess(need, 64 * MiB)
 
 
 class TestOptions(ConvertCase):
 
     def test_a_multi_file_vmdk_output_is_refused_before_writing(self):
         """The runner asks required-capacity before any byte is written."""
-        code, _, records, _ = run_hook(FROM_RAW, "required-capacity", self.tmp, IMG_IMAGE=self.disk,
-                                       IMG_SOURCE_TYPE="raw", IMG_DEST_TYPE="vmdk",
-                                       IMG_VMDK_SUBFORMAT="monolithicFlat")
+        with self.assertRaises(hooks.HookError) as raised:
+            required_capacity(FROM_RAW, self.tmp, IMG_IMAGE=self.disk, IMG_SOURCE_TYPE="raw",
+                              IMG_DEST_TYPE="vmdk", IMG_VMDK_SUBFORMAT="monolithicFlat")
+        # What the runner tells the user: the hook's reason, once, in words.
+        code, said = hookrun.said(str(raised.exception))
         self.assertEqual(1, code)
-        self.assertIn("IMG_VMDK_SUBFORMAT=monolithicFlat: not a single-file VMDK", status(records, "fail")[0])
+        self.assertIn("IMG_VMDK_SUBFORMAT=monolithicFlat: not a single-file VMDK", said)
 
     def test_a_bad_size_is_refused(self):
         output, records = self.convert(TO_RAW, self.disk, "raw", "raw", expect=1, IMG_SIZE="lots")
@@ -278,6 +285,7 @@ class TestBadInput(ConvertCase):
         self.assertIn(reason, message)
         self.assertFalse(os.path.exists(output), f"{output} left behind")
         self.assertEqual([], [p for p in os.listdir(self.tmp) if p.startswith("out")])
+        self.assertEqual([], os.listdir(scratch(self.tmp)))
         return message
 
     def vmdk(self):
@@ -319,10 +327,9 @@ class TestBadInput(ConvertCase):
             with open(source, "wb") as f:
                 f.write(data)
             output = self.path("out.raw")
-            code, _, records, stderr = run_hook(TO_RAW, "run", self.tmp, IMG_IMAGE=source,
-                                                IMG_SOURCE_TYPE="vmdk", IMG_DEST_TYPE="raw",
-                                                IMG_CONVERT_OUTPUT=output)
-            self.assertNotIn("Traceback", stderr)
+            code, records, text = run_hook(TO_RAW, self.tmp, IMG_IMAGE=source, IMG_SOURCE_TYPE="vmdk",
+                                           IMG_DEST_TYPE="raw", IMG_CONVERT_OUTPUT=output)
+            self.assertNotIn("Traceback", text)
             if code:
                 failures += 1
                 self.assertIn(source, status(records, "fail")[0])
@@ -396,8 +403,10 @@ class TestInterrupt(ConvertCase):
 
     def test_sigterm_stops_qemu_img_and_leaves_no_output(self):
         output = self.path("out.vmdk")
-        env = hook_env(self.tmp, IMG_IMAGE=os.path.join(FIXTURES, "random.raw"), IMG_SOURCE_TYPE="raw",
+        env = hook_env(FROM_RAW, self.tmp, IMG_IMAGE=os.path.join(FIXTURES, "random.raw"), IMG_SOURCE_TYPE="raw",
                        IMG_DEST_TYPE="vmdk", IMG_CONVERT_OUTPUT=output)
+        # The hook's own process alone is signalled (the runner would stop its whole group):
+        # this is the hook's SIGTERM handling, stopping its qemu-img.
         process = subprocess.Popen([FROM_RAW, "run"], env=env, stderr=subprocess.PIPE, text=True)
         for line in process.stderr:   # wait for the conversion to be under way
             if '"progress"' in line and '"done": 0' not in line:

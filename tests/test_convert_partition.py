@@ -18,7 +18,7 @@ import time
 from imaging_elements.convert import bootdisk
 from imaging_elements.sdk.journal import Journal
 from tests import base, imagebuild
-from tests.test_convert import allocated, hook_env, run_hook, status
+from tests.test_convert import accepts, allocated, hook_env, required_capacity, run_hook, scratch, status
 
 MiB = imagebuild.MiB
 HOOK = os.path.join(base.ROOT, "elements", "partition-to-disk", "convert.d", "40-partition-to-disk")
@@ -147,10 +147,9 @@ class PartitionCase(base.TestCase):
 
     def convert(self, source, expect=0, name="disk.raw", **extra):
         output = self.path(name)
-        code, _, records, stderr = run_hook(HOOK, "run", self.tmp, IMG_IMAGE=source,
-                                            IMG_SOURCE_TYPE="partition", IMG_DEST_TYPE="raw",
-                                            IMG_CONVERT_OUTPUT=output, **extra)
-        self.assertEqual(expect, code, stderr)
+        code, records, text = run_hook(HOOK, self.tmp, IMG_IMAGE=source, IMG_SOURCE_TYPE="partition",
+                                       IMG_DEST_TYPE="raw", IMG_CONVERT_OUTPUT=output, **extra)
+        self.assertEqual(expect, code, f"{records} {text}")
         return output, records
 
     @contextlib.contextmanager
@@ -232,12 +231,11 @@ class TestDiskLayout(PartitionCase):
 
     def test_required_capacity_covers_what_is_written(self):
         source = self.partition()
-        code, out, _, stderr = run_hook(HOOK, "required-capacity", self.tmp, IMG_IMAGE=source,
-                                        IMG_SIZE="96M")
-        self.assertEqual(0, code, stderr)
+        need = required_capacity(HOOK, self.tmp, IMG_IMAGE=source, IMG_SOURCE_TYPE="partition",
+                                 IMG_DEST_TYPE="raw", IMG_SIZE="96M")
         disk, _ = self.convert(source, IMG_SIZE="96M")
-        self.assertGreaterEqual(int(out), allocated(disk))
-        self.assertLess(int(out), 96 * MiB)
+        self.assertGreaterEqual(need, allocated(disk))
+        self.assertLess(need, 96 * MiB)
 
 
 class TestRootAndKernel(PartitionCase):
@@ -335,10 +333,10 @@ class TestFilesystems(PartitionCase):
         squash = self.path("part.squashfs")
         imagebuild.sh("mksquashfs", imagebuild.linux_tree(self.path("tree")), squash, "-quiet", "-noappend")
         for source, name in ((vfat, "vfat"), (squash, "squashfs")):
-            code, out, _, _ = run_hook(HOOK, "accepts", self.tmp, IMG_IMAGE=source,
-                                       IMG_SOURCE_TYPE="partition", IMG_DEST_TYPE="raw")
-            self.assertEqual(1, code)
-            self.assertIn(f"holds a {name} filesystem", out)
+            accepted, reason = accepts(HOOK, self.tmp, IMG_IMAGE=source, IMG_SOURCE_TYPE="partition",
+                                       IMG_DEST_TYPE="raw")
+            self.assertFalse(accepted)
+            self.assertIn(f"holds a {name} filesystem", reason)
             disk, records = self.convert(source, expect=1)
             self.assertIn(source, status(records, "fail")[0])
             self.assertFalse(os.path.exists(disk))
@@ -352,15 +350,16 @@ class TestFilesystems(PartitionCase):
         disk, records = self.convert(source, expect=1)
         self.assertIn(source, status(records, "fail")[0])
         self.assertFalse(os.path.exists(disk))
-        self.assertEqual([], [n for n in os.listdir(self.tmp) if n.startswith("partition-to-disk-")])
+        self.assertEqual([], os.listdir(scratch(self.tmp)))
 
 
 class TestInterrupt(PartitionCase):
 
     def test_sigterm_removes_the_partial_disk(self):
         output = self.path("disk.raw")
-        env = hook_env(self.tmp, IMG_IMAGE=debian()["ami"], IMG_SOURCE_TYPE="partition",
+        env = hook_env(HOOK, self.tmp, IMG_IMAGE=debian()["ami"], IMG_SOURCE_TYPE="partition",
                        IMG_DEST_TYPE="raw", IMG_CONVERT_OUTPUT=output)
+        # The hook's own process alone is signalled: its SIGTERM handling removes the partial disk.
         process = subprocess.Popen([HOOK, "run"], env=env, stderr=subprocess.PIPE, text=True)
         for line in process.stderr:   # the copy is under way
             if '"progress"' in line and '"done": 0,' not in line:

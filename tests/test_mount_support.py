@@ -4,9 +4,10 @@
   mkfs.vfat + mtools, mkntfs + ntfs-3g, pvcreate, qemu-img convert), built
   once per test process in a temporary directory that is removed at exit.
 * `MountRun`: runs the stock mounters' mount.d hooks over an image exactly as
-  euca-image-process does (the runner's own hooks module decides `accepts`,
-  `set` status lines change the environment of the hooks that follow), so a
-  test can look at the mounted tree, then unwinds the cleanup journal.
+  euca-image-process does (the engine collects them, decides `accepts` and runs
+  each one: tests/hookcall.py; `set` status lines change the state of the hooks
+  that follow), so a test can look at the mounted tree, then unwinds the
+  cleanup journal.
 """
 
 import atexit
@@ -16,14 +17,13 @@ import os
 import shutil
 import struct
 import subprocess
-import sys
 import tempfile
 import threading
 import time
 
-from imaging_elements.engine import hooks
+from imaging_elements.engine import elements, hooks
 from imaging_elements.sdk.journal import Journal
-from tests import imagebuild
+from tests import hookcall, imagebuild
 from tests.base import ROOT
 from tests.imagebuild import MiB, sh
 
@@ -313,23 +313,15 @@ def reap_orphans():
 
 
 class MountRun:
-    """The mount phase of one image, hook by hook, with its own work directory."""
+    """The mount phase of one image, hook by hook, run by the engine as a process runs it
+    (tests/hookcall.py: runner.run_hook), with its own work directory."""
 
     def __init__(self, work, image_path, disk_type, elements=MOUNTERS, env=None):
         self.work = work
-        self.env = {
-            "PATH": os.pathsep.join([os.path.dirname(sys.executable), os.path.join(ROOT, "bin"),
-                                     "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"]),
-            "LANG": "C.UTF-8", "HOME": "/root", "PYTHONPATH": ROOT,
-            "IMG_INPUT": image_path, "IMG_IMAGE": image_path, "IMG_IMAGE_TYPE": disk_type,
-            "IMG_DISK_TYPE": disk_type, "IMG_PLATFORM": "auto", "IMG_MOUNT_WRITABLE": "0",
-            "IMG_WORK_DIR": work, "IMG_SCRATCH_DIR": os.path.join(work, "scratch"),
-            "IMG_MOUNT_POINT": os.path.join(work, "mnt"), "IMG_JOURNAL": os.path.join(work, "journal.jsonl"),
-            "IMG_JOURNAL_SCOPE": "mount", "IMG_LIB": os.path.join(ROOT, "lib"), "IMG_PYTHON": sys.executable,
-        }
+        self.env = hookcall.state(work, IMG_INPUT=image_path, IMG_IMAGE=image_path, IMG_IMAGE_TYPE=disk_type,
+                                  IMG_DISK_TYPE=disk_type, IMG_PLATFORM="auto", IMG_MOUNT_WRITABLE="0",
+                                  IMG_ELEMENTS=" ".join(elements))
         self.env.update(env or {})
-        for key in ("IMG_SCRATCH_DIR", "IMG_MOUNT_POINT"):
-            os.makedirs(self.env[key], exist_ok=True)
         self.elements = elements
         self.journal = Journal(self.env["IMG_JOURNAL"])
         self.describes, self.warnings, self.ran, self.declined = [], [], [], {}
@@ -341,47 +333,29 @@ class MountRun:
         return self.env["IMG_MOUNT_POINT"]
 
     def hooks(self):
-        found = []
-        for element in self.elements:
-            directory = os.path.join(ELEMENTS, element, "mount.d")
-            for name in sorted(os.listdir(directory)):
-                found.append(hooks.Hook("mount", name, os.path.join(directory, name), element))
-        return sorted(found, key=lambda h: hooks.sort_key(h.name))
+        """The mount.d hooks of the elements (and what they depend on), as a process collects them."""
+        resolved = elements.resolve(list(self.elements), elements.find_elements(""))
+        found, _ = hooks.collect("mount", resolved)
+        return found
 
     def run(self):
         """Run the hooks in order until one fails; returns True if all passed."""
         _subreaper(True)
         for hook in self.hooks():
-            ok, reason = hooks.accepts(hook, {"disk-type": self.env["IMG_DISK_TYPE"]}, self.env)
+            ok, reason = hookcall.accepts(hook, self.env)
             if not ok:
                 self.declined[hook.name] = reason
                 continue
-            result = subprocess.run(hook.argv("run"), env=self.env, stdin=subprocess.DEVNULL,
-                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=120)
+            ran = hookcall.run(hook, self.env, timeout=120)  # its `set` lines change self.env
             self.ran.append(hook.name)
-            for line in (result.stdout + result.stderr).splitlines():
-                self._status(line)
-            if result.returncode:
-                self.failure = self.failure or f"exit {result.returncode}: {result.stderr.strip()[-2000:]}"
+            self.describes += ran.said["describe"]
+            self.warnings += ran.said["warn"]
+            self.log += ran.output + ran.warnings
+            if ran.code:
+                self.failure = ran.failure
                 self.failed_hook = hook.name
                 return False
         return True
-
-    def _status(self, line):
-        try:
-            message = json.loads(line)
-            (kind, value), = message.items()
-        except (ValueError, AttributeError):
-            self.log.append(line)
-            return
-        if kind == "set":
-            self.env.update({k: str(v) for k, v in value.items()})
-        elif kind == "describe":
-            self.describes.append(value)
-        elif kind == "warn":
-            self.warnings.append(value)
-        elif kind == "fail":
-            self.failure = value
 
     def filesystems(self):
         with open(os.path.join(self.work, "filesystems.json")) as f:

@@ -2,10 +2,8 @@
 
 import json
 import os
-import subprocess
-import sys
 
-from tests import base
+from tests import base, hookcall
 
 ELEMENTS = os.path.join(base.ROOT, "elements")
 
@@ -14,26 +12,23 @@ def hook_path(element, name):
     return os.path.join(ELEMENTS, element, "validate.d", name)
 
 
-def run_hook(path, root, work_dir, verb="run", **env):
-    """Run one hook as the runner would; returns (exit code, {describe/warn/fail: [texts]}, output)."""
-    status_read, status_write = os.pipe()
-    full = {"PATH": os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")]),
-            "PYTHONPATH": base.ROOT, "LANG": "C.UTF-8", "IMG_MOUNT_POINT": root,
-            "IMG_WORK_DIR": work_dir, "IMG_PLATFORM": "linux", "IMG_IMAGE_TYPE": "raw",
-            "IMG_DISK_TYPE": "raw", "IMG_JOURNAL": os.path.join(work_dir, "journal"),
-            "IMG_LIB": os.path.join(base.ROOT, "lib"), "IMG_STATUS_FD": str(status_write)}
-    full.update(env)
-    process = subprocess.Popen([path, verb], env=full, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               pass_fds=(status_write,))
-    os.close(status_write)
-    with os.fdopen(status_read) as status:
-        lines = status.read().splitlines()
-    output = process.communicate()[0].decode(errors="replace")
-    said = {"describe": [], "warn": [], "fail": []}
-    for line in lines:
-        (kind, value), = json.loads(line).items()
-        said.setdefault(kind, []).append(value)
-    return process.returncode, said, output
+def state(root, work_dir, **env):
+    """A process's state for the validators of the guest tree `root` (as if mounted there),
+    its work directory `work_dir` (filesystems.json is read there), then `env`."""
+    return hookcall.state(work_dir, **{"IMG_MOUNT_POINT": root, "IMG_PLATFORM": "linux", "IMG_IMAGE_TYPE": "raw",
+                                       "IMG_DISK_TYPE": "raw", **env})
+
+
+def run_hook(path, root, work_dir, **env):
+    """Run one validate.d hook as a process runs it (tests/hookcall.py); returns (exit code,
+    {describe/warn/fail/...: [texts]}, its output)."""
+    ran = hookcall.run(hookcall.hook(path, "validate"), state(root, work_dir, **env))
+    return ran.code, ran.said, ran.text
+
+
+def accepts(path, root, work_dir, **env):
+    """(accepted, reason) as the runner asks the validator."""
+    return hookcall.accepts(hookcall.hook(path, "validate"), state(root, work_dir, **env))
 
 
 def write_filesystems(work_dir, entries):

@@ -84,6 +84,11 @@ def hook_channel(phase, hook, state, monitor, warn, protected=RUNNER_STATE):
                            inside=phase.where != "host")
 
 
+def phase_context(phase, state):
+    """What `accepts-*` headers of `phase` are judged on: {"disk-type": ..., ...} from `state`."""
+    return {key: state.get(CONTEXT_VARS[key], "") for key in phase.context}
+
+
 def redact(text, state):
     """`text` with the values of the secret variables of `state` hidden."""
     for name, value in state.items():
@@ -480,7 +485,7 @@ class Process:
             raise ProcessFailure(1, f"could not release the mounted image: {', '.join(still)} still mounted")
 
     def _context(self, phase):
-        return {key: self.env.get(CONTEXT_VARS[key], "") for key in phase.context}
+        return phase_context(phase, self.env)
 
     def _accepted(self, phase, hook, context=None, env=None):
         context = self._context(phase) if context is None else context
