@@ -50,8 +50,9 @@ class Ran:
         return "\n".join(self.output)
 
 
-def hook(path, phase):
-    """The hooks.Hook of the file at `path` (ELEMENT/PHASE.d/NAME) in `phase`."""
+def hook(path, phase=None):
+    """The hooks.Hook of the file at `path` (ELEMENT/PHASE.d/NAME), in `phase` (default PHASE)."""
+    phase = phase or os.path.basename(os.path.dirname(path)).removesuffix(".d")
     return hooks.Hook(phase, os.path.basename(path), path, os.path.basename(os.path.dirname(os.path.dirname(path))))
 
 
@@ -82,3 +83,27 @@ def accepts(the_hook, state):
 def required_capacity(the_hook, state):
     """Bytes the hook says it will write, as the runner asks it (raises hooks.HookError)."""
     return hooks.required_capacity(the_hook, runner.hook_environment(the_hook, state))
+
+
+class Completed:
+    """A hook's run in the terms of a subprocess.CompletedProcess (returncode, stdout,
+    stderr: its output), and `status`: what it said as the runner took it, [{kind: value}],
+    a `set` for each variable it changed, its failure last."""
+
+    def __init__(self, returncode, stdout, stderr, status):
+        self.returncode, self.stdout, self.stderr, self.status = returncode, stdout, stderr, status
+
+
+def completed(the_hook, state, verb="run"):
+    """`HOOK verb` (run or accepts) asked as the runner asks it; a Completed."""
+    if verb == "accepts":
+        ok, reason = accepts(the_hook, state)
+        return Completed(0 if ok else 1, reason, "", [])
+    before = dict(state)
+    ran = run(the_hook, state)
+    said = ran.said
+    status = ([{"describe": text} for text in said["describe"]] + [{"warn": text} for text in said["warn"]]
+              + [{"progress": p} for p in said["progress"]]
+              + [{"set": {name: value}} for name, value in state.items() if before.get(name) != value]
+              + [{"fail": text} for text in said["fail"]])
+    return Completed(ran.code, "", ran.text, status)

@@ -8,7 +8,6 @@ gzip and `openssl enc`, so that each fault is exactly the one under test.
 import gzip
 import hashlib
 import io
-import json
 import os
 import re
 import shutil
@@ -20,7 +19,7 @@ import tempfile
 
 from imaging_elements.bundle import bundle
 from imaging_elements.sdk.journal import Journal
-from tests import base, imagebuild
+from tests import base, hookcall, imagebuild
 
 MiB = 1024 * 1024
 INTEROP = os.path.join(base.DATA, "euca2ools-bundle")
@@ -545,13 +544,11 @@ class TestHooks(BundleCase):
     """The bundle-ec2 hooks, run directly with the documented environment."""
 
     def hook(self, path, verb="run", **env):
-        full = {"PATH": os.environ["PATH"], "PYTHONPATH": base.ROOT, "IMG_LIB": os.path.join(base.ROOT, "lib"),
-                "IMG_JOURNAL": self.path("journal"), "IMG_SCRATCH_DIR": self.tmp}
-        full.update(env)
-        result = subprocess.run([sys.executable, path, verb], env=full, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True)
-        status = [json.loads(line) for line in result.stderr.splitlines() if line.startswith("{")]
-        return result, status
+        """Run as a process runs it (tests/hookcall.py), its work directory self.path("work")."""
+        if not hasattr(self, "state"):
+            self.state = hookcall.state(self.path("work"))
+        result = hookcall.completed(hookcall.hook(path), dict(self.state, **env), verb)
+        return result, result.status
 
     def bundle_env(self, **extra):
         return dict(IMG_BUNDLE_USER="1234", IMG_BUNDLE_ARCH="x86_64", IMG_BUNDLE_PRIVATE_KEY=key("user"),
@@ -569,7 +566,7 @@ class TestHooks(BundleCase):
         self.assertTrue(any("progress" in s for s in status))
         self.assertEqual(["web.img.manifest.xml", "web.img.part.00"], sorted(os.listdir(output)))
         # Only the temporary directory was journaled, and it is gone.
-        self.assertEqual([], Journal(self.path("journal")).unwind())
+        self.assertEqual([], Journal(self.state["IMG_JOURNAL"]).unwind())
         self.assertTrue(os.path.isdir(output))
 
         image = self.path("back.img")
@@ -603,7 +600,7 @@ class TestHooks(BundleCase):
         self.assertEqual(1, result.returncode)
         self.assertIn(f"part {path}/disk.img.part.00: SHA-1 is ", status[-1]["fail"])
         self.assertEqual([], os.listdir(self.path("out")))
-        self.assertEqual([], Journal(self.path("journal")).unwind())
+        self.assertEqual([], Journal(self.state["IMG_JOURNAL"]).unwind())
 
     def test_missing_parameters_are_named(self):
         result, status = self.hook(BUNDLE_HOOK, IMG_IMAGE=FIX["image"], IMG_CONVERT_OUTPUT=self.path("o"),

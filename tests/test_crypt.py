@@ -1,6 +1,5 @@
 """AES-128-CBC image encryption: byte-compatible with `openssl enc`, the crypt-aes hook, the runner."""
 
-import json
 import os
 import subprocess
 import sys
@@ -9,7 +8,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from imaging_elements.bundle import crypt
 from imaging_elements.sdk.journal import Journal
-from tests import base, imagebuild
+from tests import base, hookcall, imagebuild
 
 MiB = 1024 * 1024
 HOOK = os.path.join(base.ROOT, "elements", "crypt-aes", "crypt.d", "50-crypt-aes")
@@ -117,13 +116,11 @@ class TestHook(CryptCase):
     """crypt-aes's hook, run directly with the documented environment."""
 
     def hook(self, verb="run", **env):
-        full = {"PATH": os.environ["PATH"], "PYTHONPATH": base.ROOT, "IMG_LIB": os.path.join(base.ROOT, "lib"),
-                "IMG_JOURNAL": self.path("journal"), "IMG_SCRATCH_DIR": self.tmp,
-                "IMG_CRYPT_KEY_FILE": self.key_file}
-        full.update(env)
-        result = subprocess.run([sys.executable, HOOK, verb], env=full, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True)
-        return result, [json.loads(line) for line in result.stderr.splitlines() if line.startswith("{")]
+        """Run as a process runs it (tests/hookcall.py), its work directory self.path("work")."""
+        if not hasattr(self, "state"):
+            self.state = hookcall.state(self.path("work"), IMG_CRYPT_KEY_FILE=self.key_file)
+        result = hookcall.completed(hookcall.hook(HOOK), dict(self.state, **env), verb)
+        return result, result.status
 
     def test_accepts_one_side_none(self):
         for source, dest, code in (("none", "aes-128-cbc", 0), ("aes-128-cbc", "none", 0),
@@ -137,14 +134,15 @@ class TestHook(CryptCase):
         result, status = self.hook(IMG_IMAGE=src, IMG_SOURCE_CRYPT="none", IMG_DEST_CRYPT="aes-128-cbc",
                                    IMG_CONVERT_OUTPUT=self.path("disk.enc"))
         self.assertEqual(0, result.returncode, result.stderr)
-        self.assertIn({"describe": f"encrypted {src} with AES-128-CBC (key from {self.key_file})"}, status)
+        # IMG_CRYPT_KEY_FILE is secret-named: the runner shows its value as ***.
+        self.assertIn({"describe": f"encrypted {src} with AES-128-CBC (key from ***)"}, status)
         openssl_enc("-d", "-aes-128-cbc", *self.hex, src=self.path("disk.enc"), dst=self.path("openssl.out"))
         self.assertEqual(data, self.read("openssl.out"))
         result, status = self.hook(IMG_IMAGE=self.path("disk.enc"), IMG_SOURCE_CRYPT="aes-128-cbc",
                                    IMG_DEST_CRYPT="none", IMG_CONVERT_OUTPUT=self.path("back.raw"))
         self.assertEqual(0, result.returncode, result.stderr)
         self.assertEqual(data, self.read("back.raw"))
-        self.assertEqual([], Journal(self.path("journal")).unwind())
+        self.assertEqual([], Journal(self.state["IMG_JOURNAL"]).unwind())
         self.assertNotIn(self.key.hex(), result.stdout + result.stderr)
 
     def test_failure_leaves_nothing(self):
