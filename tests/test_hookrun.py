@@ -5,17 +5,7 @@ import time
 
 from imaging_elements.engine import hookrun, hooks
 from tests import base
-
-
-class Events:
-    def __init__(self):
-        self.events = []
-
-    def event(self, name, **fields):
-        self.events.append((name, fields))
-
-    def named(self, name):
-        return [f for n, f in self.events if n == name]
+from tests.hookcall import Events
 
 
 class LineReaderTest(base.TestCase):
