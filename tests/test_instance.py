@@ -466,6 +466,8 @@ class TestWithoutBoot(base.TestCase):
         self.assertEqual(0o600, os.stat(os.path.join(agent, "instance-key")).st_mode & 0o777)
         self.assertTrue(os.path.isfile(os.path.join(agent, "lib", "img-functions")))
         self.assertTrue(os.path.isfile(os.path.join(agent, "lib", "imaging_elements", "sdk", "hooklib.py")))
+        self.assertTrue(os.path.isfile(os.path.join(agent, "lib", "imaging_elements", "__init__.py")))
+        self.assertFalse(os.path.exists(os.path.join(agent, "lib", "imaging_elements", "engine")))
         # The agent is the element's own file, copied as it is.
         shipped = os.path.join(base.ROOT, "elements", "instance-validate-linux", "agent", "img-agent")
         self.assertEqual(open(shipped, "rb").read(), open(os.path.join(agent, "img-agent"), "rb").read())

@@ -124,7 +124,8 @@ class HostileGuest(base.TestCase):
                   # Only the hook SDK is bound in, not the engine or a class library.
                   + probe("see-engine", "test -e /run/img/python/imaging_elements/engine")
                   + probe("see-mount-library", "test -e /run/img/python/imaging_elements/mount")
-                  + f"test -f {sdk}/hooklib.py && test -f {sdk}/journal.py && echo PROBE sdk present\n")
+                  + f"test -f {sdk}/hooklib.py && test -f {sdk}/journal.py && "
+                    "test -f /run/img/python/imaging_elements/__init__.py && echo PROBE sdk present\n")
         _, probes, _ = self.attack(script, check=0)
         self.assertHeld(probes, "remount-python", "remount-lib", "remount-hook", "write-python", "write-hooklib",
                         "umount-python", "umount-lazy", "bind-over", "see-engine", "see-mount-library")

@@ -129,8 +129,11 @@ def wrap(root, argv, binds=(), writable=True, interactive=False, limits=None):
     for host in (LIB, SDK):
         _check_readable(host)
     # The hook SDK only (stdlib-only: it runs on the guest's Python), never the engine or a
-    # class library; imaging_elements/ inside is a namespace package holding sdk/.
-    binds = [(LIB, f"{INSIDE}/lib"), (SDK, f"{INSIDE}/python/imaging_elements/sdk")] + list(binds)
+    # class library.  Its side-effect-free __init__ makes imaging_elements/ a regular package
+    # there too, so that first on PYTHONPATH it wins over any copy the image holds.
+    package = f"{INSIDE}/python/imaging_elements"
+    binds = [(LIB, f"{INSIDE}/lib"), (SDK, f"{package}/sdk"),
+             (os.path.join(SDK, "__init__.py"), f"{package}/__init__.py")] + list(binds)
     spec = {"root": root, "argv": list(argv), "binds": binds, "writable": bool(writable),
             "interactive": bool(interactive), "limits": dict(LIMITS, **(limits or {}))}
     # -I: the environment (meant for the guest) cannot steer the launcher.

@@ -365,7 +365,9 @@ def inject(root, hooks, env, token, settle, hook_timeout):
     with open(os.path.join(LIB, "img-functions"), "rb") as f:
         _write(os.path.join(agent, "lib", "img-functions"), f.read())
     # The hook SDK as a package (`from imaging_elements.sdk import hooklib`, as on the host and
-    # in the sandbox), not the whole toolkit: imaging_elements/ is a namespace package there.
+    # in the sandbox), not the whole toolkit; imaging_elements/ a regular package, so that first
+    # on PYTHONPATH it wins over any copy the image holds.
+    _write(os.path.join(agent, "lib", "imaging_elements", "__init__.py"), b"")
     for name in sorted(os.listdir(SDK)):
         if name.endswith(".py"):
             with open(os.path.join(SDK, name), "rb") as f:
