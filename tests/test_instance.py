@@ -16,6 +16,8 @@ import json
 import os
 import shutil
 import socket
+import subprocess
+import sys
 import tempfile
 import time
 
@@ -468,6 +470,14 @@ class TestWithoutBoot(base.TestCase):
         self.assertTrue(os.path.isfile(os.path.join(agent, "lib", "imaging_elements", "sdk", "hooklib.py")))
         self.assertTrue(os.path.isfile(os.path.join(agent, "lib", "imaging_elements", "__init__.py")))
         self.assertFalse(os.path.exists(os.path.join(agent, "lib", "imaging_elements", "engine")))
+        # A Python hook's import line works with what the guest gets alone (no site packages).
+        ran = subprocess.run([sys.executable, "-I", "-S", "-c", "import sys; sys.path.insert(0, sys.argv.pop()); "
+                              "from imaging_elements.sdk import hooklib; import imaging_elements; "
+                              "print(imaging_elements.__file__); hooklib.main(lambda: hooklib.describe('ran'))",
+                              "run", os.path.join(agent, "lib")], capture_output=True, text=True, env={})
+        self.assertEqual(0, ran.returncode, ran.stderr)
+        self.assertEqual(os.path.join(agent, "lib", "imaging_elements", "__init__.py"), ran.stdout.strip())
+        self.assertIn('{"describe": "ran"}', ran.stderr)
         # The agent is the element's own file, copied as it is.
         shipped = os.path.join(base.ROOT, "elements", "instance-validate-linux", "agent", "img-agent")
         self.assertEqual(open(shipped, "rb").read(), open(os.path.join(agent, "img-agent"), "rb").read())
