@@ -33,7 +33,7 @@ sys.path.insert(0, ROOT)
 
 from imaging_elements.engine import hooks as hooks_mod  # noqa: E402
 from imaging_elements.instance import instance  # noqa: E402
-from imaging_elements.journal import Journal  # noqa: E402
+from imaging_elements.sdk.journal import Journal  # noqa: E402
 from benchmarks.compare import alternate, load, report  # noqa: E402
 from tests.imagebuild import debian_boot_disk  # noqa: E402
 

@@ -40,7 +40,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from imaging_elements.journal import process_state  # noqa: E402
+from imaging_elements.sdk.journal import process_state  # noqa: E402
 from benchmarks.compare import alternate, report  # noqa: E402
 from tests import imagebuild  # noqa: E402
 from tests.test_mount_support import MountRun  # noqa: E402
