@@ -7,7 +7,6 @@ ELEMENTS_PATH is searched like $PATH: the first directory holding an element
 of a name wins, and the project's own elements/ comes last.
 """
 
-import difflib
 import functools
 import json
 import math
@@ -376,6 +375,7 @@ def check_options(selected, given):
         if name in RUNNER_VARIABLES:
             problems.append(f"option {name}: IMG_{name} is set by the runner, not an option")
         elif option is None:
+            import difflib  # only for this message: not part of every process's start-up
             close = difflib.get_close_matches(name, declared, n=1)
             problems.append(f"unknown option {name}: not declared by any of the elements "
                             f"({', '.join(e.name for e in selected) or 'none'})"
