@@ -106,12 +106,13 @@ EXIT_CODES = (
 # (KEY too: a key or a key file's path, both kept from the guest).  Secret values
 # are hidden in logs and never given to code that runs from the image, unless
 # a chroot hook declares it (needs-secret).
-SECRET_NAME = re.compile(r"PASSPHRASE|PASSWORD|PASSWD|SECRET|TOKEN|CREDENTIAL|KEY", re.IGNORECASE)
+SECRET_WORDS = ("passphrase", "password", "passwd", "secret", "token", "credential", "key")
 
 
 def is_secret_name(name):
-    """Whether the variable `name` holds a secret (see SECRET_NAME)."""
-    return bool(SECRET_NAME.search(name))
+    """Whether the variable `name` holds a secret (see SECRET_WORDS)."""
+    folded = name.casefold()
+    return any(word in folded for word in SECRET_WORDS)
 
 
 # Default time limit of one hook, by phase (seconds; the phase table, phases.py):
@@ -119,12 +120,13 @@ def is_secret_name(name):
 # guest's interpreter that sleeps forever) still ends.
 HOOK_TIMEOUTS = {p.name: p.timeout for p in PHASES}
 
-SIZE = re.compile(r"^(\d+(?:\.\d+)?)\s*([KMGTP]?)(i?B?)$", re.IGNORECASE)
+# Compiled when first used (re's cache): not part of every process's start-up.
+SIZE = r"^(\d+(?:\.\d+)?)\s*([KMGTP]?)(i?B?)$"
 
 
 def parse_size(text):
     """'10G' -> bytes (powers of 1024; a bare number is bytes)."""
-    match = SIZE.match(str(text).strip())
+    match = re.match(SIZE, str(text).strip(), re.IGNORECASE)
     if not match:
         raise ValueError(f"{text!r} is not a size (like 512M, 10G, or bytes)")
     number, unit = float(match.group(1)), match.group(2).upper()
