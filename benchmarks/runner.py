@@ -94,6 +94,10 @@ def hooks(tmp, venv, dib_run_parts, runs):
         report_process(f"a process running {n} trivial hook(s)", "euca-image-process (wheel)", a,
                        "dib-run-parts", b)
         if n == 1:
+            # The bytecode tools/install writes (edits since would be recompiled by every
+            # process where PYTHONDONTWRITEBYTECODE is set).
+            subprocess.run([sys.executable, "-m", "compileall", "-q", os.path.join(ROOT, "imaging_elements")],
+                           check=True)
             checkout = process([sys.executable, os.path.join(ROOT, "bin", "euca-image-process"), *argv], env)
             a, b = alternate(checkout, dib, runs)
             report_process(f"a process running {n} trivial hook(s)", "euca-image-process (bin/)", a,
