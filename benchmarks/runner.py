@@ -49,7 +49,8 @@ def quiet(argv, env=None):
 def installed_venv():
     """A virtualenv under the cache with this checkout's wheel installed (rebuilt every run;
     one for each checkout, so that two checkouts benchmarked at once do not share one).
-    --no-compile: the bytecode is the wheel's own, as where an installer writes none."""
+    Ours with --no-compile: its bytecode is the wheel's own, as where an installer writes
+    none (the dependencies' is pip's: setuptools' .pth hook runs in every process)."""
     venv = os.path.join(CACHE, "ours-" + hashlib.sha1(ROOT.encode()).hexdigest()[:8])
     dist = tempfile.mkdtemp(prefix="bench-wheel-")
     try:
@@ -58,8 +59,9 @@ def installed_venv():
         if not os.path.exists(os.path.join(venv, "bin", "python")):
             subprocess.run(["/usr/bin/python3", "-m", "venv", venv], check=True)
         [wheel] = [os.path.join(dist, n) for n in os.listdir(dist) if n.endswith(".whl")]
-        subprocess.run([os.path.join(venv, "bin", "pip"), "install", "-q", "--disable-pip-version-check",
-                        "--no-compile", "--force-reinstall", wheel], check=True)
+        pip = [os.path.join(venv, "bin", "pip"), "install", "-q", "--disable-pip-version-check"]
+        subprocess.run([*pip, wheel], check=True)  # the dependencies, compiled as pip does
+        subprocess.run([*pip, "--no-compile", "--no-deps", "--force-reinstall", wheel], check=True)
     finally:
         shutil.rmtree(dist, ignore_errors=True)
         # The build's own leftovers in the checkout.
