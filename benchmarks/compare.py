@@ -45,6 +45,29 @@ def timed(fn):
     return run
 
 
+def process(argv, env=None):
+    """A function that runs argv (its output discarded) and returns (wall seconds, CPU
+    seconds): user + system time of the process and of the children it waited for
+    (os.wait4), which the machine's load disturbs much less than the wall time."""
+    def run():
+        started = time.perf_counter()
+        child = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        _, status, usage = os.wait4(child.pid, 0)
+        wall = time.perf_counter() - started
+        child.returncode = os.waitstatus_to_exitcode(status)
+        if child.returncode:
+            raise subprocess.CalledProcessError(child.returncode, argv)
+        return wall, usage.ru_utime + usage.ru_stime
+    return run
+
+
+def report_process(what, name_a, a, name_b, b):
+    """report() of the wall times and of the CPU times of process() results; the wall ratio."""
+    ratio = report(what, name_a, [wall for wall, _ in a], name_b, [wall for wall, _ in b])
+    report(what + ", CPU time", name_a, [cpu for _, cpu in a], name_b, [cpu for _, cpu in b])
+    return ratio
+
+
 def spread(values, scale=1.0, digits=1):
     values = [v * scale for v in values]
     return (f"median {statistics.median(values):.{digits}f} "

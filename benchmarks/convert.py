@@ -4,7 +4,8 @@ euca-image-process (element convert-qemu), against bare `qemu-img convert` on
 the same file, run alternately in this one script (benchmarks/compare.py).
 
 Targets (issue 5): wall time overhead <= 5 % (ratio printed) and output
-allocation <= 1.05 x that of qemu-img's output.
+allocation <= 1.05 x that of qemu-img's output.  Where our time goes beyond
+qemu-img convert is printed by stage, from the runs' event streams.
 
 The VMDK is built here: a 2 GiB disk whose ext4 partition holds the cached
 Debian 12 root (tests/images/mkdebian) and 1 GiB of data that compresses like
@@ -58,6 +59,25 @@ def timed(argv):
     return time.perf_counter() - started
 
 
+STAGES = ("start-up (launch to process-start)", "work dir, input type (to phase-start convert)",
+          "required-capacity (to hook-start)", "hook start, qemu-img info/map, sandbox (to first progress)",
+          "qemu-img convert (first to last progress)", "end (last progress to exit)")
+
+
+def stages(launched, exited, events_file):
+    """Seconds spent in each of STAGES by one run, from its event stream (--status-file)."""
+    with open(events_file) as f:
+        events = [json.loads(line) for line in f]
+
+    def when(name, **match):
+        return [e["time"] for e in events if e["event"] == name
+                and all(e.get(k) == v for k, v in match.items())]
+    progress = when("progress", phase="convert")
+    marks = [launched, when("process-start")[0], when("phase-start", phase="convert")[0],
+             when("hook-start", phase="convert")[0], progress[0], progress[-1], exited]
+    return [b - a for a, b in zip(marks, marks[1:])]
+
+
 def allocated(path):
     return os.stat(path).st_blocks * 512
 
@@ -80,9 +100,11 @@ def main():
               f"{info['virtual-size'] / MiB:.0f} MiB virtual")
         bare_out, ours_out = os.path.join(tmp, "bare.raw"), os.path.join(tmp, "ours.raw")
         bare_argv = ["qemu-img", "convert", "-f", "vmdk", "-O", "raw", vmdk, bare_out]
+        events_file = os.path.join(tmp, "events.jsonl")
         ours_argv = [sys.executable, os.path.join(ROOT, "bin", "euca-image-process"), "-q",
-                     "--work-dir", os.path.join(tmp, "work"),
+                     "--work-dir", os.path.join(tmp, "work"), "--status-file", events_file,
                      "-i", vmdk, "-o", ours_out, "-T", "raw", "convert-qemu"]
+        ours_stages = []
         # Warm the page cache once so that neither side pays for the first read.
         subprocess.run(["cat", vmdk], stdout=subprocess.DEVNULL, check=True)
 
@@ -91,7 +113,11 @@ def main():
                 if os.path.exists(out):
                     os.unlink(out)
                 os.sync()   # neither side waits for the other's dirty pages
-                return timed(argv)
+                launched = time.time()
+                seconds = timed(argv)
+                if argv is ours_argv:
+                    ours_stages.append(stages(launched, time.time(), events_file))
+                return seconds
             return run
 
         print(load() + " (before)")
@@ -103,13 +129,17 @@ def main():
         b, o = statistics.median(bare), statistics.median(ours)
         print(f"fixed cost {o - b:+.2f} s; overhead ratio {ratio:.3f} ({(ratio - 1) * 100:+.1f} %; "
               f"target <= 1.05: {'ok' if ratio <= 1.05 else 'OVER TARGET'})")
+        print("where euca-image-process's time goes, median (min-max) s:")
+        for index, stage in enumerate(STAGES):
+            values = [run[index] for run in ours_stages]
+            print(f"  {stage:<62} {statistics.median(values):.3f} ({min(values):.3f}-{max(values):.3f})")
         alloc_ratio = allocated(ours_out) / allocated(bare_out)
         print(f"allocation: qemu-img {allocated(bare_out) / MiB:.1f} MiB, euca-image-process "
               f"{allocated(ours_out) / MiB:.1f} MiB; ratio {alloc_ratio:.3f} (target <= 1.05: "
               f"{'ok' if alloc_ratio <= 1.05 else 'OVER TARGET'})")
         print("outputs identical (cmp)")
     finally:
-        for name in ("bare.raw", "ours.raw"):
+        for name in ("bare.raw", "ours.raw", "events.jsonl"):
             if os.path.exists(os.path.join(tmp, name)):
                 os.unlink(os.path.join(tmp, name))
         if not args.keep:

@@ -10,7 +10,8 @@ the 1-hook process, from the checkout (bin/ with this interpreter).
 
   hooks      `euca-image-process -q ELEMENT` whose ELEMENT has N mount.d hooks
              (#!/bin/bash, true) against `dib-run-parts DIR` over the same
-             N hooks, start to exit, for N = 1, 10, 50;
+             N hooks, start to exit, for N = 1, 10, 50: wall time, and CPU time
+             (user + system, with the children waited for);
   element-info  `element-info --expand-dependencies` against dib's
              element-info.py, on the same elements (the stock ones, and a
              `bench-os` that provides operating-system, which dib insists on);
@@ -22,6 +23,7 @@ the 1-hook process, from the checkout (bin/ with this interpreter).
 """
 
 import argparse
+import hashlib
 import os
 import shutil
 import subprocess
@@ -31,7 +33,8 @@ import tempfile
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from benchmarks.compare import CACHE, alternate, dib_site, dib_venv, load, report, timed  # noqa: E402
+from benchmarks.compare import (CACHE, alternate, dib_site, dib_venv, load, process, report,  # noqa: E402
+                                report_process, timed)
 from imaging_elements.engine import elements  # noqa: E402
 
 CHAIN = 2000
@@ -44,8 +47,11 @@ def quiet(argv, env=None):
 
 
 def installed_venv():
-    """A virtualenv under the cache with this checkout's wheel installed (rebuilt every run)."""
-    venv = os.path.join(CACHE, "ours")
+    """A virtualenv under the cache with this checkout's wheel installed (rebuilt every run;
+    one for each checkout, so that two checkouts benchmarked at once do not share one).
+    Ours with --no-compile: its bytecode is the wheel's own, as where an installer writes
+    none (the dependencies' is pip's: setuptools' .pth hook runs in every process)."""
+    venv = os.path.join(CACHE, "ours-" + hashlib.sha1(ROOT.encode()).hexdigest()[:8])
     dist = tempfile.mkdtemp(prefix="bench-wheel-")
     try:
         subprocess.run([sys.executable, "-m", "build", "--no-isolation", "--wheel", "-o", dist, ROOT],
@@ -53,8 +59,9 @@ def installed_venv():
         if not os.path.exists(os.path.join(venv, "bin", "python")):
             subprocess.run(["/usr/bin/python3", "-m", "venv", venv], check=True)
         [wheel] = [os.path.join(dist, n) for n in os.listdir(dist) if n.endswith(".whl")]
-        subprocess.run([os.path.join(venv, "bin", "pip"), "install", "-q", "--disable-pip-version-check",
-                        "--force-reinstall", wheel], check=True)
+        pip = [os.path.join(venv, "bin", "pip"), "install", "-q", "--disable-pip-version-check"]
+        subprocess.run([*pip, wheel], check=True)  # the dependencies, compiled as pip does
+        subprocess.run([*pip, "--no-compile", "--no-deps", "--force-reinstall", wheel], check=True)
     finally:
         shutil.rmtree(dist, ignore_errors=True)
         # The build's own leftovers in the checkout.
@@ -83,14 +90,20 @@ def hooks(tmp, venv, dib_run_parts, runs):
         env = dict(os.environ, ELEMENTS_PATH=base)
         work = os.path.join(tmp, "work")
         argv = ["-q", "--work-dir", work, f"hooks{n}"]
-        ours = quiet([os.path.join(venv, "bin", "euca-image-process"), *argv], env)
-        dib = quiet(["bash", dib_run_parts, hook_dir])
+        ours = process([os.path.join(venv, "bin", "euca-image-process"), *argv], env)
+        dib = process(["bash", dib_run_parts, hook_dir])
         a, b = alternate(ours, dib, runs)
-        report(f"a process running {n} trivial hook(s)", "euca-image-process (wheel)", a, "dib-run-parts", b)
+        report_process(f"a process running {n} trivial hook(s)", "euca-image-process (wheel)", a,
+                       "dib-run-parts", b)
         if n == 1:
-            checkout = quiet([sys.executable, os.path.join(ROOT, "bin", "euca-image-process"), *argv], env)
+            # The bytecode tools/install writes (edits since would be recompiled by every
+            # process where PYTHONDONTWRITEBYTECODE is set).
+            subprocess.run([sys.executable, "-m", "compileall", "-q", os.path.join(ROOT, "imaging_elements")],
+                           check=True)
+            checkout = process([sys.executable, os.path.join(ROOT, "bin", "euca-image-process"), *argv], env)
             a, b = alternate(checkout, dib, runs)
-            report(f"a process running {n} trivial hook(s)", "euca-image-process (bin/)", a, "dib-run-parts", b)
+            report_process(f"a process running {n} trivial hook(s)", "euca-image-process (bin/)", a,
+                           "dib-run-parts", b)
 
 
 def bench_os(tmp):

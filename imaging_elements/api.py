@@ -9,8 +9,6 @@ process-wide effects (signals, the subreaper) belong to ProcessGuard, which
 the command line or a worker process enters in its main thread.
 """
 
-import ctypes
-import dataclasses
 import os
 import signal
 import threading
@@ -31,8 +29,59 @@ def _instance_handler(hooks, env, journal, emit):
 phase_handlers.register("instance", _instance_handler)
 
 
-@dataclasses.dataclass
-class ProcessRequest:
+class _Record:
+    """A plain record: keyword (or positional, in order) arguments for the
+    annotated fields, class values as defaults (lists and dicts copied), equality
+    and repr.  Not a dataclass: importing dataclasses (with inspect) costs every
+    process about 7 ms, a fifth of a one-hook run (benchmarks/runner.py)."""
+
+    def __init_subclass__(cls):
+        cls._fields = tuple(cls.__annotations__)
+
+    def __init__(self, *args, **kwargs):
+        name = type(self).__name__
+        if len(args) > len(self._fields):
+            raise TypeError(f"{name}() takes {len(self._fields)} positional arguments, {len(args)} given")
+        for field, value in zip(self._fields, args):
+            if field in kwargs:
+                raise TypeError(f"{name}() got multiple values for argument {field!r}")
+            kwargs[field] = value
+        unknown = set(kwargs) - set(self._fields)
+        if unknown:
+            raise TypeError(f"{name}() got an unexpected keyword argument {sorted(unknown)[0]!r}")
+        for field in self._fields:
+            if field in kwargs:
+                value = kwargs[field]
+            elif hasattr(type(self), field):
+                value = getattr(type(self), field)
+                value = type(value)(value) if isinstance(value, (list, dict)) else value
+            else:
+                raise TypeError(f"{name}() missing required argument: {field!r}")
+            setattr(self, field, value)
+
+    def __eq__(self, other):
+        return type(other) is type(self) and self._as_tuple() == other._as_tuple()
+
+    def _as_tuple(self):
+        return tuple(getattr(self, f) for f in self._fields)
+
+    def __repr__(self):
+        return f"{type(self).__name__}({', '.join(f'{f}={getattr(self, f)!r}' for f in self._fields)})"
+
+    def to_json(self):
+        """A dict of plain JSON values (docs/api.md), copied."""
+        return {f: _copy(getattr(self, f)) for f in self._fields}
+
+
+def _copy(value):
+    if isinstance(value, dict):
+        return {k: _copy(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_copy(v) for v in value]
+    return value
+
+
+class ProcessRequest(_Record):
     """What to do; field names are those of euca-image-process's options."""
 
     elements: list[str]
@@ -47,32 +96,27 @@ class ProcessRequest:
     keep_work_dir: bool = False
     scratch_limit: int | None = None       # bytes
     hook_timeout: float | None = None      # seconds per hook; None: the per-phase defaults
-    sandbox_limits: list[str] = dataclasses.field(default_factory=list)  # ["memory=1G", ...]: sandbox.LIMITS
-    breaks: list[str] = dataclasses.field(default_factory=list)
+    sandbox_limits: list[str] = []  # ["memory=1G", ...]: sandbox.LIMITS
+    breaks: list[str] = []
     phases: list[str] | None = None
-    skip_phases: list[str] = dataclasses.field(default_factory=list)
-    options: dict[str, str] = dataclasses.field(default_factory=dict)      # element options (-e NAME=VALUE)
-    environment: dict[str, str] = dataclasses.field(default_factory=dict)  # extra IMG_* variables
+    skip_phases: list[str] = []
+    options: dict[str, str] = {}      # element options (-e NAME=VALUE)
+    environment: dict[str, str] = {}  # extra IMG_* variables
     size: str | None = None
     kernel: str | None = None
     ramdisk: str | None = None
 
 
-@dataclasses.dataclass
-class ProcessResult:
+class ProcessResult(_Record):
     exit_code: int
     error: str | None = None
     disk_type: str | None = None
     platform: str | None = None
     output: str | None = None
     output_size: int | None = None
-    validators: list[dict] = dataclasses.field(default_factory=list)
+    validators: list[dict] = []
     inspection_report: str | None = None
-    phase_durations: dict[str, float] = dataclasses.field(default_factory=dict)
-
-    def to_json(self):
-        """A dict of plain JSON values (docs/api.md)."""
-        return dataclasses.asdict(self)
+    phase_durations: dict[str, float] = {}
 
 
 def run_process(request, monitor=None, cancel=None, *, only_hook=None, list_out=None):
@@ -110,6 +154,7 @@ _PR_SET_CHILD_SUBREAPER, _PR_GET_CHILD_SUBREAPER = 36, 37
 
 def _subreaper(on=None):
     """The process's subreaper flag; sets it when `on` is given.  Returns the previous value."""
+    import ctypes  # here: only a guarded process needs it
     libc = ctypes.CDLL(None, use_errno=True)
     current = ctypes.c_int(0)
     libc.prctl(_PR_GET_CHILD_SUBREAPER, ctypes.byref(current), 0, 0, 0)

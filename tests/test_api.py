@@ -171,6 +171,30 @@ class RequestTest(ApiCase):
             self.assertEqual("red round\n", f.read())
 
 
+class RecordTest(base.TestCase):
+    """ProcessRequest and ProcessResult behave as the dataclasses they replace."""
+
+    def test_fields_defaults_and_copies(self):
+        request = api.ProcessRequest(["a"], input="disk.img")
+        self.assertEqual(["a"], request.elements)
+        self.assertEqual("auto", request.platform)
+        request.breaks.append("after-mount")
+        self.assertEqual([], api.ProcessRequest(["b"]).breaks)  # a default list is never shared
+        self.assertEqual(api.ProcessRequest(elements=["a"], input="disk.img", breaks=["after-mount"]), request)
+        self.assertNotEqual(api.ProcessRequest(["a"]), request)
+        self.assertIn("input='disk.img'", repr(request))
+        self.assertRaises(TypeError, api.ProcessRequest)
+        self.assertRaises(TypeError, api.ProcessRequest, ["a"], elements=["b"])
+        self.assertRaises(TypeError, api.ProcessRequest, ["a"], inptu="x")
+        result = api.ProcessResult(0, validators=[{"hook": "v", "result": "ok"}])
+        data = result.to_json()
+        self.assertEqual({"exit_code", "error", "disk_type", "platform", "output", "output_size", "validators",
+                          "inspection_report", "phase_durations"}, set(data))
+        data["validators"][0]["result"] = "failed"
+        self.assertEqual("ok", result.validators[0]["result"])  # a copy, as dataclasses.asdict made
+        self.assertEqual(data, json.loads(json.dumps(data)))
+
+
 class StatusMessageTest(ApiCase):
 
     def test_malformed_status_lines_are_warnings(self):

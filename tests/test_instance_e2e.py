@@ -102,7 +102,9 @@ class TestImport(base.TestCase):
         self.assertEqual(["ok"], [e["result"] for e in events
                                   if e.get("event") == "hook-end" and e.get("hook") == "40-linux-init"])
         self.assertIn("instance-validate: ", result.stderr)
-        self.assertIn(".never.raw.partial-", result.stderr)  # the image booted: the converted output
+        # The image booted is the converted output: named as the user named it, not as our partial file.
+        self.assertIn(output, result.stderr)
+        self.assertNotIn(".partial-", result.stderr)
         self.assertIn(": the guest kernel panicked: Attempted to kill init! exitcode=0x00000100", result.stderr)
         self.assertRegex(result.stderr, r"console log: \S+/logs/instance-console\.log; it ends:")
         self.assertIn("end Kernel panic - not syncing: Attempted to kill init!", result.stderr)

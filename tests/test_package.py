@@ -113,14 +113,21 @@ class PackageTest(base.TestCase):
         hook = "imaging_elements/_data/elements/convert-qemu/convert.d/60-raw-to-qemu"
         self.assertTrue(modes[hook] & 0o111, f"{hook} is not executable in the wheel")
 
-        venv = self.venv([wheel])
+        self.assertIn(f"imaging_elements/engine/__pycache__/runner.{sys.implementation.cache_tag}.pyc", modes)
+        # --no-compile: the bytecode is the wheel's own, and no process recompiles the package.
+        venv = self.venv(["--no-compile", wheel])
         package = sh(os.path.join(venv, "bin", "python"), "-c",
                      "import imaging_elements, os; print(os.path.dirname(imaging_elements.__file__))",
                      cwd=self.tmp, env=self.env()).strip()
         self.assertTrue(package.startswith(os.path.realpath(venv)), package)
-        # Bytecode written at install: no process recompiles the package.
-        self.assertTrue(os.path.exists(os.path.join(
-            package, "engine", "__pycache__", f"runner.{sys.implementation.cache_tag}.pyc")))
+        loaded = subprocess.run([os.path.join(venv, "bin", "python"), "-v", "-c",
+                                 "import imaging_elements.cli.process, imaging_elements.api"],
+                                capture_output=True, text=True, check=True, cwd=self.tmp,
+                                env=dict(self.env(), PYTHONDONTWRITEBYTECODE="1")).stderr
+        ours = [line for line in loaded.splitlines()
+                if line.startswith("# code object from") and os.sep + "imaging_elements" + os.sep in line]
+        self.assertGreater(len(ours), 10)
+        self.assertEqual([], [line for line in ours if not line.endswith(".pyc'")])
         for name in DRIVERS:
             self.assertIn("usage:", self.run_installed(venv, name, "--help"))
         self.assert_stock_elements(venv)

@@ -1,5 +1,6 @@
 """The runner end to end, through bin/euca-image-process, with real hooks."""
 
+import itertools
 import json
 import os
 import pty
@@ -486,6 +487,28 @@ class ConfigTest(base.TestCase):
             if setting.env:
                 self.assertIn(setting.env, out)
         self.assertIn("exit codes:", out)
+
+    def test_plain_command_lines_read_as_argparse_reads_them(self):
+        # parse_plain spares a process argparse; where it answers, it answers as argparse
+        # does, and it leaves every other form (help, abbreviations, mistakes) to argparse.
+        pieces = [["-q"], ["--quiet"], ["a"], ["b", "c"], ["--work-dir", "w"], ["--work-dir=w"], ["-i", "x.img"],
+                  ["-e", "A=1"], ["--env=C=3"], ["--list"], ["--sandbox-limit", "memory=1G"], ["--work", "w"],
+                  ["-qi", "x"], ["--", "a"], ["-i", "-x"], ["--quiet=1"], ["-i=x"], ["-ix"], [""], ["-h"],
+                  ["--work-dir"], ["-"], ["-1"], ["--platform", "linux"]]
+        parser = config.parser()
+        answered = 0
+        for count in (1, 2, 3):
+            for combination in itertools.permutations(pieces, count):
+                argv = [arg for piece in combination for arg in piece]
+                plain = config.parse_plain(argv)
+                if plain is None:
+                    continue
+                answered += 1
+                self.assertEqual(vars(parser.parse_args(argv)), vars(plain), argv)
+        self.assertGreater(answered, 1000)
+        for argv in (["-h"], ["--work", "w", "a"], ["a", "-q", "b"], ["-i", "-x", "a"], ["--quiet=1"]):
+            self.assertIsNone(config.parse_plain(argv), argv)
+        self.assertEqual(["hooks1"], config.parse_plain(["-q", "--work-dir", "w", "hooks1"]).elements)
 
     def test_option_beats_environment(self):
         args = config.parse(["--platform", "linux", "x"], {"IMG_PLATFORM": "windows", "IMG_SIZE": "4G"})

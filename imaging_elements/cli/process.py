@@ -1,9 +1,7 @@
 """euca-image-process: run elements' hooks over an image (see docs/cli.md)."""
 
-import json
 import os
 import sys
-import tempfile
 import time
 
 from imaging_elements.engine import config
@@ -85,6 +83,8 @@ def request_from_args(args):
 
 def write_json(path, data):
     """Atomically: a reader sees the old file or the whole new one."""
+    import json
+    import tempfile  # here: only --result-json needs it, not every process's start-up
     path = os.path.abspath(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", dir=os.path.dirname(path))
     try:

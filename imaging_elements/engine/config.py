@@ -6,10 +6,10 @@ the option wins.  `python -m imaging_elements.engine.config` prints the Markdown
 that docs/configuration.md holds.
 """
 
-import argparse
 import os
 import re
 import sys
+import types
 
 from imaging_elements.engine.phases import PHASES
 
@@ -106,12 +106,13 @@ EXIT_CODES = (
 # (KEY too: a key or a key file's path, both kept from the guest).  Secret values
 # are hidden in logs and never given to code that runs from the image, unless
 # a chroot hook declares it (needs-secret).
-SECRET_NAME = re.compile(r"PASSPHRASE|PASSWORD|PASSWD|SECRET|TOKEN|CREDENTIAL|KEY", re.IGNORECASE)
+SECRET_WORDS = ("passphrase", "password", "passwd", "secret", "token", "credential", "key")
 
 
 def is_secret_name(name):
-    """Whether the variable `name` holds a secret (see SECRET_NAME)."""
-    return bool(SECRET_NAME.search(name))
+    """Whether the variable `name` holds a secret (see SECRET_WORDS)."""
+    folded = name.casefold()
+    return any(word in folded for word in SECRET_WORDS)
 
 
 # Default time limit of one hook, by phase (seconds; the phase table, phases.py):
@@ -119,12 +120,13 @@ def is_secret_name(name):
 # guest's interpreter that sleeps forever) still ends.
 HOOK_TIMEOUTS = {p.name: p.timeout for p in PHASES}
 
-SIZE = re.compile(r"^(\d+(?:\.\d+)?)\s*([KMGTP]?)(i?B?)$", re.IGNORECASE)
+# Compiled when first used (re's cache): not part of every process's start-up.
+SIZE = r"^(\d+(?:\.\d+)?)\s*([KMGTP]?)(i?B?)$"
 
 
 def parse_size(text):
     """'10G' -> bytes (powers of 1024; a bare number is bytes)."""
-    match = SIZE.match(str(text).strip())
+    match = re.match(SIZE, str(text).strip(), re.IGNORECASE)
     if not match:
         raise ValueError(f"{text!r} is not a size (like 512M, 10G, or bytes)")
     number, unit = float(match.group(1)), match.group(2).upper()
@@ -132,6 +134,7 @@ def parse_size(text):
 
 
 def parser(prog="euca-image-process"):
+    import argparse  # not at the top: plain command lines are read without it (parse())
     epilog = "exit codes:\n" + "\n".join(f"  {code:>3}  {text}" for code, text in EXIT_CODES)
     p = argparse.ArgumentParser(
         prog=prog, formatter_class=argparse.RawDescriptionHelpFormatter, epilog=epilog,
@@ -150,9 +153,57 @@ def parser(prog="euca-image-process"):
     return p
 
 
+def parse_plain(argv):
+    """The command line as parser().parse_args(argv) reads it, for the plain forms only:
+    whole option names (`--work-dir DIR`, `--work-dir=DIR`, `-q`) and one run of
+    ELEMENTs.  None for anything else (--help, abbreviations, a value or an element
+    starting with '-', a mistake), which argparse then reads, and explains.
+
+    argparse (with gettext, and its parser of 25 options) is about 3 ms of every
+    process's start-up: a fifth of a one-hook run (benchmarks/runner.py).  A test
+    checks that both agree (tests/test_runner.py, ConfigTest)."""
+    by_flag = {flag: s for s in SETTINGS for flag in s.flags}
+    values = {s.dest: [] if s.kind == "append" else False if s.kind == "flag" else None for s in SETTINGS}
+    elements, elements_done = [], False
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        i += 1
+        if not arg:
+            return None
+        if not arg.startswith("-"):
+            if elements_done:
+                return None  # a second run of elements: argparse refuses it
+            elements.append(arg)
+            if i == len(argv) or argv[i].startswith("-"):
+                elements_done = True
+            continue
+        flag, eq, value = arg.partition("=")
+        setting = by_flag.get(flag) if flag.startswith("--") or not eq else None
+        if setting is None:
+            return None
+        if setting.kind == "flag":
+            if eq:
+                return None
+            values[setting.dest] = True
+            continue
+        if not eq:
+            if i == len(argv):
+                return None
+            value = argv[i]
+            i += 1
+        if not value or value.startswith("-"):
+            return None
+        if setting.kind == "append":
+            values[setting.dest].append(value)
+        else:
+            values[setting.dest] = value
+    return types.SimpleNamespace(elements=elements, **values)
+
+
 def parse(argv, environ=os.environ):
-    """Options over environment over defaults; returns an argparse Namespace."""
-    args = parser().parse_args(argv)
+    """Options over environment over defaults; returns a namespace of the settings' dests."""
+    args = parse_plain(argv) or parser().parse_args(argv)
     for s in SETTINGS:
         value = getattr(args, s.dest)
         if value in (None, False) and s.env and environ.get(s.env):

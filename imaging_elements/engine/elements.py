@@ -7,7 +7,6 @@ ELEMENTS_PATH is searched like $PATH: the first directory holding an element
 of a name wins, and the project's own elements/ comes last.
 """
 
-import difflib
 import functools
 import json
 import math
@@ -199,7 +198,7 @@ def _check_conflicts(selected, elements, requested, needed_by):
 # IMG_NAME.  They are checked before any hook runs.
 
 OPTIONS_FILE = "element-options.json"
-OPTION_NAME = re.compile(r"^[A-Z][A-Z0-9_]*$")
+OPTION_NAME = r"^[A-Z][A-Z0-9_]*$"  # compiled when first used: most processes read no options
 OPTION_TYPES = ("string", "int", "number", "size", "bool", "choice", "path")
 OPTION_KEYS = {"type", "description", "default", "choices", "min", "must-exist"}
 BOOL_WORDS = {"1": "1", "yes": "1", "true": "1", "on": "1", "0": "0", "no": "0", "false": "0", "off": "0"}
@@ -308,7 +307,7 @@ def read_options(path, element):
     options = {}
     for name, spec in data.items():
         where = f"{path}: option {name}"
-        if not isinstance(name, str) or not OPTION_NAME.match(name) or name.startswith("IMG_"):
+        if not isinstance(name, str) or not re.match(OPTION_NAME, name) or name.startswith("IMG_"):
             raise ElementError(f"{where}: a name is upper-case letters, digits and _, without IMG_")
         if name in RUNNER_VARIABLES:
             raise ElementError(f"{where}: IMG_{name} is set by the runner, not an option")
@@ -376,6 +375,7 @@ def check_options(selected, given):
         if name in RUNNER_VARIABLES:
             problems.append(f"option {name}: IMG_{name} is set by the runner, not an option")
         elif option is None:
+            import difflib  # only for this message: not part of every process's start-up
             close = difflib.get_close_matches(name, declared, n=1)
             problems.append(f"unknown option {name}: not declared by any of the elements "
                             f"({', '.join(e.name for e in selected) or 'none'})"

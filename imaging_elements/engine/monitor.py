@@ -12,8 +12,10 @@ import time
 
 # C0 and C1 controls (but tab), DEL, and the Unicode line separators and
 # bidirectional overrides: shown as escapes, so that no text from a hook or
-# an image can move a terminal's cursor or start a line of its own.
-_CONTROL = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+# an image can move a terminal's cursor or start a line of its own.  Compiled
+# when first needed (re's cache): most processes never print such a character,
+# and compiling this class costs about 0.3 ms.
+_CONTROL = "[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]"
 
 
 def _escape(match):
@@ -24,7 +26,9 @@ def _escape(match):
 def clean(text):
     """Text (from a hook or an image) safe for a terminal, a log line or an event:
     every control character shown as an escape.  Cleaning twice changes nothing."""
-    return _CONTROL.sub(_escape, text)
+    if text.isprintable():  # holds none of them (all are unprintable): the common case
+        return text
+    return re.sub(_CONTROL, _escape, text)
 
 
 def clean_lines(text):

@@ -12,10 +12,11 @@ import os
 import subprocess
 import sys
 import time
-import traceback
 
+# Not imported here, to keep a process's start-up short (docs/packaging.md):
+# sandbox (_sandbox(): ctypes) and traceback (an internal error).
 from imaging_elements.engine import (chain, config, elements, hookrun, hooks, imagetype, interrupts,
-                                     phase_handlers, phases, sandbox, workdir)
+                                     phase_handlers, phases, workdir)
 from imaging_elements.engine.hookrun import MAX_MESSAGE, VAR_NAME
 from imaging_elements.engine.interrupts import Cancelled, Terminated
 from imaging_elements.engine.monitor import clean
@@ -36,6 +37,12 @@ RUNNER_STATE = frozenset("IMG_" + name for name in elements.RUNNER_VARIABLES) | 
 NOT_OPTIONS = RUNNER_STATE - {"IMG_INSPECTION_REPORT", "IMG_SIZE", "IMG_KERNEL", "IMG_RAMDISK"}
 
 PHASES, PHASE_NAMES, CONTEXT_VARS = phases.PHASES, phases.PHASE_NAMES, phases.CONTEXT_VARS
+
+
+def _sandbox():
+    """The sandbox module (it loads ctypes), imported when a phase inside the image first needs it."""
+    from imaging_elements.engine import sandbox
+    return sandbox
 
 
 class ProcessFailure(Exception):
@@ -162,6 +169,7 @@ class Process:
         except Terminated:
             code, error = 143, "terminated by SIGTERM"
         except Exception as exc:  # noqa: BLE001 (a bug: still end the stream, still return a result)
+            import traceback
             self.monitor.event("log", level="ERROR", message=traceback.format_exc())
             code, error = 1, f"internal error: {type(exc).__name__}: {exc}"
         finally:
@@ -217,10 +225,12 @@ class Process:
         if not request.elements:
             raise ProcessFailure(2, "no elements given (see element-info for the list)")
         self.phases = self._selected_phases()
-        try:
-            self.sandbox_limits = sandbox.parse_limits(request.sandbox_limits)
-        except ValueError as exc:
-            raise ProcessFailure(2, f"--sandbox-limit: {exc}") from exc
+        self.sandbox_limits = None  # the sandbox's defaults
+        if request.sandbox_limits:
+            try:
+                self.sandbox_limits = _sandbox().parse_limits(request.sandbox_limits)
+            except ValueError as exc:
+                raise ProcessFailure(2, f"--sandbox-limit: {exc}") from exc
         limit = request.scratch_limit
         if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < MiB):
             raise ProcessFailure(2, f"--scratch-limit: {limit!r} is not a number of bytes of at least 1 MiB")
@@ -621,15 +631,16 @@ class Process:
         env = self._hook_env(hook, extra)
         self.monitor.event("hook-start", phase=phase.name, hook=hook.name, element=hook.element)
         started = time.monotonic()
-        try:
-            if phase.where == "chroot":
+        if phase.where == "chroot":
+            sandbox = _sandbox()
+            try:
                 argv = sandbox.hook_argv(self.env["IMG_MOUNT_POINT"], hook, limits=self.sandbox_limits,
                                          writable=self.env.get("IMG_MOUNT_WRITABLE") == "1")
-                env = sandbox.inside_environment(env, hook.secrets)
-            else:
-                argv = hook.argv("run")
-        except sandbox.SandboxError as exc:
-            raise ProcessFailure(1, f"{hook.path}: cannot run: {exc}") from exc
+            except sandbox.SandboxError as exc:
+                raise ProcessFailure(1, f"{hook.path}: cannot run: {exc}") from exc
+            env = sandbox.inside_environment(env, hook.secrets)
+        else:
+            argv = hook.argv("run")
         report = self._channel(phase, hook)
         try:
             try:
@@ -653,9 +664,9 @@ class Process:
                 self.results.append({"hook": hook.name, "result": "ok", "description": description})
             return
         sandboxed = phase.where == "chroot"  # a bound the sandbox saw wins over what the guest says
-        exit_text = sandbox.exit_reason(returncode, self.sandbox_limits) if sandboxed \
+        exit_text = _sandbox().exit_reason(returncode, self.sandbox_limits) if sandboxed \
             else f"exit {returncode}"
-        said = not (sandboxed and returncode in sandbox.BOUND_EXITS) and report.fail
+        said = not (sandboxed and returncode in _sandbox().BOUND_EXITS) and report.fail
         reason = self._user_names(said or (exit_text + (": " + " | ".join(tail) if tail else "")))
         full = self._full(phase, hook, reason + " ".join(tail), (extra or {}).get("IMG_CONVERT_OUTPUT"))
         if full:
@@ -742,7 +753,7 @@ class Process:
         try:
             results = handler([(h.name, h.path) for h in accepted], env, self.journal, emit)
         except phase_handlers.HandlerError as exc:
-            raise ProcessFailure(1, f"{phase.name}: {exc}") from exc
+            raise ProcessFailure(1, self._user_names(f"{phase.name}: {exc}")) from exc
         optional = {h.name: h.optional for h in accepted}
         failed = []
         for result in results:
@@ -772,6 +783,7 @@ class Process:
         env.update(PS1=f"[euca-image-process {point}] \\w # ", TERM=os.environ.get("TERM", "xterm"))
         argv = ["bash", "--norc", "--noprofile", "-i"]
         if phase is not None and phase.where == "chroot":
+            sandbox = _sandbox()
             env = sandbox.inside_environment(env)
             argv = sandbox.wrap(self.env["IMG_MOUNT_POINT"], argv, interactive=True, limits=self.sandbox_limits,
                                 writable=self.env.get("IMG_MOUNT_WRITABLE") == "1")

@@ -6,7 +6,6 @@ import contextlib
 import fcntl
 import os
 import shutil
-import tempfile
 
 from imaging_elements.sdk import hooklib
 from imaging_elements.engine import interrupts
@@ -31,6 +30,7 @@ def open_work_dir(stack, work_dir, warn, remove=True, failed=lambda: False, tmpd
         os.makedirs(work, exist_ok=True)
         created = False
     else:
+        import tempfile  # here: a process given its work dir does without it (start-up)
         # /var/tmp, not /tmp: images are large and /tmp may be in memory.
         work = tempfile.mkdtemp(prefix="euca-image-process.", dir=tmpdir)
         created = True
@@ -59,6 +59,10 @@ def fill(work, journal):
     if leftover:
         raise WorkDirError(2, f"{work}: {len(leftover)} resource(s) left by an earlier process; "
                               f"run euca-image-process --cleanup {work} first")
+    if os.path.exists(journal.path):
+        # Nothing pending: the earlier process's records are history.  Started afresh, so
+        # that the journal of a reused work dir does not grow (and get slower to read) forever.
+        os.truncate(journal.path, 0)
     for name in ("scratch", "mnt", "logs"):
         os.makedirs(os.path.join(work, name), exist_ok=True)
     return os.path.join(work, "scratch"), os.path.join(work, "mnt")
