@@ -340,7 +340,7 @@ class TestFilesystems(PartitionCase):
             self.assertEqual(1, code)
             self.assertIn(f"holds a {name} filesystem", out)
             disk, records = self.convert(source, expect=1)
-            self.assertIn(source, status(records, "fail")[0])
+            self.assertIn(source, status(records, "bad-input")[0])
             self.assertFalse(os.path.exists(disk))
 
     def test_a_filesystem_the_kernel_cannot_mount(self):
@@ -350,7 +350,7 @@ class TestFilesystems(PartitionCase):
             f.seek(1024 + 24)   # s_log_block_size: a 2^40 KiB block is no filesystem
             f.write((30).to_bytes(4, "little"))
         disk, records = self.convert(source, expect=1)
-        self.assertIn(source, status(records, "fail")[0])
+        self.assertIn(source, status(records, "bad-input")[0])
         self.assertFalse(os.path.exists(disk))
         self.assertEqual([], [n for n in os.listdir(self.tmp) if n.startswith("partition-to-disk-")])
 
