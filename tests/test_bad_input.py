@@ -141,6 +141,7 @@ class BadInputTest(base.TestCase):
             self.assertEqual(3, result.returncode, f"{what}: exit {result.returncode}\n{result.stderr}")
             self.assertIn(path, result.stderr.strip().splitlines()[-1], what)
             self.assertNotIn("Traceback", result.stderr, what)
+            self.assertNotIn('{"bad-input"', result.stderr, what)  # once, in words (also from required-capacity)
             self.assertNothingWritten(out_dir, what)
 
     def test_api_exit_code_3(self):

@@ -13,11 +13,74 @@
 docs/writing-elements.md ("Calling system tools from library code") has the rules.
 """
 
+import collections
 import json
 import os
 import sys
 
 from imaging_elements import hooklib
+
+TIMEOUT = 600  # seconds: no plain tool call on an image takes longer; a hung one is killed
+TAIL = 5       # stderr lines kept in a ToolError
+# For tools whose output we parse: messages in English, nothing of the caller's shell.
+CLEAN_ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C"}
+
+Result = collections.namedtuple("Result", "code stdout stderr")
+
+
+class ToolError(hooklib.HookFailure):
+    """A system tool failed, timed out or is missing: the message names the tool, its exit
+    code and the end of its stderr.  A HookFailure, so a hook that lets it through fails
+    with these words (hooklib.main)."""
+
+    def __init__(self, message, tool, code=None, stderr=""):
+        super().__init__(message)
+        self.tool, self.code, self.stderr = tool, code, stderr
+
+
+def tail(text, lines=TAIL):
+    """The last `lines` non-empty lines of a tool's output, joined by ' / '."""
+    return " / ".join([line.strip() for line in text.splitlines() if line.strip()][-lines:])
+
+
+def run(argv, what=None, *, ok=(0,), timeout=TIMEOUT, env=None, input=None, binary=False,
+        cwd=None, pass_fds=(), preexec_fn=None):
+    """Run the system tool argv[0] with arguments argv[1:] through `sh`: Result(code,
+    stdout, stderr), text unless `binary`.  An exit code not in `ok`, a timeout (the
+    tool is killed) or a missing tool raises ToolError, its message starting with `what`
+    (what the caller was doing, naming the user's file) when given.
+
+    env: the tool's whole environment (e.g. CLEAN_ENV), else the caller's; input: its
+    stdin (str or bytes), else /dev/null; pass_fds: descriptors it inherits.
+    """
+    import sh  # 50 ms of imports (asyncio): only for a process that runs a tool
+    tool, prefix = os.path.basename(str(argv[0])), f"{what}: " if what else ""
+    try:
+        command = sh.Command(str(argv[0]))
+    except sh.CommandNotFound:
+        raise ToolError(f"{prefix}{tool}: command not found (is it installed?)", tool) from None
+    options = {"_tty_out": False, "_return_cmd": True, "_ok_code": list(range(256)), "_timeout": timeout,
+               "_in": input if input is not None else open(os.devnull, "rb")}  # noqa: SIM115
+    options.update({key: value for key, value in (("_env", env), ("_cwd", cwd), ("_preexec_fn", preexec_fn),
+                                                  ("_pass_fds", set(pass_fds))) if value})
+    try:
+        done = command(*map(str, argv[1:]), **options)
+        code, stdout, stderr = done.exit_code, done.stdout, done.stderr
+    except sh.TimeoutException:
+        raise ToolError(f"{prefix}{tool} did not finish in {timeout} s (killed)", tool) from None
+    except sh.SignalException as exc:  # killed by a signal: not an exit code _ok_code covers
+        code, stdout, stderr = -abs(exc.exit_code), exc.stdout, exc.stderr
+    finally:
+        if input is None:
+            options["_in"].close()
+    words = stderr.decode(errors="replace")
+    if code not in ok:
+        reason = f"killed by signal {-code}" if code < 0 else f"exit {code}"
+        detail = tail(words) or tail(stdout.decode(errors="replace"))
+        raise ToolError(f"{prefix}{tool} failed ({reason}){': ' + detail if detail else ''}", tool, code, words)
+    if binary:
+        return Result(code, stdout, stderr)
+    return Result(code, stdout.decode(errors="replace"), words)
 
 
 class BadInput(Exception):
