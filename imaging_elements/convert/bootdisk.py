@@ -16,7 +16,6 @@ import os
 import re
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 
@@ -198,7 +197,7 @@ def disk_layout(fs_bytes, requested=None):
 def write_partition_table(path, disk_id, part_bytes):
     table = (f"label: dos\nlabel-id: 0x{disk_id:08x}\n"
              f"start={START // 512}, size={part_bytes // 512}, type=83, bootable\n")
-    hooklib.run(["sfdisk", "--quiet", "--no-reread", "--no-tell-kernel", path], input=table)
+    tools.run(["sfdisk", "--quiet", "--no-reread", "--no-tell-kernel", path], input=table)
     with open(MBR_CODE, "rb") as f:
         code = f.read(MBR_CODE_SIZE)
     with open(path, "r+b") as f:
@@ -211,7 +210,7 @@ def attach(path, offset, size):
 
 
 def blkid(device):
-    out = hooklib.run(["blkid", "-p", "-o", "export", device])
+    out = tools.run(["blkid", "-p", "-o", "export", device]).stdout
     ids = dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
     if not ids.get("UUID"):
         raise DamagedFilesystem(f"blkid finds no UUID on the filesystem ({device}); cannot name the root")
@@ -220,23 +219,24 @@ def blkid(device):
 
 def grow_offline(fs, device):
     if fs == "ext":
-        result = subprocess.run(["e2fsck", "-f", "-p", device], stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True)
-        if result.returncode not in (0, 1):
-            raise DamagedFilesystem(f"e2fsck found errors it cannot fix alone (exit {result.returncode}); "
-                                f"not growing: {result.stdout.strip()[-500:]}")
-        hooklib.run(["resize2fs", device])
+        try:
+            tools.run(["e2fsck", "-f", "-p", device], ok=(0, 1))  # 1: errors fixed
+        except tools.ToolError as exc:
+            if exc.code is None:  # missing or hung: the host's problem
+                raise
+            raise DamagedFilesystem(f"e2fsck found errors it cannot fix alone; not growing: {exc}") from None
+        tools.run(["resize2fs", device])
 
 
 def grow_mounted(fs, mount_point, part_bytes):
     if fs == "xfs":
-        hooklib.run(["xfs_growfs", mount_point])
+        tools.run(["xfs_growfs", mount_point])
     elif fs == "btrfs":
         if part_bytes < 256 * MiB:   # the kernel refuses to resize btrfs below that
             hooklib.warn(f"btrfs is not resized below 256 MiB: the filesystem keeps its size "
                          f"in the {part_bytes} byte partition")
             return
-        hooklib.run(["btrfs", "filesystem", "resize", "max", mount_point])
+        tools.run(["btrfs", "filesystem", "resize", "max", mount_point])
 
 
 def extlinux_conf(kernel, ramdisk, root_arg, extra):
@@ -294,7 +294,7 @@ def install_boot(root, fs, ids, disk_id, kernel_file=None, ramdisk_file=None, cm
         raise DamagedFilesystem("/boot/extlinux in the image is not a directory")
     write_file(root, "/boot/extlinux/extlinux.conf",
                data=extlinux_conf(kernel, ramdisk, root_arg, cmdline).encode())
-    hooklib.run(["extlinux", "--install", directory])
+    tools.run(["extlinux", "--install", directory])
     done.append(f"extlinux boots {kernel}" + (f" with {ramdisk}" if ramdisk else "") + f", {root_arg}")
     return done, kernel
 
@@ -340,7 +340,7 @@ def convert(source, output, size=None, kernel_file=None, ramdisk_file=None, cmdl
                     ids = blkid(device)
                     ids["PARTUUID"] = f"{disk_id:08x}-01"
                     done, _ = install_boot(mount_point, fs, ids, disk_id, kernel_file, ramdisk_file, cmdline)
-                    hooklib.run(["sync", "-f", mount_point])
+                    tools.run(["sync", "-f", mount_point])
     except hooklib.HookFailure as exc:   # a tool failed: say which image it was working on
         _remove(output)
         raise BootDiskError(f"{source}: {exc}") from exc

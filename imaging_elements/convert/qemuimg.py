@@ -183,11 +183,11 @@ def replayed_copy(path, image_type, name, scratch_dir, record):
                            "there is no scratch directory to replay it in (the input is never changed)")
     copy = os.path.join(scratch_dir, f"replayed-{os.getpid()}-{os.urandom(4).hex()}.{image_type}")
     record("remove", path=copy)
-    result = subprocess.run(["cp", "--sparse=always", "--reflink=auto", path, copy],
-                            stdin=subprocess.DEVNULL, capture_output=True, text=True, check=False)
-    if result.returncode:
+    try:
+        tools.run(["cp", "--sparse=always", "--reflink=auto", path, copy])
+    except tools.ToolError as exc:  # the host's problem (space, permissions), not the image's
         raise QemuImgError(f"{name}: cannot copy it to replay its log: "
-                           f"{result.stderr.strip().replace(path, name)}")
+                           f"{tools.tail(exc.stderr).replace(path, name) or exc}") from None
     replay = confine.run(["qemu-img", "check", "-q", "-r", "all", "--image-opts", image_opts(image_type)],
                          [confine.File(copy, IMAGE, write=True, created=True)],
                          limits=INSPECT_LIMITS, timeout=INSPECT_TIMEOUT)

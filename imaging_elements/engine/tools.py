@@ -14,9 +14,11 @@ docs/writing-elements.md ("Calling system tools from library code") has the rule
 """
 
 import collections
+import contextlib
 import json
 import os
 import sys
+import threading
 
 from imaging_elements import hooklib
 
@@ -44,14 +46,16 @@ def tail(text, lines=TAIL):
 
 
 def run(argv, what=None, *, ok=(0,), timeout=TIMEOUT, env=None, input=None, binary=False,
-        cwd=None, pass_fds=(), preexec_fn=None):
+        cwd=None, pass_fds=(), preexec_fn=None, check=None):
     """Run the system tool argv[0] with arguments argv[1:] through `sh`: Result(code,
     stdout, stderr), text unless `binary`.  An exit code not in `ok`, a timeout (the
     tool is killed) or a missing tool raises ToolError, its message starting with `what`
     (what the caller was doing, naming the user's file) when given.
 
     env: the tool's whole environment (e.g. CLEAN_ENV), else the caller's; input: its
-    stdin (str or bytes), else /dev/null; pass_fds: descriptors it inherits.
+    stdin (str or bytes), else /dev/null; pass_fds: descriptors it inherits; check: called
+    while the tool runs (every 50 ms): if it raises (a cancel), the tool is killed and the
+    exception goes on.
     """
     import sh  # 50 ms of imports (asyncio): only for a process that runs a tool
     tool, prefix = os.path.basename(str(argv[0])), f"{what}: " if what else ""
@@ -63,8 +67,24 @@ def run(argv, what=None, *, ok=(0,), timeout=TIMEOUT, env=None, input=None, bina
                "_in": input if input is not None else open(os.devnull, "rb")}  # noqa: SIM115
     options.update({key: value for key, value in (("_env", env), ("_cwd", cwd), ("_preexec_fn", preexec_fn),
                                                   ("_pass_fds", set(pass_fds))) if value})
+    # sh keeps pass_fds open in the child but, unlike subprocess, leaves close-on-exec set.
+    inheritable = {fd: os.get_inheritable(fd) for fd in pass_fds}
+    for fd in pass_fds:
+        os.set_inheritable(fd, True)
+    finished = threading.Event()
+    if check:
+        options.update(_bg=True, _bg_exc=False, _done=lambda *_: finished.set())
     try:
         done = command(*map(str, argv[1:]), **options)
+        while check and not finished.wait(0.05):
+            try:
+                check()
+            except BaseException:
+                done.kill()
+                with contextlib.suppress(Exception):
+                    done.wait()
+                raise
+        done.wait()
         code, stdout, stderr = done.exit_code, done.stdout, done.stderr
     except sh.TimeoutException:
         raise ToolError(f"{prefix}{tool} did not finish in {timeout} s (killed)", tool) from None
@@ -73,6 +93,8 @@ def run(argv, what=None, *, ok=(0,), timeout=TIMEOUT, env=None, input=None, bina
     finally:
         if input is None:
             options["_in"].close()
+        for fd, was in inheritable.items():
+            os.set_inheritable(fd, was)
     words = stderr.decode(errors="replace")
     if code not in ok:
         reason = f"killed by signal {-code}" if code < 0 else f"exit {code}"

@@ -92,12 +92,11 @@ def writable():
 
 
 def _run(argv, what, **kwargs):
-    result = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, **kwargs)
-    if result.returncode:
-        detail = (result.stderr.strip() or result.stdout.strip() or f"exit {result.returncode}")
-        raise DiskError(f"{what}: {detail}")
-    return result
+    """A system tool (engine/tools.py); its failure is a DiskError saying `what` we did."""
+    try:
+        return tools.run(argv, what, **kwargs)
+    except tools.ToolError as exc:
+        raise DiskError(str(exc)) from None
 
 
 def dm_available():
@@ -122,10 +121,12 @@ def partition_table(path, name=None):
     or covering the partition table itself is an error.
     """
     name = name or path
-    result = subprocess.run(["sfdisk", "--json", path], stdin=subprocess.DEVNULL,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    if result.returncode or not result.stdout.strip():
-        reason = result.stderr.strip().replace(path, name) or "sfdisk found no partition table"
+    try:
+        result = tools.run(["sfdisk", "--json", path], ok=range(256))
+    except tools.ToolError as exc:  # missing, hung or killed: the host's problem
+        raise DiskError(str(exc).replace(path, name)) from None
+    if result.code or not result.stdout.strip():
+        reason = tools.tail(result.stderr).replace(path, name) or "sfdisk found no partition table"
         raise DamagedDisk(f"{name}: cannot read the partition table: {reason}")
     for line in result.stderr.strip().splitlines():
         hooklib.warn(f"{name}: {line.replace(path, name)}")
@@ -172,20 +173,19 @@ def partition_table(path, name=None):
 
 def probe(path, offset, size):
     """{'fstype', 'uuid', 'label'} of what blkid finds at [offset, offset+size)."""
-    result = subprocess.run(["blkid", "-p", "-o", "export", "-O", str(offset), "-S", str(size), path],
-                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
     found = {"fstype": None, "uuid": None, "label": None}
-    if result.returncode == 2:  # nothing recognised: blkid says the same for a read error
+    try:
+        result = tools.run(["blkid", "-p", "-o", "export", "-O", offset, "-S", size, path], ok=(0, 2, 8))
+    except tools.ToolError as exc:
+        found["note"] = f"blkid failed: {exc}"
+        return found
+    if result.code == 2:  # nothing recognised: blkid says the same for a read error
         error = _read_error(path, offset, min(size, 1 << 20))
         if error:
             found["note"] = f"cannot read it ({error}): the image is damaged"
         return found
-    if result.returncode == 8:  # more than one signature: a wiped-then-reformatted mess
+    if result.code == 8:  # more than one signature: a wiped-then-reformatted mess
         found["note"] = "ambivalent: more than one filesystem signature (blkid -p)"
-        return found
-    if result.returncode:
-        found["note"] = f"blkid failed: {result.stderr.strip() or result.returncode}"
         return found
     values = {}
     for line in result.stdout.splitlines():
@@ -599,15 +599,16 @@ def _mount_fat_copy(disk, entry, target, limit=None):
     file_limit = entry["size"]
     try:
         # `::/` copies the root directory's contents, hidden files included.
-        _run(["mcopy", "-s", "-p", "-m", "-n", "-Q", "-i", f"{disk}@@{entry['start']}", "::/", tree + "/"],
-             f"{describe_fs(entry)}: mcopy", env=env,
-             preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (file_limit, file_limit)))
-    except DiskError as exc:
-        if "No space left on device" in str(exc):
+        tools.run(["mcopy", "-s", "-p", "-m", "-n", "-Q", "-i", f"{disk}@@{entry['start']}", "::/", tree + "/"],
+                  f"{describe_fs(entry)}: mcopy", env=env,
+                  preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (file_limit, file_limit)))
+    except tools.ToolError as exc:
+        if "No space left on device" in exc.stderr:
             raise DamagedDisk(f"{describe_fs(entry)}: its files add up to more than {limit} bytes "
-                            f"(the cap for a {entry['size']}-byte FAT): cross-linked or looping "
-                            "directory entries; not copied") from None
-        raise
+                              f"(the cap for a {entry['size']}-byte FAT): cross-linked or looping "
+                              "directory entries; not copied") from None
+        # mcopy ran and could not read the FAT: the image's fault; missing or hung: the host's.
+        raise (DamagedDisk if exc.code else DiskError)(str(exc)) from None
     fault("fat-copy")
     if writable():
         hooklib.warn(f"{describe_fs(entry)} is FAT: it is mounted as a read-only copy, "
