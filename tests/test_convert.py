@@ -25,6 +25,8 @@ FIXTURES = None
 def hook_env(tmp, **extra):
     """The environment the runner gives a convert.d hook (status lines go to stderr)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("IMG_")}
+    # The project's Python first on PATH, as the runner puts it (the hooks' `sh` is installed there).
+    env["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), env.get("PATH", "")])
     env.update(PYTHONPATH=base.ROOT, IMG_LIB=os.path.join(base.ROOT, "lib"), IMG_PYTHON=sys.executable,
                IMG_JOURNAL=os.path.join(tmp, "journal"), IMG_SCRATCH_DIR=tmp)
     env.update({k: str(v) for k, v in extra.items()})

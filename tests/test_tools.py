@@ -70,6 +70,25 @@ class RunTest(base.TestCase):
         self.assertLess(time.monotonic() - started, 10)
         self.assertEqual("ok\n", tools.run(["echo", "ok"], check=lambda: None).stdout)
 
+    def test_an_exception_from_a_signal_handler_kills_the_tool(self):
+        """A hook's SIGTERM handler raises (qemuimg.terminate): the tool must not outlive it."""
+        marker = f"sleep-{os.getpid()}-{time.monotonic_ns()}"
+        code = ("import signal, sys\nfrom imaging_elements.engine import tools\n"
+                "def stop(*_): raise SystemExit(143)\n"
+                "signal.signal(signal.SIGTERM, stop)\nprint('ready', flush=True)\n"
+                f"tools.run(['bash', '-c', 'exec -a {marker} sleep 30'])\n")
+        process = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                                   env=dict(os.environ, PYTHONPATH=base.ROOT))
+        self.assertEqual("ready\n", process.stdout.readline())
+        deadline = time.monotonic() + 10
+        while not subprocess.run(["pgrep", "-f", marker], stdout=subprocess.PIPE).stdout:
+            self.assertLess(time.monotonic(), deadline)
+            time.sleep(0.05)
+        process.send_signal(15)
+        self.assertEqual(143, process.wait(timeout=10))
+        process.stdout.close()
+        self.assertEqual(b"", subprocess.run(["pgrep", "-f", marker], stdout=subprocess.PIPE).stdout)
+
     def test_a_clean_environment(self):
         os.environ["TOOLS_TEST_SECRET"] = "x"
         self.addCleanup(os.environ.pop, "TOOLS_TEST_SECRET")

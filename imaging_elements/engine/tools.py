@@ -71,19 +71,20 @@ def run(argv, what=None, *, ok=(0,), timeout=TIMEOUT, env=None, input=None, bina
     inheritable = {fd: os.get_inheritable(fd) for fd in pass_fds}
     for fd in pass_fds:
         os.set_inheritable(fd, True)
+    # In the background, so that we wait: a cancel (check) or an exception from a signal
+    # handler (SIGTERM in a hook) kills the tool instead of leaving it running.
     finished = threading.Event()
-    if check:
-        options.update(_bg=True, _bg_exc=False, _done=lambda *_: finished.set())
+    options.update(_bg=True, _bg_exc=False, _done=lambda *_: finished.set())
     try:
         done = command(*map(str, argv[1:]), **options)
-        while check and not finished.wait(0.05):
-            try:
+        try:
+            while not finished.wait(0.05 if check else None):
                 check()
-            except BaseException:
-                done.kill()
-                with contextlib.suppress(Exception):
-                    done.wait()
-                raise
+        except BaseException:
+            done.kill()
+            with contextlib.suppress(Exception):
+                done.wait()
+            raise
         done.wait()
         code, stdout, stderr = done.exit_code, done.stdout, done.stderr
     except sh.TimeoutException:
