@@ -384,6 +384,8 @@ def boot(disk, wanted, timeout=300):
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline and process.poll() is None:
             time.sleep(1)
+            if not os.path.exists(console):  # qemu not that far yet (a loaded machine)
+                continue
             with open(console, "rb") as f:
                 text = f.read().decode(errors="replace")
             if wanted in text:
