@@ -19,6 +19,7 @@ import json
 import os
 import sys
 import threading
+import time
 
 from imaging_elements import hooklib
 
@@ -38,6 +39,32 @@ class ToolError(hooklib.HookFailure):
     def __init__(self, message, tool, code=None, stderr=""):
         super().__init__(message)
         self.tool, self.code, self.stderr = tool, code, stderr
+
+
+class _TimedOut(Exception):
+    pass
+
+
+def _watch(running, timeout, check, stopped, why):
+    """Until `stopped`: kill the tool at the timeout, or when check() raises (its exception
+    goes to `why`, for the caller's thread to raise)."""
+    deadline = time.monotonic() + timeout
+    while not stopped.wait(min(0.05 if check else timeout, max(deadline - time.monotonic(), 0))):
+        try:
+            if time.monotonic() >= deadline:
+                raise _TimedOut()
+            if check:
+                check()
+        except BaseException as exc:
+            why.append(exc)
+            _kill(running)
+            return
+
+
+def _kill(running):
+    with contextlib.suppress(Exception):
+        running.kill()
+        running.wait()
 
 
 def tail(text, lines=TAIL):
@@ -63,7 +90,7 @@ def run(argv, what=None, *, ok=(0,), timeout=TIMEOUT, env=None, input=None, bina
         command = sh.Command(str(argv[0]))
     except sh.CommandNotFound:
         raise ToolError(f"{prefix}{tool}: command not found (is it installed?)", tool) from None
-    options = {"_tty_out": False, "_return_cmd": True, "_ok_code": list(range(256)), "_timeout": timeout,
+    options = {"_tty_out": False, "_return_cmd": True, "_ok_code": list(range(256)),
                "_in": input if input is not None else open(os.devnull, "rb")}  # noqa: SIM115
     options.update({key: value for key, value in (("_env", env), ("_cwd", cwd), ("_preexec_fn", preexec_fn),
                                                   ("_pass_fds", set(pass_fds))) if value})
@@ -71,31 +98,37 @@ def run(argv, what=None, *, ok=(0,), timeout=TIMEOUT, env=None, input=None, bina
     inheritable = {fd: os.get_inheritable(fd) for fd in pass_fds}
     for fd in pass_fds:
         os.set_inheritable(fd, True)
-    # In the background, so that we wait: a cancel (check) or an exception from a signal
-    # handler (SIGTERM in a hook) kills the tool instead of leaving it running.
-    finished = threading.Event()
-    options.update(_bg=True, _bg_exc=False, _done=lambda *_: finished.set())
+    # In the background, so that we wait for it ourselves: a timeout or a cancel (a
+    # watcher thread) or an exception from a signal handler (SIGTERM in a hook) kills
+    # the tool instead of leaving it running.  Not sh's _timeout nor _done: their
+    # polling threads cost 0.1 s and more a call.
+    options.update(_bg=True, _bg_exc=False)
+    stopped, why = threading.Event(), []
     try:
         done = command(*map(str, argv[1:]), **options)
+        watcher = threading.Thread(target=_watch, args=(done, timeout, check, stopped, why), daemon=True)
+        watcher.start()
         try:
-            while not finished.wait(0.05 if check else None):
-                check()
+            done.wait()
+            code = done.exit_code
+        except sh.SignalException as exc:  # killed by a signal: not an exit code _ok_code covers
+            code = -abs(exc.exit_code)
         except BaseException:
-            done.kill()
-            with contextlib.suppress(Exception):
-                done.wait()
+            _kill(done)
             raise
-        done.wait()
-        code, stdout, stderr = done.exit_code, done.stdout, done.stderr
-    except sh.TimeoutException:
-        raise ToolError(f"{prefix}{tool} did not finish in {timeout} s (killed)", tool) from None
-    except sh.SignalException as exc:  # killed by a signal: not an exit code _ok_code covers
-        code, stdout, stderr = -abs(exc.exit_code), exc.stdout, exc.stderr
+        finally:
+            stopped.set()
+            watcher.join()
+        stdout, stderr = done.stdout, done.stderr
     finally:
         if input is None:
             options["_in"].close()
         for fd, was in inheritable.items():
             os.set_inheritable(fd, was)
+    if why and isinstance(why[0], _TimedOut):
+        raise ToolError(f"{prefix}{tool} did not finish in {timeout} s (killed)", tool)
+    if why:
+        raise why[0]
     words = stderr.decode(errors="replace")
     if code not in ok:
         reason = f"killed by signal {-code}" if code < 0 else f"exit {code}"
