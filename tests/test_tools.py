@@ -135,6 +135,14 @@ class BadInputTest(base.TestCase):
         self.assertEqual('{"bad-input": "x.vmdk: torn"}\nx.vmdk: torn\n', result.stderr)
         self.assertEqual((3, "x.vmdk: torn"), hookrun.said(result.stderr))
 
+    def test_bash_hooks_say_img_bad_input(self):
+        lib = os.path.join(base.ROOT, "lib", "img-functions")
+        env = {k: v for k, v in os.environ.items() if k != "IMG_STATUS_FD"}
+        result = subprocess.run(["bash", "-c", f'source {lib}; img_bad_input "x.vhd: torn footer"; echo never'],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        self.assertEqual((1, ""), (result.returncode, result.stdout))
+        self.assertEqual((3, "x.vhd: torn footer"), hookrun.said(result.stderr))
+
     def test_an_error_not_marked_is_a_failure(self):
         code = "from imaging_elements import hooklib; from imaging_elements.engine import tools; " \
                "hooklib.main(lambda: tools.report(ValueError('no space')))"

@@ -84,7 +84,7 @@ def run(argv, what=None, *, ok=(0,), timeout=TIMEOUT, env=None, input=None, bina
     while the tool runs (every 50 ms): if it raises (a cancel), the tool is killed and the
     exception goes on.
     """
-    import sh  # 50 ms of imports (asyncio): only for a process that runs a tool
+    import sh  # 50-100 ms of CPU (asyncio): paid only by a process that runs a tool
     tool, prefix = os.path.basename(str(argv[0])), f"{what}: " if what else ""
     try:
         command = sh.Command(str(argv[0]))
