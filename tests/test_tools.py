@@ -1,5 +1,5 @@
 """engine/tools.py: system tools through `sh` (timeout, error text, environment,
-descriptors, cancel), and the bad-input status a hook reports with it."""
+process group, cancel), and the bad-input status a hook reports with it."""
 
 import os
 import subprocess
@@ -96,13 +96,20 @@ class RunTest(base.TestCase):
         self.assertEqual(sorted(f"{k}={v}" for k, v in tools.CLEAN_ENV.items()),
                          sorted(tools.run(["env"], env=tools.CLEAN_ENV).stdout.splitlines()))
 
-    def test_passed_descriptors(self):
-        read, write = os.pipe()  # close-on-exec, as Python makes them
-        self.addCleanup(os.close, read)
-        tools.run(["sh", "-c", f"echo through >&{write}"], pass_fds=[write])
-        os.close(write)
-        self.assertEqual(b"through\n", os.read(read, 100))
-        self.assertFalse(os.get_inheritable(read))
+    def test_the_tool_stays_in_the_callers_process_group(self):
+        """Killing a hook's process group (the runner's cancel) kills its tools too
+        (sh 1.x would start each in a session of its own)."""
+        group = tools.run(["sh", "-c", "ps -o pgid= -p $$"]).stdout.strip()
+        self.assertEqual(str(os.getpgrp()), group)
+
+    def test_preexec_fn_runs_in_the_child(self):
+        """mcopy runs under RLIMIT_FSIZE: the limit holds in the tool, not in the caller."""
+        import resource
+        before = resource.getrlimit(resource.RLIMIT_FSIZE)
+        out = tools.run(["sh", "-c", "ulimit -f"],
+                        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (1024 * 512, 1024 * 512)))
+        self.assertEqual("1024", out.stdout.strip())  # ulimit -f counts 512-byte blocks
+        self.assertEqual(before, resource.getrlimit(resource.RLIMIT_FSIZE))
 
     def test_blkid_on_a_real_image(self):
         tree = imagebuild.linux_tree(self.path("tree"))

@@ -5,7 +5,7 @@
   naming the tool, its exit code and the end of its stderr.  A process that
   needs what `sh` does not give (passed file descriptors, its own process
   group, the bwrap sandbox) stays on subprocess: confine.py, sandbox.py,
-  hookrun.py, runner.py, instance.py.
+  hookrun.py, runner.py, instance.py, and the FUSE mount in mount/disk.py.
 * `BadInput`: a marker for errors that are the input's fault (damaged,
   truncated, unreadable, hostile), not the host's; `bad_input(reason)` stops a
   hook with status `bad-input`, so the process exits 3 (docs/configuration.md).
@@ -73,36 +73,42 @@ def tail(text, lines=TAIL):
 
 
 def run(argv, what=None, *, ok=(0,), timeout=TIMEOUT, env=None, input=None, binary=False,
-        cwd=None, pass_fds=(), preexec_fn=None, check=None):
+        cwd=None, preexec_fn=None, check=None):
     """Run the system tool argv[0] with arguments argv[1:] through `sh`: Result(code,
     stdout, stderr), text unless `binary`.  An exit code not in `ok`, a timeout (the
     tool is killed) or a missing tool raises ToolError, its message starting with `what`
     (what the caller was doing, naming the user's file) when given.
 
     env: the tool's whole environment (e.g. CLEAN_ENV), else the caller's; input: its
-    stdin (str or bytes), else /dev/null; pass_fds: descriptors it inherits; check: called
-    while the tool runs (every 50 ms): if it raises (a cancel), the tool is killed and the
-    exception goes on.
+    stdin (str or bytes), else /dev/null; preexec_fn: called in the child before the
+    exec (e.g. a setrlimit); check: called while the tool runs (every 50 ms): if it
+    raises (a cancel), the tool is killed and the exception goes on.  A tool that must
+    inherit a descriptor or lead its own process group is no call for this: use
+    subprocess (docs/writing-elements.md).
     """
-    import sh  # 50-100 ms of CPU (asyncio): paid only by a process that runs a tool
+    import sh  # sh 1.14: 30 ms of CPU; paid only by a process that runs a tool
     tool, prefix = os.path.basename(str(argv[0])), f"{what}: " if what else ""
     try:
         command = sh.Command(str(argv[0]))
     except sh.CommandNotFound:
         raise ToolError(f"{prefix}{tool}: command not found (is it installed?)", tool) from None
-    options = {"_tty_out": False, "_return_cmd": True, "_ok_code": list(range(256)),
-               "_in": input if input is not None else open(os.devnull, "rb")}  # noqa: SIM115
-    options.update({key: value for key, value in (("_env", env), ("_cwd", cwd), ("_preexec_fn", preexec_fn),
-                                                  ("_pass_fds", set(pass_fds))) if value})
-    # sh keeps pass_fds open in the child but, unlike subprocess, leaves close-on-exec set.
-    inheritable = {fd: os.get_inheritable(fd) for fd in pass_fds}
-    for fd in pass_fds:
-        os.set_inheritable(fd, True)
-    # In the background, so that we wait for it ourselves: a timeout or a cancel (a
-    # watcher thread) or an exception from a signal handler (SIGTERM in a hook) kills
-    # the tool instead of leaving it running.  Not sh's _timeout nor _done: their
-    # polling threads cost 0.1 s and more a call.
-    options.update(_bg=True, _bg_exc=False)
+    group = os.getpgrp()
+
+    def child():
+        # sh 1.x puts each tool in a process group of its own (a session of its own
+        # without _new_session=False): back into ours, so that the runner's kill of a
+        # hook's group (hookrun.stop) kills its tools too.
+        os.setpgid(0, group)
+        if preexec_fn:
+            preexec_fn()
+    # No pty (sh's default costs a pty pair a call); in the background, so that we
+    # wait for it ourselves: a timeout or a cancel (the watcher thread) or an exception
+    # from a signal handler (SIGTERM in a hook) kills the tool instead of leaving it
+    # running.  Not sh's _timeout nor wait(timeout): they poll every 0.1 s, which a
+    # short call pays in full.
+    options = {"_tty_out": False, "_new_session": False, "_preexec_fn": child, "_bg": True,
+               "_ok_code": list(range(256)), "_in": input if input is not None else open(os.devnull, "rb")}  # noqa: SIM115
+    options.update({key: value for key, value in (("_env", env), ("_cwd", cwd)) if value})
     stopped, why = threading.Event(), []
     try:
         done = command(*map(str, argv[1:]), **options)
@@ -123,8 +129,6 @@ def run(argv, what=None, *, ok=(0,), timeout=TIMEOUT, env=None, input=None, bina
     finally:
         if input is None:
             options["_in"].close()
-        for fd, was in inheritable.items():
-            os.set_inheritable(fd, was)
     if why and isinstance(why[0], _TimedOut):
         raise ToolError(f"{prefix}{tool} did not finish in {timeout} s (killed)", tool)
     if why:

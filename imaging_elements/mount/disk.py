@@ -429,10 +429,19 @@ def fuse_export(blockdevs, files, export, write, name, fmt, record):
     record("umount", path=export)
     fuse = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
     try:
-        # rootmode: a regular file; only root (user_id 0) may use it.
-        _run(["mount", "-i", "-t", "fuse.qemu-storage-daemon", "-o",
-              f"fd={fuse},rootmode=100000,user_id=0,group_id=0,nosuid,nodev,noexec",
-              "qemu-storage-daemon", export], f"{name}: cannot mount the FUSE export", pass_fds=[fuse])
+        # rootmode: a regular file; only root (user_id 0) may use it.  subprocess, not
+        # engine/tools.run: mount inherits the /dev/fuse descriptor (issue 11).
+        try:
+            result = subprocess.run(["mount", "-i", "-t", "fuse.qemu-storage-daemon", "-o",
+                                     f"fd={fuse},rootmode=100000,user_id=0,group_id=0,nosuid,nodev,noexec",
+                                     "qemu-storage-daemon", export], pass_fds=(fuse,), stdin=subprocess.DEVNULL,
+                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                    errors="replace", timeout=tools.TIMEOUT)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise DiskError(f"{name}: cannot mount the FUSE export: {exc}") from None
+        if result.returncode:
+            raise DiskError(f"{name}: cannot mount the FUSE export: mount failed "
+                            f"(exit {result.returncode}): {tools.tail(result.stdout)}")
         argv = ["qemu-storage-daemon"]
         for node in blockdevs:
             argv += ["--blockdev", json.dumps(node)]
