@@ -48,6 +48,19 @@ class RunTest(base.TestCase):
             tools.run(["sh", "-c", "kill -9 $$"])
         self.assertEqual("sh failed (killed by signal 9)", str(caught.exception))
 
+    def test_a_killed_tool_is_an_error_not_a_traceback(self):
+        """sh reports a signal from its background thread: nothing of it reaches the
+        hook's stderr (the user's log), only the ToolError."""
+        code = ("import time\nfrom imaging_elements.engine import tools\n"
+                "for argv, timeout in ((['sh', '-c', 'kill -9 $$'], 600), (['sleep', '30'], 0.3)):\n"
+                "    try:\n        tools.run(argv, timeout=timeout)\n"
+                "    except tools.ToolError as exc:\n        print(exc)\n"
+                "time.sleep(1.5)\n")
+        result = subprocess.run([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, env=dict(os.environ, PYTHONPATH=base.ROOT))
+        self.assertEqual(("sh failed (killed by signal 9)\nsleep did not finish in 0.3 s (killed)\n", ""),
+                         (result.stdout, result.stderr))
+
     def test_timeout_kills_the_tool(self):
         marker = f"sleep-{os.getpid()}-{time.monotonic_ns()}"
         started = time.monotonic()

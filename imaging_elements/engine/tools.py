@@ -87,6 +87,10 @@ def run(argv, what=None, *, ok=(0,), timeout=TIMEOUT, env=None, input=None, bina
     subprocess (docs/writing-elements.md).
     """
     import sh  # sh 1.14: 30 ms of CPU; paid only by a process that runs a tool
+    # sh 1.x's only switch (2.x: _bg_exc=False) for its background thread's report of a
+    # tool killed by a signal: a traceback on our stderr, which we turn into a ToolError.
+    # A global of sh's module itself (`import sh` gives a wrapper of it).
+    sh.Command.__call__.__globals__["RUNNING_TESTS"] = True
     tool, prefix = os.path.basename(str(argv[0])), f"{what}: " if what else ""
     try:
         command = sh.Command(str(argv[0]))
