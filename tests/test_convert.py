@@ -280,7 +280,7 @@ class TestBadInput(ConvertCase):
 
     def refused(self, source, source_type, reason, hook=TO_RAW, dest_type="raw"):
         output, records = self.convert(hook, source, source_type, dest_type, expect=1)
-        message = status(records, "fail")[0]
+        message = status(records, "bad-input")[0]  # the image's fault: the process exits 3
         self.assertIn(source, message)
         self.assertIn(reason, message)
         self.assertFalse(os.path.exists(output), f"{output} left behind")
@@ -332,7 +332,7 @@ class TestBadInput(ConvertCase):
             self.assertNotIn("Traceback", text)
             if code:
                 failures += 1
-                self.assertIn(source, status(records, "fail")[0])
+                self.assertIn(source, status(records, "bad-input")[0])
                 self.assertFalse(os.path.exists(output))
             else:
                 os.unlink(output)

@@ -187,7 +187,7 @@ class TestBadInput(E2ECase):
     def test_fuzzed_vmdk(self):
         source = self.corrupt("fuzzed.vmdk", 20, (3).to_bytes(8, "little"))   # grain size
         output = self.path("out.raw")
-        result = self.process("-i", source, "-o", output, "-T", "raw", "convert-qemu", check=1)
+        result = self.process("-i", source, "-o", output, "-T", "raw", "convert-qemu", check=3)
         self.assertIn(source, result.stderr)
         self.assertIn("damaged or truncated", result.stderr)
         self.assertNothingLeft(output)
@@ -196,7 +196,7 @@ class TestBadInput(E2ECase):
         source = imagebuild.qemu_convert(fixture("disk.raw"), self.path("in.qcow2"), "qcow2")
         os.truncate(source, os.path.getsize(source) * 2 // 3)
         output = self.path("out.vmdk")
-        result = self.process("-i", source, "-o", output, "-T", "vmdk", "convert-qemu", check=1)
+        result = self.process("-i", source, "-o", output, "-T", "vmdk", "convert-qemu", check=3)
         self.assertIn(f"{source}: truncated qcow2 image", result.stderr)
         self.assertNothingLeft(output)
 
@@ -218,7 +218,7 @@ class TestBadInput(E2ECase):
         with open(output, "w") as f:
             f.write("previous result\n")
         source = self.corrupt("fuzzed.vmdk", 20, (3).to_bytes(8, "little"))
-        self.process("-i", source, "-o", output, "-T", "raw", "convert-qemu", check=1)
+        self.process("-i", source, "-o", output, "-T", "raw", "convert-qemu", check=3)
         with open(output) as f:
             self.assertEqual("previous result\n", f.read())
         self.assertEqual([], [n for n in os.listdir(self.tmp) if ".partial-" in n])

@@ -70,12 +70,12 @@ class MountProcessTest(base.TestCase):
         path = copy("linux-dos", self.tmp)
         os.truncate(path, 30 * MiB)
         work = self.path("work")
-        result = self.process("-i", path, "--work-dir", work, "mounters", check=1)
+        result = self.process("-i", path, "--work-dir", work, "mounters", check=3)
         self.assertIn(f"{path}: partition 2 ends at byte 51380224, past the end of the disk", result.stderr)
         self.assertEqual([], os.listdir(os.path.join(work, "mnt")))
 
     def test_no_root(self):
-        result = self.process("-i", image("no-root"), "mounters", check=1)
+        result = self.process("-i", image("no-root"), "mounters", check=3)
         self.assertIn("no recognisable root", result.stderr)
         self.assertIn("90-mount-check", result.stderr)
 

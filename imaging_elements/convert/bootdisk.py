@@ -16,12 +16,11 @@ import os
 import re
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 
+from imaging_elements.engine import imagetype, tools
 from imaging_elements.sdk import hooklib
-from imaging_elements.engine import imagetype
 from imaging_elements.convert import qemuimg
 from imaging_elements.guest import guest
 
@@ -39,6 +38,10 @@ class BootDiskError(Exception):
     pass
 
 
+class DamagedFilesystem(BootDiskError, tools.BadInput):
+    """The filesystem image is at fault (damaged, hostile paths inside): exit 3."""
+
+
 # -- paths inside the image ------------------------------------------------------
 
 def resolve_in_root(root, path, follow_last=True):
@@ -49,7 +52,7 @@ def resolve_in_root(root, path, follow_last=True):
     except guest.GuestPathError as exc:
         if exc.errno in (errno.ENOENT, errno.ENOTDIR):
             return None
-        raise BootDiskError(f"in the image: {exc}") from exc
+        raise DamagedFilesystem(f"in the image: {exc}") from exc
 
 
 def guest_path(root, host_path):
@@ -60,12 +63,12 @@ def write_file(root, path, source=None, data=None, mode=0o644):
     """Write a file in the image atomically (temp + rename), never through a symlink."""
     target = resolve_in_root(root, path)
     if target is None:
-        raise BootDiskError(f"{path}: its directory is missing in the image")
+        raise DamagedFilesystem(f"{path}: its directory is missing in the image")
     directory = os.path.dirname(target)
     if not os.path.isdir(directory) or os.path.islink(directory):
-        raise BootDiskError(f"{path}: {guest_path(root, directory)} is not a directory in the image")
+        raise DamagedFilesystem(f"{path}: {guest_path(root, directory)} is not a directory in the image")
     if os.path.isdir(target) and not os.path.islink(target):
-        raise BootDiskError(f"{path}: is a directory in the image")
+        raise DamagedFilesystem(f"{path}: is a directory in the image")
     fd, temp = tempfile.mkstemp(dir=directory, prefix=".img-")
     try:
         with os.fdopen(fd, "wb") as f:
@@ -194,7 +197,7 @@ def disk_layout(fs_bytes, requested=None):
 def write_partition_table(path, disk_id, part_bytes):
     table = (f"label: dos\nlabel-id: 0x{disk_id:08x}\n"
              f"start={START // 512}, size={part_bytes // 512}, type=83, bootable\n")
-    hooklib.run(["sfdisk", "--quiet", "--no-reread", "--no-tell-kernel", path], input=table)
+    tools.run(["sfdisk", "--quiet", "--no-reread", "--no-tell-kernel", path], input=table)
     with open(MBR_CODE, "rb") as f:
         code = f.read(MBR_CODE_SIZE)
     with open(path, "r+b") as f:
@@ -207,32 +210,33 @@ def attach(path, offset, size):
 
 
 def blkid(device):
-    out = hooklib.run(["blkid", "-p", "-o", "export", device])
+    out = tools.run(["blkid", "-p", "-o", "export", device]).stdout
     ids = dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
     if not ids.get("UUID"):
-        raise BootDiskError(f"blkid finds no UUID on the filesystem ({device}); cannot name the root")
+        raise DamagedFilesystem(f"blkid finds no UUID on the filesystem ({device}); cannot name the root")
     return ids
 
 
 def grow_offline(fs, device):
     if fs == "ext":
-        result = subprocess.run(["e2fsck", "-f", "-p", device], stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True)
-        if result.returncode not in (0, 1):
-            raise BootDiskError(f"e2fsck found errors it cannot fix alone (exit {result.returncode}); "
-                                f"not growing: {result.stdout.strip()[-500:]}")
-        hooklib.run(["resize2fs", device])
+        try:
+            tools.run(["e2fsck", "-f", "-p", device], ok=(0, 1))  # 1: errors fixed
+        except tools.ToolError as exc:
+            if exc.code is None:  # missing or hung: the host's problem
+                raise
+            raise DamagedFilesystem(f"e2fsck found errors it cannot fix alone; not growing: {exc}") from None
+        tools.run(["resize2fs", device])
 
 
 def grow_mounted(fs, mount_point, part_bytes):
     if fs == "xfs":
-        hooklib.run(["xfs_growfs", mount_point])
+        tools.run(["xfs_growfs", mount_point])
     elif fs == "btrfs":
         if part_bytes < 256 * MiB:   # the kernel refuses to resize btrfs below that
             hooklib.warn(f"btrfs is not resized below 256 MiB: the filesystem keeps its size "
                          f"in the {part_bytes} byte partition")
             return
-        hooklib.run(["btrfs", "filesystem", "resize", "max", mount_point])
+        tools.run(["btrfs", "filesystem", "resize", "max", mount_point])
 
 
 def extlinux_conf(kernel, ramdisk, root_arg, extra):
@@ -287,10 +291,10 @@ def install_boot(root, fs, ids, disk_id, kernel_file=None, ramdisk_file=None, cm
     directory = resolve_in_root(root, "/boot/extlinux")
     os.makedirs(directory, exist_ok=True)
     if os.path.islink(directory) or not os.path.isdir(directory):
-        raise BootDiskError("/boot/extlinux in the image is not a directory")
+        raise DamagedFilesystem("/boot/extlinux in the image is not a directory")
     write_file(root, "/boot/extlinux/extlinux.conf",
                data=extlinux_conf(kernel, ramdisk, root_arg, cmdline).encode())
-    hooklib.run(["extlinux", "--install", directory])
+    tools.run(["extlinux", "--install", directory])
     done.append(f"extlinux boots {kernel}" + (f" with {ramdisk}" if ramdisk else "") + f", {root_arg}")
     return done, kernel
 
@@ -300,7 +304,7 @@ def convert(source, output, size=None, kernel_file=None, ramdisk_file=None, cmdl
     """Make the bootable disk `output` from the filesystem image `source`; returns a description."""
     fs = filesystem_of(source)
     if fs not in BOOTABLE:
-        raise BootDiskError(f"{source}: holds {'a ' + fs if fs else 'no known'} filesystem; "
+        raise DamagedFilesystem(f"{source}: holds {'a ' + fs if fs else 'no known'} filesystem; "
                             f"a bootable disk needs one of {', '.join(sorted(BOOTABLE))}")
     for name, path in (("IMG_KERNEL", kernel_file), ("IMG_RAMDISK", ramdisk_file)):
         if path and not os.path.isfile(path):
@@ -310,7 +314,7 @@ def convert(source, output, size=None, kernel_file=None, ramdisk_file=None, cmdl
                             "extlinux cannot boot it")
     fs_bytes = os.path.getsize(source)
     if fs_bytes % 512:
-        raise BootDiskError(f"{source}: {fs_bytes} bytes is not a whole number of 512-byte sectors")
+        raise DamagedFilesystem(f"{source}: {fs_bytes} bytes is not a whole number of 512-byte sectors")
     disk_bytes, part_bytes = disk_layout(fs_bytes, size)
     disk_id = int.from_bytes(os.urandom(4), "little") or 1
     journal = hooklib.journal()
@@ -330,13 +334,13 @@ def convert(source, output, size=None, kernel_file=None, ramdisk_file=None, cmdl
             dir_entry = journal.add("remove", path=mount_point)
             with hooklib.undoing(dir_entry):
                 options = ["rw", "nodev", "nosuid", "noexec"] + (["nouuid"] if fs == "xfs" else [])
-                with hooklib.undoing(hooklib.mount(device, mount_point, BOOTABLE[fs], options)):
+                with hooklib.undoing(_mount(device, mount_point, BOOTABLE[fs], options)):
                     if grown:
                         grow_mounted(fs, mount_point, part_bytes)
                     ids = blkid(device)
                     ids["PARTUUID"] = f"{disk_id:08x}-01"
                     done, _ = install_boot(mount_point, fs, ids, disk_id, kernel_file, ramdisk_file, cmdline)
-                    hooklib.run(["sync", "-f", mount_point])
+                    tools.run(["sync", "-f", mount_point])
     except hooklib.HookFailure as exc:   # a tool failed: say which image it was working on
         _remove(output)
         raise BootDiskError(f"{source}: {exc}") from exc
@@ -346,6 +350,16 @@ def convert(source, output, size=None, kernel_file=None, ramdisk_file=None, cmdl
     grown_text = f", grown from {fs_bytes} bytes" if grown else ""
     return (f"wrapped the {ids.get('TYPE', fs)} filesystem of {source} in an MBR disk of {disk_bytes} "
             f"bytes (partition at 1 MiB{grown_text}); " + "; ".join(done))
+
+
+def _mount(device, target, fstype, options):
+    try:
+        return hooklib.mount(device, target, fstype, options)
+    except hooklib.HookFailure as exc:
+        reason, host_fault = tools.mount_reason(str(exc), device, target)
+        if host_fault:
+            raise
+        raise DamagedFilesystem(f"the kernel cannot mount it as {fstype} (damaged?): {reason}") from None
 
 
 def _remove(path):
@@ -385,7 +399,8 @@ def hook_run():
         sys.exit(143)
     except (BootDiskError, qemuimg.QemuImgError, OSError) as exc:
         message = str(exc)
-        hooklib.fail(message if message.startswith(env["IMG_IMAGE"]) else f"{env['IMG_IMAGE']}: {message}")
+        message = message if message.startswith(env["IMG_IMAGE"]) else f"{env['IMG_IMAGE']}: {message}"
+        (tools.bad_input if isinstance(exc, tools.BadInput) else hooklib.fail)(message)
     hooklib.describe(text)
 
 
@@ -409,4 +424,4 @@ def hook_required_capacity():
         size, kernel, ramdisk = _options()
         return required_bytes(os.environ["IMG_IMAGE"], size, kernel, ramdisk)
     except (BootDiskError, qemuimg.QemuImgError) as exc:
-        hooklib.fail(str(exc))
+        tools.report(exc)

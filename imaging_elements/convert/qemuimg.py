@@ -19,7 +19,7 @@ import struct
 import subprocess
 import sys
 
-from imaging_elements.engine import config, confine
+from imaging_elements.engine import config, confine, tools
 
 # Our image types -> qemu block drivers.
 DRIVERS = {"raw": "raw", "partition": "raw", "vmdk": "vmdk", "qcow2": "qcow2",
@@ -87,6 +87,10 @@ class QemuImgError(Exception):
     """A conversion problem; the message names the file and the reason."""
 
 
+class DamagedImage(QemuImgError, tools.BadInput):
+    """The image itself is at fault: unreadable, truncated, corrupt or hostile (exit 3)."""
+
+
 class LogNeedsReplay(QemuImgError):
     """A VHDX whose metadata log was not replayed (an unclean shutdown)."""
 
@@ -126,13 +130,13 @@ def _raise_for(result, args, name, image_type):
     """A QemuImgError saying why a confined qemu-img failed, if it did."""
     if result.returncode:
         if result.limit_hit:
-            raise QemuImgError(f"{name}: qemu-img {args[0]} was stopped: {result.limit_hit} "
+            raise DamagedImage(f"{name}: qemu-img {args[0]} was stopped: {result.limit_hit} "
                                f"(a hostile or broken {image_type} image?)")
         sig = confine.signal_of(result.returncode)
         if sig:
-            raise QemuImgError(f"{name}: qemu-img {args[0]} was killed by signal {sig} "
+            raise DamagedImage(f"{name}: qemu-img {args[0]} was killed by signal {sig} "
                                f"(a hostile or broken {image_type} image?)")
-        raise QemuImgError(f"{name}: not a readable {image_type} image: "
+        raise DamagedImage(f"{name}: not a readable {image_type} image: "
                            f"{qemu_message(result.stderr, name)}")
 
 
@@ -141,7 +145,7 @@ def _inspect(args, path, image_type, name=None):
     try:
         return json.loads(result.stdout)
     except ValueError as exc:
-        raise QemuImgError(f"{name or path}: qemu-img {args[0]} printed no JSON") from exc
+        raise DamagedImage(f"{name or path}: qemu-img {args[0]} printed no JSON") from exc
 
 
 # -- inspecting untrusted images -------------------------------------------------
@@ -162,7 +166,7 @@ def check(path, image_type, name=None):
 
 def _check(path, image_type, name):
     if image_type == "vhd" and _vhd_differencing(path):
-        raise QemuImgError(f"{name}: it is a differencing VHD (it needs its parent), which is "
+        raise DamagedImage(f"{name}: it is a differencing VHD (it needs its parent), which is "
                            "not supported")
     args = ["info", "--output=json", "--image-opts", image_opts(image_type)]
     result = confine.run(["qemu-img", *args], [_image_file(path)], limits=INSPECT_LIMITS,
@@ -178,7 +182,7 @@ def _check(path, image_type, name):
     try:
         data = json.loads(result.stdout)
     except ValueError as exc:
-        raise QemuImgError(f"{name}: qemu-img info printed no JSON") from exc
+        raise DamagedImage(f"{name}: qemu-img info printed no JSON") from exc
     backing = data.get("backing-filename") or data.get("full-backing-filename")
     if backing:
         _refuse(name, image_type, "has a backing file (a differencing disk):", backing)
@@ -189,7 +193,7 @@ def _check(path, image_type, name):
         if extent.get("filename") not in (None, INSIDE_IMAGE):
             _refuse(name, image_type, "has the extent", extent["filename"])
     if "virtual-size" not in data:
-        raise QemuImgError(f"{name}: qemu-img reports no virtual size")
+        raise DamagedImage(f"{name}: qemu-img reports no virtual size")
     return data
 
 
@@ -209,7 +213,7 @@ def _refuse(name, image_type, what, other):
     hint = (" (a multi-file VMDK: give its flat extent file as a raw image instead)"
             if image_type == "vmdk" and other.endswith("-flat.vmdk") else "")
     # repr: the name comes from the image (quoted, control characters escaped).
-    raise QemuImgError(f"{name}: the {image_type} image {what} {other[:512]!r}; refusing to open "
+    raise DamagedImage(f"{name}: the {image_type} image {what} {other[:512]!r}; refusing to open "
                        f"any file but the image itself{hint}")
 
 
@@ -222,16 +226,16 @@ def replayed_copy(path, image_type, name, scratch_dir, record):
                            "there is no scratch directory to replay it in (the input is never changed)")
     copy = os.path.join(scratch_dir, f"replayed-{os.getpid()}-{os.urandom(4).hex()}.{image_type}")
     record("remove", path=copy)
-    result = subprocess.run(["cp", "--sparse=always", "--reflink=auto", path, copy],
-                            stdin=subprocess.DEVNULL, capture_output=True, text=True, check=False)
-    if result.returncode:
+    try:
+        tools.run(["cp", "--sparse=always", "--reflink=auto", path, copy])
+    except tools.ToolError as exc:  # the host's problem (space, permissions), not the image's
         raise QemuImgError(f"{name}: cannot copy it to replay its log: "
-                           f"{result.stderr.strip().replace(path, name)}")
+                           f"{tools.tail(exc.stderr).replace(path, name) or exc}") from None
     replay = confine.run(["qemu-img", "check", "-q", "-r", "all", "--image-opts", image_opts(image_type)],
                          [confine.File(copy, IMAGE, write=True, created=True)],
                          limits=INSPECT_LIMITS, timeout=INSPECT_TIMEOUT)
     if replay.returncode not in (0, 3):  # 3: leaked clusters, which convert leaves behind
-        raise QemuImgError(f"{name}: its {image_type} log cannot be replayed (on a copy): "
+        raise DamagedImage(f"{name}: its {image_type} log cannot be replayed (on a copy): "
                            f"{replay.limit_hit or qemu_message(replay.stderr, name)}")
     return copy
 
@@ -265,7 +269,7 @@ def check_within_file(path, image_type, name=None):
     size = os.path.getsize(path)
     for e in _map(path, image_type, name):
         if e.get("data") and "offset" in e and e["offset"] + e["length"] > size:
-            raise QemuImgError(f"{name}: truncated {image_type} image: guest data at byte {e['start']} "
+            raise DamagedImage(f"{name}: truncated {image_type} image: guest data at byte {e['start']} "
                                f"is stored at byte {e['offset']}, past the end of the file ({size} bytes)")
 
 
@@ -390,8 +394,10 @@ def _run_with_progress(argv, files, name, source_type, dest, created, total, pro
             sig = confine.signal_of(process.returncode)
             reason = (hit or (f"killed by signal {sig}" if sig else None)
                       or qemu_message(stderr, name, {f"{confine.INSIDE}/{OUTPUT}": dest}))
-            raise QemuImgError(f"{name}: cannot convert from {source_type} to {dest} "
-                               f"(a damaged or truncated image?): {reason}")
+            # Out of space is the host's problem (the runner says where); the rest, the image's.
+            error = QemuImgError if "No space left on device" in stderr else DamagedImage
+            raise error(f"{name}: cannot convert from {source_type} to {dest} "
+                        f"(a damaged or truncated image?): {reason}")
         if progress and last < total:
             progress(total, total)
     except BaseException:
@@ -465,13 +471,13 @@ def _content_matches(path, declared):
     try:
         detected = imagetype.detect(path)
     except imagetype.ImageTypeError as exc:
-        raise QemuImgError(str(exc)) from exc
+        raise DamagedImage(str(exc)) from exc
     if declared in ("raw", "partition"):
         ok = detected in ("raw", "partition", "unknown")
     else:
         ok = detected == declared
     if not ok:
-        raise QemuImgError(f"{path}: declared as {declared} but the content is {detected}")
+        raise DamagedImage(f"{path}: declared as {declared} but the content is {detected}")
 
 
 def _keep_run_answers(hooklib, env):
@@ -502,7 +508,7 @@ def hook_run():
         total = convert(source, source_type, dest, dest_type, size=size, progress=hooklib.progress,
                         virtual=virtual, name=name)
     except QemuImgError as exc:
-        hooklib.fail(str(exc))
+        tools.report(exc)
     except Terminated:
         sys.exit(143)
     subformat = output_options(dest_type) or ""
@@ -522,4 +528,4 @@ def hook_required_capacity():
     try:
         return required_bytes(env["IMG_IMAGE"], source_type, env["IMG_DEST_TYPE"])
     except QemuImgError as exc:
-        hooklib.fail(str(exc))
+        tools.report(exc)

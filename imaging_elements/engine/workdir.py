@@ -7,9 +7,8 @@ import fcntl
 import os
 import shutil
 
+from imaging_elements.engine import interrupts, tools
 from imaging_elements.sdk import hooklib
-from imaging_elements.engine import interrupts
-from imaging_elements.engine.hookrun import run_tool
 from imaging_elements.sdk.journal import Journal, describe
 
 CREATED = ".created-by-euca-image-process"
@@ -76,11 +75,11 @@ def limit_scratch(work, scratch, limit, journal, check=lambda: None):
     journal.add("remove", path=image)
     with open(image, "wb") as f:
         f.truncate(limit)  # sparse: it takes host space only as scratch fills
-    code, errors = run_tool(["mke2fs", "-q", "-F", "-t", "ext4", "-O", "^has_journal", "-m", "0",
-                             "-E", "nodiscard", image], check)
-    if code:
-        raise WorkDirError(1, f"--scratch-limit: cannot make the scratch filesystem: "
-                              f"{errors.decode(errors='replace').strip()}")
+    try:
+        tools.run(["mke2fs", "-q", "-F", "-t", "ext4", "-O", "^has_journal", "-m", "0", "-E", "nodiscard", image],
+                  "--scratch-limit: cannot make the scratch filesystem", check=check)
+    except tools.ToolError as exc:
+        raise WorkDirError(1, str(exc)) from None
     # Our own loop device, detached through the journal: with mount -o loop the kernel
     # lets go of it some time after the umount, not when the process ends.
     try:
@@ -89,10 +88,11 @@ def limit_scratch(work, scratch, limit, journal, check=lambda: None):
         raise WorkDirError(1, f"--scratch-limit: {exc}") from exc
     # Journal first: undoing an umount of a path that is not mounted does nothing.
     journal.add("umount", path=os.path.realpath(scratch))
-    code, errors = run_tool(["mount", "-t", "ext4", "-o", "nodev,nosuid", device, scratch], check)
-    if code:
-        raise WorkDirError(1, f"--scratch-limit: cannot mount the scratch filesystem: "
-                              f"{errors.decode(errors='replace').strip()}")
+    try:
+        tools.run(["mount", "-t", "ext4", "-o", "nodev,nosuid", device, scratch],
+                  "--scratch-limit: cannot mount the scratch filesystem", check=check)
+    except tools.ToolError as exc:
+        raise WorkDirError(1, str(exc)) from None
     os.rmdir(os.path.join(scratch, "lost+found"))
 
 

@@ -14,9 +14,9 @@ import json
 import os
 import re
 import struct
-import subprocess
 import sys
 
+from imaging_elements.engine import tools
 from imaging_elements.guest.guest import Guest, GuestPathError
 
 
@@ -686,24 +686,29 @@ class HiveError(Exception):
     pass
 
 
-def _hivex(argv, input=None):
-    """Run a hivex tool on a hive from the image: a damaged hive may not hang us."""
+HIVEX_TIMEOUT = 30  # seconds: a damaged hive may not hang us
+
+
+def _hivex(argv, key, input=None, check_stderr=False):
+    """stdout of a hivex tool on a hive from the image; HiveError naming the hive and key."""
+    where = f"{os.path.basename(argv[1])}\\{key}"
     try:
-        return subprocess.run(argv, input=input, stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=30)
-    except FileNotFoundError:
-        raise HiveError(f"{argv[0]} not found (package libhivex-bin)") from None
-    except subprocess.TimeoutExpired:
-        raise HiveError(f"{os.path.basename(argv[1])}: {argv[0]} took over 30 s (a damaged hive?)") from None
+        result = tools.run(argv, input=input, timeout=HIVEX_TIMEOUT)
+    except tools.ToolError as exc:
+        if exc.code is None:  # not installed, or hung
+            raise HiveError(f"{where}: {exc}" + (" (package libhivex-bin)" if "not found" in str(exc)
+                                                 else " (a damaged hive?)")) from None
+        err = exc.stderr.strip()
+        raise HiveError(f"{where}: {err.splitlines()[-1] if err else 'cannot read'}") from None
+    if check_stderr and result.stderr.strip():  # hivexsh says what it could not do, and exits 0
+        raise HiveError(f"{where}: {result.stderr.strip().splitlines()[-1]}")
+    return result.stdout
 
 
 def hive_values(hive_host_path, key):
     """All values of a key as {name: text}, from `hivexget HIVE KEY` (.reg format)."""
-    result = _hivex(["hivexget", hive_host_path, key])
-    if result.returncode:
-        err = result.stderr.decode(errors="replace").strip()
-        raise HiveError(f"{os.path.basename(hive_host_path)}\\{key}: {err.splitlines()[-1] if err else 'cannot read'}")
     values = {}
-    for line in result.stdout.decode("utf-8", errors="replace").splitlines():
+    for line in _hivex(["hivexget", hive_host_path, key], key).splitlines():
         match = re.match(r'^"((?:[^"\\]|\\.)*)"=(.*)$', line)
         if not match:
             continue
@@ -719,11 +724,7 @@ def hive_values(hive_host_path, key):
 
 def hive_subkeys(hive_host_path, key):
     """Names of a key's subkeys, listed by hivexsh."""
-    result = _hivex(["hivexsh", hive_host_path], input=f"cd {key}\nls\n".encode())
-    err = result.stderr.decode(errors="replace").strip()
-    if result.returncode or err:
-        raise HiveError(f"{os.path.basename(hive_host_path)}\\{key}: {err.splitlines()[-1] if err else 'cannot read'}")
-    return result.stdout.decode("utf-8", errors="replace").splitlines()
+    return _hivex(["hivexsh", hive_host_path], key, input=f"cd {key}\nls\n", check_stderr=True).splitlines()
 
 
 def current_control_set(system_host_path):

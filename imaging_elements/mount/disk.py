@@ -34,8 +34,8 @@ import threading
 import time
 import uuid as uuidlib
 
+from imaging_elements.engine import confine, tools
 from imaging_elements.sdk import hooklib
-from imaging_elements.engine import confine
 from imaging_elements.convert import qemuimg
 from imaging_elements.mount import fstab
 from imaging_elements.guest.guest import Guest, GuestPathError, detect_platform
@@ -53,6 +53,10 @@ EXPORT_LIMITS = confine.Limits()  # qemu-storage-daemon: memory and processes bo
 
 class DiskError(hooklib.HookFailure):
     """A problem with the image or the host; the message names the file and the reason."""
+
+
+class DamagedDisk(DiskError, tools.BadInput):
+    """The image is at fault (unreadable, truncated, corrupt, hostile): status bad-input, exit 3."""
 
 
 class InjectedFault(DiskError):
@@ -88,12 +92,11 @@ def writable():
 
 
 def _run(argv, what, **kwargs):
-    result = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, **kwargs)
-    if result.returncode:
-        detail = (result.stderr.strip() or result.stdout.strip() or f"exit {result.returncode}")
-        raise DiskError(f"{what}: {detail}")
-    return result
+    """A system tool (engine/tools.py); its failure is a DiskError saying `what` we did."""
+    try:
+        return tools.run(argv, what, **kwargs)
+    except tools.ToolError as exc:
+        raise DiskError(str(exc)) from None
 
 
 def dm_available():
@@ -118,11 +121,13 @@ def partition_table(path, name=None):
     or covering the partition table itself is an error.
     """
     name = name or path
-    result = subprocess.run(["sfdisk", "--json", path], stdin=subprocess.DEVNULL,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    if result.returncode or not result.stdout.strip():
-        reason = result.stderr.strip().replace(path, name) or "sfdisk found no partition table"
-        raise DiskError(f"{name}: cannot read the partition table: {reason}")
+    try:
+        result = tools.run(["sfdisk", "--json", path], ok=range(256))
+    except tools.ToolError as exc:  # missing, hung or killed: the host's problem
+        raise DiskError(str(exc).replace(path, name)) from None
+    if result.code or not result.stdout.strip():
+        reason = tools.tail(result.stderr).replace(path, name) or "sfdisk found no partition table"
+        raise DamagedDisk(f"{name}: cannot read the partition table: {reason}")
     for line in result.stderr.strip().splitlines():
         hooklib.warn(f"{name}: {line.replace(path, name)}")
     table = json.loads(result.stdout)["partitiontable"]
@@ -145,22 +150,22 @@ def partition_table(path, name=None):
         parts.append({"index": index, "start": start, "size": size, "type": ptype,
                       "partuuid": partuuid, "partlabel": raw.get("name")})
     if not parts:
-        raise DiskError(f"{name}: the {label} partition table has no partitions")
+        raise DamagedDisk(f"{name}: the {label} partition table has no partitions")
     for part in parts:
         end = part["start"] + part["size"]
         if part["size"] <= 0:
-            raise DiskError(f"{name}: partition {part['index']} is empty (size 0): corrupt table")
+            raise DamagedDisk(f"{name}: partition {part['index']} is empty (size 0): corrupt table")
         if part["start"] < sector:
-            raise DiskError(f"{name}: partition {part['index']} starts at byte {part['start']}, "
+            raise DamagedDisk(f"{name}: partition {part['index']} starts at byte {part['start']}, "
                             "over the partition table: corrupt table")
         if end > disk_size:
-            raise DiskError(f"{name}: partition {part['index']} ends at byte {end}, past the end "
+            raise DamagedDisk(f"{name}: partition {part['index']} ends at byte {end}, past the end "
                             f"of the disk ({disk_size} bytes): the image is truncated or the "
                             "partition table is corrupt")
     ordered = sorted(parts, key=lambda p: p["start"])
     for before, after in zip(ordered, ordered[1:]):
         if after["start"] < before["start"] + before["size"]:
-            raise DiskError(f"{name}: partitions {before['index']} and {after['index']} overlap "
+            raise DamagedDisk(f"{name}: partitions {before['index']} and {after['index']} overlap "
                             f"(bytes {after['start']}..{before['start'] + before['size']}): "
                             "corrupt partition table")
     return sorted(parts, key=lambda p: p["index"])
@@ -168,20 +173,19 @@ def partition_table(path, name=None):
 
 def probe(path, offset, size):
     """{'fstype', 'uuid', 'label'} of what blkid finds at [offset, offset+size)."""
-    result = subprocess.run(["blkid", "-p", "-o", "export", "-O", str(offset), "-S", str(size), path],
-                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
     found = {"fstype": None, "uuid": None, "label": None}
-    if result.returncode == 2:  # nothing recognised: blkid says the same for a read error
+    try:
+        result = tools.run(["blkid", "-p", "-o", "export", "-O", offset, "-S", size, path], ok=(0, 2, 8))
+    except tools.ToolError as exc:
+        found["note"] = f"blkid failed: {exc}"
+        return found
+    if result.code == 2:  # nothing recognised: blkid says the same for a read error
         error = _read_error(path, offset, min(size, 1 << 20))
         if error:
             found["note"] = f"cannot read it ({error}): the image is damaged"
         return found
-    if result.returncode == 8:  # more than one signature: a wiped-then-reformatted mess
+    if result.code == 8:  # more than one signature: a wiped-then-reformatted mess
         found["note"] = "ambivalent: more than one filesystem signature (blkid -p)"
-        return found
-    if result.returncode:
-        found["note"] = f"blkid failed: {result.stderr.strip() or result.returncode}"
         return found
     values = {}
     for line in result.stdout.splitlines():
@@ -217,7 +221,7 @@ def discover(disk, disk_type, name=None):
         size = os.path.getsize(disk)
         found = probe(disk, 0, size)
         if not found["fstype"]:
-            raise DiskError(f"{name}: no filesystem found in this partition image "
+            raise DamagedDisk(f"{name}: no filesystem found in this partition image "
                             f"({found.get('note') or 'blkid recognises none'})")
         entries.append(_entry(0, 0, size, found, None, None))
     else:
@@ -282,7 +286,12 @@ def check_container(path, fmt, name=None):
     try:
         return qemuimg.check(path, fmt, name or path)
     except (qemuimg.QemuImgError, confine.ConfineError) as exc:
-        raise DiskError(str(exc)) from None
+        raise _disk_error(exc) from None
+
+
+def _disk_error(exc):
+    """A DiskError with the words of `exc`, still marked bad input if it was."""
+    return (DamagedDisk if isinstance(exc, tools.BadInput) else DiskError)(str(exc))
 
 
 def warn_in_place():
@@ -306,7 +315,7 @@ def qemu_check(path, fmt, name=None):
     if result.returncode in (0, 3, 63):  # clean, only leaked clusters, or no check for the format
         return
     if result.limit_hit:
-        raise DiskError(f"{name}: qemu-img check was stopped: {result.limit_hit} "
+        raise DamagedDisk(f"{name}: qemu-img check was stopped: {result.limit_hit} "
                         f"(a hostile or broken {fmt} image?)")
     errors = []
     for line in (result.stderr + "\n" + result.stdout).splitlines():
@@ -317,8 +326,8 @@ def qemu_check(path, fmt, name=None):
     if len(errors) > 3:
         detail += f"; and {len(errors) - 3} more"
     if result.returncode == 2:
-        raise DiskError(f"{name}: the {fmt} image is corrupt or truncated (qemu-img check): {detail}")
-    raise DiskError(f"{name}: qemu rejects it as {fmt} (qemu-img check): {detail}")
+        raise DamagedDisk(f"{name}: the {fmt} image is corrupt or truncated (qemu-img check): {detail}")
+    raise DamagedDisk(f"{name}: qemu rejects it as {fmt} (qemu-img check): {detail}")
 
 
 def _wait_mounted(path, process, timeout=READY_TIMEOUT):
@@ -377,7 +386,7 @@ def export_raw(image, fmt, write=False, name=None):
         raise DiskError(f"{exc}: replaying it would change this file, and changes to a replayed "
                         "copy would be lost: mount it read-only or convert it first") from None
     except (qemuimg.QemuImgError, confine.ConfineError) as exc:
-        raise DiskError(str(exc)) from None
+        raise _disk_error(exc) from None
     if image != given:
         hooklib.warn(f"{name}: the {fmt} log was replayed on a copy in the scratch directory "
                      "(an unclean shutdown); the input is unchanged")
@@ -420,10 +429,19 @@ def fuse_export(blockdevs, files, export, write, name, fmt, record):
     record("umount", path=export)
     fuse = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
     try:
-        # rootmode: a regular file; only root (user_id 0) may use it.
-        _run(["mount", "-i", "-t", "fuse.qemu-storage-daemon", "-o",
-              f"fd={fuse},rootmode=100000,user_id=0,group_id=0,nosuid,nodev,noexec",
-              "qemu-storage-daemon", export], f"{name}: cannot mount the FUSE export", pass_fds=[fuse])
+        # rootmode: a regular file; only root (user_id 0) may use it.  subprocess, not
+        # engine/tools.run: mount inherits the /dev/fuse descriptor (issue 11).
+        try:
+            result = subprocess.run(["mount", "-i", "-t", "fuse.qemu-storage-daemon", "-o",
+                                     f"fd={fuse},rootmode=100000,user_id=0,group_id=0,nosuid,nodev,noexec",
+                                     "qemu-storage-daemon", export], pass_fds=(fuse,), stdin=subprocess.DEVNULL,
+                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                    errors="replace", timeout=tools.TIMEOUT)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise DiskError(f"{name}: cannot mount the FUSE export: {exc}") from None
+        if result.returncode:
+            raise DiskError(f"{name}: cannot mount the FUSE export: mount failed "
+                            f"(exit {result.returncode}): {tools.tail(result.stdout)}")
         argv = ["qemu-storage-daemon"]
         for node in blockdevs:
             argv += ["--blockdev", json.dumps(node)]
@@ -478,7 +496,10 @@ def mount_fs(disk, entry, target, write=False, extra=()):
     ids = []
     if fstype in KERNEL_FS:
         device = _loop_for(disk, entry, write)
-        ids.append(hooklib.mount(device, target, fstype, mount_options(fstype, write) + list(extra)))
+        try:
+            ids.append(hooklib.mount(device, target, fstype, mount_options(fstype, write) + list(extra)))
+        except hooklib.HookFailure as exc:
+            raise _mount_error(exc, fstype, device, target) from None
     elif fstype == "ntfs":
         ids += _mount_ntfs(_loop_for(disk, entry, write), target, write)
     elif fstype == "vfat":
@@ -487,6 +508,13 @@ def mount_fs(disk, entry, target, write=False, extra=()):
         raise DiskError(f"{describe_fs(entry)}: no mounter for {fstype}")
     fault("mount")
     return ids
+
+
+def _mount_error(exc, fstype, device, target):
+    reason, host_fault = tools.mount_reason(str(exc), device, target)
+    if host_fault:
+        return DiskError(f"this host's kernel cannot mount {fstype}: {reason}")
+    return DamagedDisk(f"the kernel cannot mount it as {fstype} (damaged?): {reason}")
 
 
 def _loop_for(disk, entry, write):
@@ -527,7 +555,7 @@ def _mount_ntfs(device, target, write):
     if not _wait_mounted(target, process):
         with open(log, errors="replace") as f:
             lines = [line.strip() for line in f if line.strip()]
-        raise DiskError(f"ntfs-3g cannot mount it: {' '.join(lines[-3:]) or 'no mount appeared'}")
+        raise DamagedDisk(f"ntfs-3g cannot mount it: {' '.join(lines[-3:]) or 'no mount appeared'}")
     fault("ntfs")
     return ids
 
@@ -580,15 +608,16 @@ def _mount_fat_copy(disk, entry, target, limit=None):
     file_limit = entry["size"]
     try:
         # `::/` copies the root directory's contents, hidden files included.
-        _run(["mcopy", "-s", "-p", "-m", "-n", "-Q", "-i", f"{disk}@@{entry['start']}", "::/", tree + "/"],
-             f"{describe_fs(entry)}: mcopy", env=env,
-             preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (file_limit, file_limit)))
-    except DiskError as exc:
-        if "No space left on device" in str(exc):
-            raise DiskError(f"{describe_fs(entry)}: its files add up to more than {limit} bytes "
-                            f"(the cap for a {entry['size']}-byte FAT): cross-linked or looping "
-                            "directory entries; not copied") from None
-        raise
+        tools.run(["mcopy", "-s", "-p", "-m", "-n", "-Q", "-i", f"{disk}@@{entry['start']}", "::/", tree + "/"],
+                  f"{describe_fs(entry)}: mcopy", env=env,
+                  preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (file_limit, file_limit)))
+    except tools.ToolError as exc:
+        if "No space left on device" in exc.stderr:
+            raise DamagedDisk(f"{describe_fs(entry)}: its files add up to more than {limit} bytes "
+                              f"(the cap for a {entry['size']}-byte FAT): cross-linked or looping "
+                              "directory entries; not copied") from None
+        # mcopy ran and could not read the FAT: the image's fault; missing or hung: the host's.
+        raise (DamagedDisk if exc.code else DiskError)(str(exc)) from None
     fault("fat-copy")
     if writable():
         hooklib.warn(f"{describe_fs(entry)} is FAT: it is mounted as a read-only copy, "
@@ -649,6 +678,7 @@ def find_root(disk, entries, fstypes, mount_point, write):
             raise
         except DiskError as exc:
             entry["note"] = f"cannot be mounted: {exc}"
+            entry["host_fault"] = not isinstance(exc, tools.BadInput)
             hooklib.warn(f"{display_name()}: {describe_fs(entry)} cannot be mounted: {exc}")
             continue
         kind, subvol = classify_root(mount_point), None
@@ -788,23 +818,29 @@ def check():
                         "mount-partition or mount-ntfs (or the mounters element)") from None
     root = next((e for e in entries if e["root"]), None)
     if root is None:
-        reasons = []
+        reasons, input_fault = [], True
         for entry in entries:
             if entry["fstype"] == "LVM2_member":
                 why = ("an LVM physical volume: LVM inside images is not supported"
                        + ("" if dm_available() else " (no device-mapper on this host)"))
+                input_fault = False
             elif entry["fstype"] in FUSE_FS and not entry.get("note"):
                 why = f"not tried: add the {FUSE_FS[entry['fstype']]} element"
+                input_fault = False
             elif entry["fstype"] is None:
                 why = entry.get("note") or "no filesystem"
             else:
                 why = entry.get("note") or "not tried"
+                input_fault = input_fault and not entry.get("host_fault")
             reasons.append(f"{describe_fs(entry)}: {why}")
-        raise DiskError(f"{name}: no recognisable root (no /etc/fstab with an init, no Windows "
-                        f"directory): {'; '.join(reasons)}")
+        # Bad input (exit 3) only when nothing was left untried for the host's or the
+        # element list's sake: then it is the image that holds no usable root.
+        raise (DamagedDisk if input_fault else DiskError)(
+            f"{name}: no recognisable root (no /etc/fstab with an init, no Windows "
+            f"directory): {'; '.join(reasons)}")
     mount_point = os.environ["IMG_MOUNT_POINT"]
     if classify_root(mount_point) == "fstab":
-        raise DiskError(f"{name}: the root ({describe_fs(root)}) has /etc/fstab but no init "
+        raise DamagedDisk(f"{name}: the root ({describe_fs(root)}) has /etc/fstab but no init "
                         f"({', '.join(INITS)}), even with the guest's fstab mounted")
     for line in (read_fstab(mount_point) if root["fstype"] != "ntfs" else []):
         if line.virtual or line.network or line.mountpoint == "/":
@@ -831,7 +867,7 @@ def export_step():
     export = export_raw(image, fmt, write=writable(), name=image)
     inner = imagetype.detect(export)
     if inner not in ("raw", "partition"):
-        raise DiskError(f"{image}: the {fmt} image holds neither a partition table nor a "
+        raise DamagedDisk(f"{image}: the {fmt} image holds neither a partition table nor a "
                         f"filesystem (its content looks {inner})")
     hooklib.set_var("IMG_DISK", export)
     hooklib.set_var("IMG_DISK_TYPE", inner)
@@ -855,7 +891,15 @@ def main(argv=None):
     if len(argv) != 1 or argv[0] not in COMMANDS:
         sys.exit(f"usage: python -m imaging_elements.mount.disk {{{'|'.join(COMMANDS)}}}")
     sys.argv[1:] = []  # hooklib.main's verb: run
-    hooklib.main(COMMANDS[argv[0]])
+    hooklib.main(lambda: _reporting(COMMANDS[argv[0]]))
+
+
+def _reporting(step):
+    """Run a mounter step; an error that is the image's fault is reported as bad input."""
+    try:
+        step()
+    except tools.BadInput as exc:
+        tools.bad_input(exc)
 
 
 if __name__ == "__main__":
