@@ -50,8 +50,13 @@ def run_hook(path, tmp, **extra):
 
 
 def required_capacity(path, tmp, **extra):
-    """What the hook says it needs, asked as the runner asks it (raises hooks.HookError)."""
-    return hookcall.required_capacity(hookcall.hook(path, "convert"), hook_state(tmp, **extra))
+    """What the hook says it needs, asked as the runner asks it (raises hooks.HookError);
+    unwinds what the asking kept (its qemu-img answers), as the end of a process does."""
+    state = hook_state(tmp, **extra)
+    try:
+        return hookcall.required_capacity(hookcall.hook(path, "convert"), state)
+    finally:
+        Journal(state["IMG_JOURNAL"]).unwind()
 
 
 def accepts(path, tmp, **extra):

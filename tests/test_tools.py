@@ -6,7 +6,7 @@ import subprocess
 import sys
 import time
 
-from imaging_elements import hooklib
+from imaging_elements.sdk import hooklib
 from imaging_elements.engine import hookrun, tools
 from tests import base, imagebuild
 
@@ -164,7 +164,7 @@ class BadInputTest(base.TestCase):
         self.assertEqual((3, "x.vhd: torn footer"), hookrun.said(result.stderr))
 
     def test_an_error_not_marked_is_a_failure(self):
-        code = "from imaging_elements import hooklib; from imaging_elements.engine import tools; " \
+        code = "from imaging_elements.sdk import hooklib; from imaging_elements.engine import tools; " \
                "hooklib.main(lambda: tools.report(ValueError('no space')))"
         result = subprocess.run([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True,
                                 env=dict(os.environ, PYTHONPATH=base.ROOT, IMG_STATUS_FD=""))
