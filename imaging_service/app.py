@@ -7,6 +7,7 @@ import concurrent.futures
 import functools
 import logging
 import os
+import sys
 import threading
 import time
 import traceback
@@ -40,11 +41,16 @@ def prepare_state_dir(path):
 class Service:
     """Everything one `imaging-service serve` runs; start() and stop() bracket the server."""
 
-    def __init__(self, settings):
+    def __init__(self, settings, api_only=False):
+        """api_only: one of the further API processes of --api-processes: it answers requests
+        only (the first process migrated the database and runs the workers, the object
+        store and the maintenance)."""
         self.settings = settings
+        self.api_only = api_only
         prepare_state_dir(settings.state_dir)
         self.db = Database(settings.database_url)
-        self.db.upgrade()
+        if not api_only:
+            self.db.upgrade()
         self.credentials = Credentials(self.db, settings.key_file)
         self.store = self.seaweed = self.workers = self.dispatcher = None
         self._stop = threading.Event()
@@ -54,7 +60,18 @@ class Service:
 
     # ---- start and stop ------------------------------------------------------------------------
 
-    def start(self):
+    def start(self, store_endpoint=None):
+        """store_endpoint: an API-only process's object store (the first process's)."""
+        if self.api_only:
+            if store_endpoint:
+                from imaging_service.objectstore import ObjectStore
+                s = self.settings
+                access, secret = ((s.s3_access_key, s.s3_secret_key) if s.s3_endpoint else self._operator_key())
+                self.store = ObjectStore(store_endpoint, s.s3_region or s.region, access, secret)
+            if self.settings.engine == "celery":
+                from imaging_service.celery_engine import Dispatcher
+                self.dispatcher = Dispatcher(self.settings)
+            return  # new tasks reach the first process's workers by their poll (0.5 s)
         if self.settings.engine == "embedded":
             self._start_object_store()
             from imaging_service.worker import EmbeddedWorkers
@@ -114,6 +131,9 @@ class Service:
 
     def stop(self):
         self._stop.set()
+        if self.api_only:
+            self.db.dispose()
+            return
         if self._maintenance is not None:
             self._maintenance.join(timeout=30)
         try:
@@ -200,6 +220,52 @@ class Service:
         from sqlalchemy import text
         with self.db.session() as s:
             s.execute(text("SELECT 1"))
+
+
+def serve_api(service, sockets, first=None):
+    """Run the API on listening sockets until SIGTERM/SIGINT (uvicorn's own handlers), with
+    uvloop and httptools and no access log.  first: the pid of the first process, for a
+    further API process: it stops when that one is gone (even when killed)."""
+    import uvicorn
+    server = uvicorn.Server(uvicorn.Config(make_app(service), loop="uvloop", http="httptools",
+                                           log_level=service.settings.log_level, access_log=False,
+                                           lifespan="off", timeout_keep_alive=75))
+    if first is not None:
+        def watch():
+            while not server.should_exit:
+                if os.getppid() != first:
+                    server.should_exit = True
+                time.sleep(0.5)
+        threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+    server.run(sockets=sockets)
+
+
+def listen_socket(host, port, reuse_port):
+    """The API's listening socket; with reuse_port, several processes bind the same port
+    and the kernel spreads the connections over them (SO_REUSEPORT)."""
+    import socket
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    return sock
+
+
+def api_process(settings, port, store_endpoint, first):
+    """A further API process (--api-processes): its own database connections and
+    credentials, the same port (SO_REUSEPORT)."""
+    logging.basicConfig(level=settings.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)-5s %(name)s: %(message)s")
+    os.umask(0o077)
+    service = Service(settings, api_only=True)
+    try:
+        service.start(store_endpoint=store_endpoint)
+        serve_api(service, [listen_socket(settings.listen, port, True)], first=first)
+    finally:
+        service.stop()
 
 
 def _check(probe):
