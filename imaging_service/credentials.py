@@ -57,7 +57,7 @@ class Credentials:
         self.key_file = key_file
         self._fernet = Fernet(load_or_make_key(key_file))
         self._secrets = {}  # access key: (stored token, decrypted secret, keep until)
-        self._read = db.prepared_read(
+        self._read = db.prepared(
             select(Credential.secret_encrypted, Credential.revoked_at, Account.id, Account.name,
                    Account.is_operator).join(Account, Credential.account_id == Account.id)
             .where(Credential.access_key == bindparam("access_key")))
@@ -107,7 +107,7 @@ class Credentials:
         also by the `credentials revoke` command in another process, is seen by the very
         next request.  Only the decrypted secret is kept (SECRET_SECONDS, and only while the
         stored token is the same), so that Fernet does not run for every request."""
-        row = self._read(access_key=access_key)
+        row = next(iter(self._read(access_key=access_key)), None)
         if row is None or row[1] is not None:
             self._secrets.pop(access_key, None)
             return None
