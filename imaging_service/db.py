@@ -74,6 +74,8 @@ class Database:
         compiled = stmt.compile(dialect=dialect)
         sql, positional = compiled.string, compiled.positional
         names = list(compiled.positiontup) if positional else list(compiled.binds)
+        # Parameters the dialect adds itself have their values (SQLite's LIMIT ? OFFSET ?).
+        defaults = {name: compiled.binds[name].value for name in names if compiled.binds[name].value is not None}
         binds = {name: compiled.binds[name].type.dialect_impl(dialect).bind_processor(dialect) for name in names}
         binds = {name: f for name, f in binds.items() if f is not None}
         columns = list(stmt.selected_columns)
@@ -83,6 +85,7 @@ class Database:
             results = None
 
         def run(**values):
+            values = {**defaults, **values}
             for name, process in binds.items():
                 values[name] = process(values[name])
             params = tuple(values[n] for n in names) if positional else values

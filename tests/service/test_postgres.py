@@ -111,3 +111,46 @@ class TestDescribeIndexPostgreSQL(DescribeIndexTests, testtools.TestCase):
         text = "\n".join(r[0] for r in rows)
         self.assertNotIn("Sort", text)
         return text
+
+
+class DescribeQueryTests:
+    """tasks.query, the describe calls' prepared statement, on each database: pages in
+    (created_at, id) order with NextToken, by ids, by states, only the account's own."""
+
+    def test_describe_query(self):
+        from imaging_service import tasks
+        from imaging_service.credentials import Credentials
+        db = Database(self.make_url())
+        self.addCleanup(db.dispose)
+        db.upgrade()
+        creds = Credentials(db, f"{self.useFixture(sf.TempDir()).path}/k")
+        _, _, mine = creds.create()
+        _, _, other = creds.create()
+        made = [tasks.submit(db, mine, "import-image", {"source": {"bucket": "b", "key": str(i)}, "format": "raw"})
+                for i in range(5)]
+        theirs = tasks.submit(db, other, "import-image", {"source": {"bucket": "b", "key": "x"}, "format": "raw"})
+        seen, token = [], None
+        while True:
+            page, token = tasks.query(db, mine, ("import-image",), limit=2, next_token=token)
+            self.assertLessEqual(len(page), 2)
+            seen += page
+            if token is None:
+                break
+        self.assertEqual([t.id for t in made], [t.id for t in seen])
+        self.assertEqual("pending", seen[0].state)
+        self.assertEqual({"bucket": "b", "key": "0"}, seen[0].params["source"])  # JSON decoded
+        self.assertIsNotNone(seen[0].created_at.tzinfo)  # UTC datetimes
+        found, _ = tasks.query(db, mine, ("import-image",), ids=[made[3].id, made[1].id, theirs.id])
+        self.assertEqual([made[1].id, made[3].id], [t.id for t in found])
+        self.assertEqual([], tasks.query(db, mine, ("import-image",), states=["completed", "failed"])[0])
+        self.assertEqual(5, len(tasks.query(db, mine, ("import-image",), states=["pending"])[0]))
+        self.assertEqual([], tasks.query(db, mine, ("import-volume", "import-instance"))[0])
+
+
+class TestDescribeQuerySQLite(DescribeQueryTests, testtools.TestCase):
+    make_url = TestDescribeIndexSQLite.make_url
+
+
+@testtools.skipIf(WHY_NOT, WHY_NOT)
+class TestDescribeQueryPostgreSQL(DescribeQueryTests, testtools.TestCase):
+    make_url = TestDescribeIndexPostgreSQL.make_url
