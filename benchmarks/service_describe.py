@@ -206,9 +206,15 @@ def _process(mode, url, callers, options, barrier, queue):
                for c in callers]
     for t in threads:
         t.start()
+    while len(span) < len(callers):  # the clients' own CPU from the moment all are ready
+        time.sleep(0.01)
+    cpu = time.process_time()
     for t in threads:
         t.join()
-    queue.put((out, min(span), max(span)))
+    queue.put((out, min(span), max(span), time.process_time() - cpu))
+
+
+CLIENT_CPU = []  # (calls, CPU seconds of the client processes) of each run
 
 
 def run_callers(mode, url, callers, **options):
@@ -224,12 +230,14 @@ def run_callers(mode, url, callers, **options):
              for i in range(processes)]
     for p in procs:
         p.start()
-    found, starts, ends = [], [], []
+    found, starts, ends, cpu = [], [], [], 0.0
     for _ in procs:
-        out, start, end = queue.get(timeout=900)
+        out, start, end, used = queue.get(timeout=900)
         found += out
         starts.append(start)
         ends.append(end)
+        cpu += used
+    CLIENT_CPU.append((len(found), cpu))
     for p in procs:
         p.join()
     return found, max(ends) - min(starts)
@@ -334,7 +342,11 @@ def main():
                       f"max {r['max']:6.1f} ms  {verdict(r['p99'])}")
 
             found, _ = run_callers("burst", service.url, callers, bursts=args.bursts)
-            print(f"c. bursts: all {n} callers call at the same instant, {args.bursts} times each call ({load()}):")
+            calls, cpu = CLIENT_CPU[-1]
+            print(f"c. bursts: all {n} callers call at the same instant, {args.bursts} times each call ({load()});"
+                  f"\n   the boto3 clients' own CPU: {cpu / calls * 1000:.1f} ms per call, so one burst needs "
+                  f"{n * cpu / calls * 1000 / (os.cpu_count() or 1):.0f} ms of the {os.cpu_count()} CPUs for "
+                  f"the clients alone:")
             for action in ACTIONS:
                 r = stats([s for a, s in found if a == action])
                 results.append((f"bursts, {action}", r["p99"]))
