@@ -7,6 +7,7 @@ import concurrent.futures
 import functools
 import logging
 import os
+import sys
 import threading
 import time
 import traceback
@@ -14,7 +15,7 @@ import urllib.parse
 import uuid
 
 from starlette.applications import Starlette
-from starlette.responses import JSONResponse, RedirectResponse, Response
+from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from imaging_service import auth, ec2api, tasks
@@ -40,11 +41,16 @@ def prepare_state_dir(path):
 class Service:
     """Everything one `imaging-service serve` runs; start() and stop() bracket the server."""
 
-    def __init__(self, settings):
+    def __init__(self, settings, api_only=False):
+        """api_only: one of the further API processes of --api-processes: it answers requests
+        only (the first process migrated the database and runs the workers, the object
+        store and the maintenance)."""
         self.settings = settings
+        self.api_only = api_only
         prepare_state_dir(settings.state_dir)
         self.db = Database(settings.database_url)
-        self.db.upgrade()
+        if not api_only:
+            self.db.upgrade()
         self.credentials = Credentials(self.db, settings.key_file)
         self.store = self.seaweed = self.workers = self.dispatcher = None
         self._stop = threading.Event()
@@ -54,7 +60,18 @@ class Service:
 
     # ---- start and stop ------------------------------------------------------------------------
 
-    def start(self):
+    def start(self, store_endpoint=None):
+        """store_endpoint: an API-only process's object store (the first process's)."""
+        if self.api_only:
+            if store_endpoint:
+                from imaging_service.objectstore import ObjectStore
+                s = self.settings
+                access, secret = ((s.s3_access_key, s.s3_secret_key) if s.s3_endpoint else self._operator_key())
+                self.store = ObjectStore(store_endpoint, s.s3_region or s.region, access, secret)
+            if self.settings.engine == "celery":
+                from imaging_service.celery_engine import Dispatcher
+                self.dispatcher = Dispatcher(self.settings)
+            return  # new tasks reach the first process's workers by their poll (0.5 s)
         if self.settings.engine == "embedded":
             self._start_object_store()
             from imaging_service.worker import EmbeddedWorkers
@@ -114,6 +131,9 @@ class Service:
 
     def stop(self):
         self._stop.set()
+        if self.api_only:
+            self.db.dispose()
+            return
         if self._maintenance is not None:
             self._maintenance.join(timeout=30)
         try:
@@ -202,6 +222,52 @@ class Service:
             s.execute(text("SELECT 1"))
 
 
+def serve_api(service, sockets, first=None):
+    """Run the API on listening sockets until SIGTERM/SIGINT (uvicorn's own handlers), with
+    uvloop and httptools and no access log.  first: the pid of the first process, for a
+    further API process: it stops when that one is gone (even when killed)."""
+    import uvicorn
+    server = uvicorn.Server(uvicorn.Config(make_app(service), loop="uvloop", http="httptools",
+                                           log_level=service.settings.log_level, access_log=False,
+                                           lifespan="off", timeout_keep_alive=75))
+    if first is not None:
+        def watch():
+            while not server.should_exit:
+                if os.getppid() != first:
+                    server.should_exit = True
+                time.sleep(0.5)
+        threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+    server.run(sockets=sockets)
+
+
+def listen_socket(host, port, reuse_port):
+    """The API's listening socket; with reuse_port, several processes bind the same port
+    and the kernel spreads the connections over them (SO_REUSEPORT)."""
+    import socket
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    return sock
+
+
+def api_process(settings, port, store_endpoint, first):
+    """A further API process (--api-processes): its own database connections and
+    credentials, the same port (SO_REUSEPORT)."""
+    logging.basicConfig(level=settings.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)-5s %(name)s: %(message)s")
+    os.umask(0o077)
+    service = Service(settings, api_only=True)
+    try:
+        service.start(store_endpoint=store_endpoint)
+        serve_api(service, [listen_socket(settings.listen, port, True)], first=first)
+    finally:
+        service.stop()
+
+
 def _check(probe):
     try:
         result = probe()
@@ -228,6 +294,8 @@ def handle_query(service, method, url, headers, body, form):
     try:
         access_key, account = auth.verify(method, url, headers, body, service.credentials.lookup,
                                           service.settings.region)
+        for name in auth.QUERY_AUTH:  # a presigned request's signature fields are not parameters
+            form.pop(name, None)
         action = form.pop("Action", None)
         if action is None:
             raise missing("Action")
@@ -269,6 +337,13 @@ def task_log_of(service, url, headers, task_id):
                  "inspection": inspection}
 
 
+# Calls answered on the event loop itself: short reads by index (a thread hop and the
+# threads' contention for Python's lock cost more than the call).  Everything else (imports
+# read the object store, writes may wait for a lock) runs in the API threads.
+ON_LOOP = frozenset(("DescribeConversionTasks", "DescribeImportImageTasks", "DescribeImportSnapshotTasks",
+                     "DescribeExportImageTasks", "DescribeAccountAttributes"))
+
+
 def make_app(service):
     # A few threads answer the requests (the handlers block on the database): with many
     # more, Python's one lock makes every request wait for all the others.
@@ -277,26 +352,49 @@ def make_app(service):
     async def in_thread(function, *args):
         return await asyncio.get_running_loop().run_in_executor(executor, functools.partial(function, *args))
 
-    async def query(request):
-        raw_query = request.scope.get("query_string", b"").decode("latin-1")
-        if request.method == "GET" and not raw_query and "text/html" in request.headers.get("accept", ""):
-            return RedirectResponse("/queue", status_code=303)  # a browser: the queue page; the API is POST /
-        body = await request.body()
-        if len(body) > MAX_BODY:
-            return Response(EC2Error("InvalidParameterValue", "The request body is too large.").to_xml(),
-                            status_code=413, media_type=XML)
+    async def respond(send, status, body, content_type=XML.encode(), extra=()):
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [(b"content-type", content_type), (b"content-length", str(len(body)).encode()),
+                                *extra]})
+        await send({"type": "http.response.body", "body": body})
+
+    async def query(scope, receive, send):
+        """`POST /` and `GET /?...`: the EC2 Query API, as a bare ASGI handler (the API's hot
+        path: no routing, middleware or Request object)."""
+        headers = scope["headers"]
+        raw_query = scope.get("query_string", b"").decode("latin-1")
+        method = scope["method"]
+        if method == "GET" and not raw_query and any(k == b"accept" and b"text/html" in v for k, v in headers):
+            return await respond(send, 303, b"", b"text/plain", [(b"location", b"/queue")])  # a browser
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > MAX_BODY:  # refused before the rest is read
+                return await respond(send, 413, EC2Error("InvalidParameterValue",
+                                                         "The request body is too large.").to_xml())
+            chunks.append(chunk)
+            if not message.get("more_body"):
+                break
+        body = b"".join(chunks)
         form = dict(urllib.parse.parse_qsl(raw_query, keep_blank_values=True))
-        if request.method == "POST":
+        if method == "POST":
             try:
                 form.update(urllib.parse.parse_qsl(body.decode("utf-8"), keep_blank_values=True))
             except UnicodeDecodeError:
-                return Response(EC2Error("InvalidParameterValue", "The request body is not UTF-8.").to_xml(),
-                                status_code=400, media_type=XML)
-        host = request.headers.get("host", "")
-        url = f"{request.url.scheme}://{host}{request.scope['path']}" + (f"?{raw_query}" if raw_query else "")
-        headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in request.scope["headers"]]
-        status, xml = await in_thread(handle_query, service, request.method, url, headers, body, form)
-        return Response(xml, status_code=status, media_type=XML)
+                return await respond(send, 400, EC2Error("InvalidParameterValue",
+                                                         "The request body is not UTF-8.").to_xml())
+        text_headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in headers]
+        host = next((v for k, v in text_headers if k == "host"), "")
+        url = f"{scope.get('scheme', 'http')}://{host}{scope['path']}" + (f"?{raw_query}" if raw_query else "")
+        if form.get("Action") in ON_LOOP:
+            status, xml = handle_query(service, method, url, text_headers, body, form)
+        else:
+            status, xml = await in_thread(handle_query, service, method, url, text_headers, body, form)
+        await respond(send, status, xml)
 
     async def task_log(request):
         """GET /tasks/TASK/log.json, signed with SigV4 as the EC2 API: the task's kept toolkit
@@ -315,7 +413,12 @@ def make_app(service):
         return JSONResponse({"ok": ok, **checks}, status_code=200 if ok else 503)
 
     from imaging_service import web  # the queue page for people (issue 13)
-    return Starlette(routes=[Route("/", query, methods=["GET", "POST"]),
-                             Route("/tasks/{task_id}/log.json", task_log, methods=["GET"]),
-                             Route("/healthz", healthz, methods=["GET"]),
-                             *web.routes(service)])
+    pages = Starlette(routes=[Route("/tasks/{task_id}/log.json", task_log, methods=["GET"]),
+                              Route("/healthz", healthz, methods=["GET"]),
+                              *web.routes(service)])
+
+    async def app(scope, receive, send):
+        if scope["type"] == "http" and scope["path"] == "/" and scope["method"] in ("GET", "POST"):
+            return await query(scope, receive, send)
+        return await pages(scope, receive, send)
+    return app

@@ -80,9 +80,9 @@ def main(argv=None):
 
 
 def serve(settings):
-    import uvicorn
+    import multiprocessing
 
-    from imaging_service.app import Service, make_app
+    from imaging_service.app import Service, api_process, listen_socket, serve_api
     service = Service(settings)
     # uvicorn stops on SIGTERM/SIGINT and then raises the signal again for the handler that was
     # there before it: make that one ours (a no-op), so that the workers and the object store
@@ -91,17 +91,35 @@ def serve(settings):
     stopping = []
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda signum, frame: stopping.append(signum))
+    others = []
     try:
         service.start()
         if stopping:
             return 0
-        server = uvicorn.Server(uvicorn.Config(make_app(service), host=settings.listen, port=settings.port,
-                                               log_level=settings.log_level, access_log=False,
-                                               lifespan="off", timeout_keep_alive=75))
-        logging.getLogger("imaging_service").info("EC2 API on http://%s:%s/ (state in %s)", settings.listen,
-                                                  settings.port, settings.state_dir)
-        server.run()
+        processes = max(1, settings.api_processes or 1)
+        sock = listen_socket(settings.listen, settings.port, reuse_port=processes > 1)
+        port = sock.getsockname()[1]
+        # Further API processes on the same port (SO_REUSEPORT), started fresh (spawn: this
+        # process already runs threads), so that the API uses more than one core.
+        spawn = multiprocessing.get_context("spawn")
+        store = service.store.endpoint_url if service.store is not None else None
+        for n in range(processes - 1):
+            child = spawn.Process(target=api_process, args=(settings, port, store, os.getpid()),
+                                  name=f"imaging-service-api-{n + 2}")
+            child.start()
+            others.append(child)
+        logging.getLogger("imaging_service").info("EC2 API on http://%s:%s/ (%d process%s; state in %s)",
+                                                  settings.listen, port, processes,
+                                                  "es" if processes > 1 else "", settings.state_dir)
+        serve_api(service, [sock])
     finally:
+        for child in others:
+            child.terminate()  # SIGTERM: uvicorn finishes the requests it has
+        for child in others:
+            child.join(30)
+            if child.is_alive():
+                child.kill()
+                child.join()
         service.stop()
     return 0
 

@@ -126,6 +126,10 @@ SETTINGS = [
     Setting("retention", "duration", "7d", "how long finished tasks are kept", metavar="TIME"),
     Setting("api_threads", "int", 8, "requests answered at once (threads; each may hold a database "
             "connection)", metavar="N"),
+    Setting("api_processes", "int", 1,
+            "processes that answer the API on the one port (SO_REUSEPORT), each with --api-threads "
+            "threads; the first also runs the workers and the maintenance; 2 or more lets the describe "
+            "calls use more cores", metavar="N"),
     Setting("log_level", "str", "info", "debug, info, warning or error", metavar="LEVEL"),
 ]
 

@@ -9,18 +9,27 @@ import os
 import secrets
 import string
 import time
+from typing import NamedTuple
 
 from cryptography.fernet import Fernet, InvalidToken
-from sqlalchemy import select
+from sqlalchemy import bindparam, select
 
 from imaging_service.models import Account, Credential, utcnow
 
-CACHE_SECONDS = 5
+SECRET_SECONDS = 60  # how long a decrypted secret is kept in memory
+MAX_KEPT = 10000
 ACCESS_ALPHABET = string.ascii_uppercase + string.digits
 
 
 class CredentialError(Exception):
     pass
+
+
+class AccountRef(NamedTuple):
+    """The account of a live key, as lookup() gives it."""
+    id: str
+    name: str | None
+    is_operator: bool
 
 
 def load_or_make_key(path):
@@ -47,7 +56,11 @@ class Credentials:
         self.db = db
         self.key_file = key_file
         self._fernet = Fernet(load_or_make_key(key_file))
-        self._cache = {}
+        self._secrets = {}  # access key: (stored token, decrypted secret, keep until)
+        self._read = db.prepared(
+            select(Credential.secret_encrypted, Credential.revoked_at, Account.id, Account.name,
+                   Account.is_operator).join(Account, Credential.account_id == Account.id)
+            .where(Credential.access_key == bindparam("access_key")))
 
     def create(self, account_id=None, name=None, operator=False):
         """A new key pair, in a new account unless account_id names an existing one.
@@ -85,27 +98,31 @@ class Credentials:
                 raise CredentialError(f"no access key {access_key}")
             if cred.revoked_at is None:
                 cred.revoked_at = utcnow()
-        self._cache.pop(access_key, None)
+        self._secrets.pop(access_key, None)
 
     def lookup(self, access_key):
-        """(secret, Account) of a live access key, or None."""
-        cached = self._cache.get(access_key)
-        if cached is not None and cached[1] > time.monotonic():
-            return cached[0]
-        with self.db.session() as s:
-            row = s.execute(select(Credential, Account).join(Account, Credential.account_id == Account.id)
-                            .where(Credential.access_key == access_key)).first()
-        if row is None or row[0].revoked_at is not None:
+        """(secret, AccountRef) of a live access key, or None.
+
+        Every call reads the key's row (one primary-key read, compiled once): a revocation,
+        also by the `credentials revoke` command in another process, is seen by the very
+        next request.  Only the decrypted secret is kept (SECRET_SECONDS, and only while the
+        stored token is the same), so that Fernet does not run for every request."""
+        row = next(iter(self._read(access_key=access_key)), None)
+        if row is None or row[1] is not None:
+            self._secrets.pop(access_key, None)
             return None
-        try:
-            secret = self._fernet.decrypt(row[0].secret_encrypted.encode()).decode()
-        except InvalidToken:
-            raise CredentialError(f"the secret of {access_key} does not decrypt with {self.key_file}") from None
-        found = (secret, row[1])
-        # A revocation by revoke() in this process is seen at once; by another process
-        # (the `credentials revoke` command) within CACHE_SECONDS.
-        self._cache[access_key] = (found, time.monotonic() + CACHE_SECONDS)
-        return found
+        token, _revoked, account_id, name, is_operator = row
+        now = time.monotonic()
+        kept = self._secrets.get(access_key)
+        if kept is None or kept[0] != token or kept[2] < now:
+            try:
+                secret = self._fernet.decrypt(token.encode()).decode()
+            except InvalidToken:
+                raise CredentialError(f"the secret of {access_key} does not decrypt with {self.key_file}") from None
+            if len(self._secrets) >= MAX_KEPT:
+                self._secrets = {k: v for k, v in self._secrets.items() if v[2] >= now}
+            kept = self._secrets[access_key] = (token, secret, now + SECRET_SECONDS)
+        return kept[1], AccountRef(account_id, name, bool(is_operator))
 
     def identities(self):
         """[(access_key, secret_key, account_id, is_operator)] of the live keys (for the

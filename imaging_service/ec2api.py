@@ -144,54 +144,92 @@ def serialize_response(op_model, data, request_id=None):
     out = ['<?xml version="1.0" encoding="UTF-8"?>\n', f'<{root} xmlns="{namespace()}">',
            f"<requestId>{escape(request_id or str(uuid.uuid4()))}</requestId>"]
     if op_model.output_shape is not None:
-        _members(out, op_model.output_shape, data or {})
+        _writer(op_model.output_shape)(out, data or {})
     out.append(f"</{root}>")
     return "".join(out).encode()
 
 
-def _members(out, shape, data):
-    members = shape.members
-    unknown = [key for key in data if key not in members]
-    if unknown:
-        raise KeyError(f"{shape.name} has no members {sorted(unknown)}")
-    for key, member in members.items():
-        value = data.get(key)
-        if value is None:
-            continue
+# One writer per output shape, made once from the model (walking the model for every
+# response cost more than the rest of a describe call): writer(out, value) appends the
+# XML of the value's content (its element's tags are the parent's, as members name them).
+_WRITERS = {}
+
+
+def _writer(shape):
+    name = shape.name
+    found = _WRITERS.get(name)
+    if found is None:
+        if shape.type_name == "structure":
+            found = _structure_writer(shape)  # registers itself first: shapes may recurse
+        else:
+            found = _WRITERS[name] = _make_writer(shape)
+    return found
+
+
+def _structure_writer(shape):
+    members = []  # filled after registration, so that a recursive shape finds this writer
+    known = frozenset(shape.members)
+    where = shape.name
+
+    def write(out, data):
+        if not known.issuperset(data):
+            raise KeyError(f"{where} has no members {sorted(set(data) - known)}")
+        for key, tags, write_value in members:
+            value = data.get(key)
+            if value is None:
+                continue
+            if tags is None:  # a flattened list: its items are the members' elements
+                write_value(out, value)
+            else:
+                out.append(tags[0])
+                write_value(out, value)
+                out.append(tags[1])
+
+    _WRITERS[shape.name] = write
+    for key, member in shape.members.items():
         name = member.serialization.get("name", key)
         if member.type_name == "list" and member.serialization.get("flattened"):
-            item = member.member.serialization.get("name", name)
-            for element in value:
-                _element(out, item, member.member, element)
+            members.append((key, None, _list_writer(member.member, member.member.serialization.get("name", name))))
         else:
-            _element(out, name, member, value)
+            members.append((key, (f"<{name}>", f"</{name}>"), _writer(member)))
+    return write
 
 
-def _element(out, name, shape, value):
-    """<name>value</name>, the value written as its shape says."""
-    out.append(f"<{name}>")
+def _list_writer(item_shape, item):
+    open_tag, close_tag, write_item = f"<{item}>", f"</{item}>", _writer(item_shape)
+
+    def write(out, values):
+        for v in values:
+            out.append(open_tag)
+            write_item(out, v)
+            out.append(close_tag)
+    return write
+
+
+def _make_writer(shape):
     kind = shape.type_name
-    if kind == "structure":
-        _members(out, shape, value)
-    elif kind == "list":
-        item = shape.member.serialization.get("name", "member")
-        for v in value:
-            _element(out, item, shape.member, v)
-    elif kind == "map":
-        for k, v in value.items():
-            out.append("<entry>")
-            _element(out, shape.key.serialization.get("name", "key"), shape.key, k)
-            _element(out, shape.value.serialization.get("name", "value"), shape.value, v)
-            out.append("</entry>")
-    elif kind == "boolean":
-        out.append("true" if value else "false")
-    elif kind == "timestamp":
-        out.append(iso8601(value))
-    elif kind == "blob":
-        out.append(base64.b64encode(value).decode())
-    else:
-        out.append(escape(str(value)))
-    out.append(f"</{name}>")
+    if kind == "list":
+        return _list_writer(shape.member, shape.member.serialization.get("name", "member"))
+    if kind == "map":
+        key_name = shape.key.serialization.get("name", "key")
+        value_name = shape.value.serialization.get("name", "value")
+        write_key, write_value = _writer(shape.key), _writer(shape.value)
+
+        def write_map(out, value):
+            for k, v in value.items():
+                out.append(f"<entry><{key_name}>")
+                write_key(out, k)
+                out.append(f"</{key_name}><{value_name}>")
+                write_value(out, v)
+                out.append(f"</{value_name}></entry>")
+        return write_map
+    if kind == "boolean":
+        return lambda out, value: out.append("true" if value else "false")
+    if kind == "timestamp":
+        return lambda out, value: out.append(iso8601(value))
+    if kind == "blob":
+        return lambda out, value: out.append(base64.b64encode(value).decode())
+    return lambda out, value: out.append(escape(str(value)))
 
 
 def iso8601(value):

@@ -89,7 +89,8 @@ class Task(Base):
     events: Mapped[list | None] = mapped_column(JSON, deferred=True)
 
     __table_args__ = (
-        Index("ix_tasks_account_kind", "account_id", "kind", "created_at"),
+        # The describe calls: an account's tasks of some kinds in (created_at, id) order (0003).
+        Index("ix_tasks_account_kind_order", "account_id", "kind", "created_at", "id"),
         Index("ix_tasks_state", "state", "created_at"),
         Index("ix_tasks_client_token", "account_id", "client_token", unique=True),
     )

@@ -15,7 +15,7 @@ import functools
 import json
 import secrets
 
-from sqlalchemy import bindparam, delete, func, select, update
+from sqlalchemy import Integer, bindparam, delete, func, select, update
 from sqlalchemy.exc import IntegrityError
 
 from imaging_service.errors import EC2Error
@@ -147,34 +147,47 @@ def decode_token(token):
         raise ValueError(f"{token!r} is not a NextToken from this service") from e
 
 
-@functools.lru_cache(maxsize=64)
-def _query_statement(kinds, by_ids, by_states):
-    """The describe query, built once per shape (building it costs more than running it)."""
-    # Not the kept toolkit events (up to 1 MiB a task): the describe calls never show them.
-    columns = [c for c in Task.__table__.columns if c.name != "events"]
-    stmt = select(*columns).where(Task.account_id == bindparam("account_id"), Task.kind.in_(kinds))
-    if by_ids:
-        stmt = stmt.where(Task.id.in_(bindparam("ids", expanding=True)))
-    if by_states:
-        stmt = stmt.where(Task.state.in_(bindparam("states", expanding=True)))
+_NOT_SHOWN = frozenset(("events", "account_id", "client_token", "updated_at", "started_at", "finished_at",
+                        "heartbeat_at", "worker_id", "attempts", "cancel_requested"))
+
+
+@functools.lru_cache(maxsize=256)
+def _query_statement(kinds, n_ids, n_states, paged, limited):
+    """The describe query, built once per shape (and prepared once by the database: the
+    describe calls are the hot path); one parameter per id and state, no expanding ones."""
+    # Only what the views show: not the kept toolkit events (up to 1 MiB a task), nor the
+    # workers' bookkeeping (every datetime column costs a parse per row).
+    columns = [c for c in Task.__table__.columns if c.name not in _NOT_SHOWN]
+    stmt = select(*columns).where(Task.account_id == bindparam("account_id"),
+                                  Task.kind.in_([bindparam(f"kind{i}") for i in range(len(kinds))]))
+    if n_ids:
+        stmt = stmt.where(Task.id.in_([bindparam(f"id{i}") for i in range(n_ids)]))
+    if n_states:
+        stmt = stmt.where(Task.state.in_([bindparam(f"state{i}") for i in range(n_states)]))
+    if paged:  # after the NextToken's (created_at, id): the index ix_tasks_account_kind_order's order
+        after = bindparam("after_stamp", type_=Task.created_at.type)
+        stmt = stmt.where((Task.created_at > after)
+                          | ((Task.created_at == after) & (Task.id > bindparam("after_id", type_=Task.id.type))))
+    stmt = stmt.order_by(Task.created_at, Task.id)
+    if limited:
+        stmt = stmt.limit(bindparam("limit", type_=Integer))
     return stmt
 
 
 def query(db, account, kinds, ids=None, states=None, limit=None, next_token=None):
     """The account's tasks of these kinds, oldest first: (tasks, next_token or None).
-    The tasks are read-only rows with the Task's attributes (cheaper than ORM objects:
-    the describe calls are the hot path)."""
-    stmt = _query_statement(tuple(kinds), bool(ids), bool(states))
-    values = {"account_id": _account_id(account), "ids": list(ids or ()), "states": list(states or ())}
+    The tasks are read-only rows with the Task's attributes that the API's views show
+    (cheaper than ORM objects: the describe calls are the hot path)."""
+    kinds, ids, states = tuple(kinds), sorted(set(ids or ())), sorted(set(states or ()))
+    stmt = _query_statement(kinds, len(ids), len(states), bool(next_token), bool(limit))
+    values = {"account_id": _account_id(account)}
+    for prefix, items in (("kind", kinds), ("id", ids), ("state", states)):
+        values.update((f"{prefix}{i}", v) for i, v in enumerate(items))
     if next_token:
-        after_stamp, after_id = decode_token(next_token)
-        stmt = stmt.where((Task.created_at > after_stamp)
-                          | ((Task.created_at == after_stamp) & (Task.id > after_id)))
-    stmt = stmt.order_by(Task.created_at, Task.id)
+        values["after_stamp"], values["after_id"] = decode_token(next_token)
     if limit:
-        stmt = stmt.limit(limit + 1)
-    with db.engine.connect() as conn:  # no ORM session: this is the hot path
-        found = conn.execute(stmt, {k: v for k, v in values.items() if v}).all()
+        values["limit"] = limit + 1
+    found = db.prepared(stmt)(**values)
     if limit and len(found) > limit:
         return found[:limit], encode_token(found[limit - 1])
     return found, None

@@ -4,6 +4,7 @@ contacted here) with boto3's `ec2` client and the AWS CLI, both unchanged."""
 
 import json
 import os
+import signal
 import stat
 import subprocess
 import sys
@@ -498,3 +499,55 @@ class TestHealth(testtools.TestCase):
         self.assertEqual("ServiceUnavailable", error.response["Error"]["Code"])
         self.assertIn("no-such-check", error.response["Error"]["Message"])
         self.assertEqual([], ec2.describe_import_image_tasks()["ImportImageTasks"])
+
+
+class TestAPIProcesses(testtools.TestCase):
+    """--api-processes 2: a second process answers on the same port (SO_REUSEPORT); every
+    connection is answered, and the second process ends with the first, also when the first
+    is killed."""
+
+    def api_children(self, pid):
+        children = []
+        for entry in os.listdir("/proc"):
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    parent = int(f.read().rsplit(")", 1)[1].split()[1])
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    cmdline = f.read()
+            except (OSError, ValueError, IndexError):
+                continue
+            if parent == pid and b"spawn_main" in cmdline:
+                children.append(int(entry))
+        return children
+
+    def gone(self, pid, timeout=15):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                        return True
+            except OSError:
+                return True
+            time.sleep(0.1)
+        return False
+
+    def test_two_processes(self):
+        service = self.useFixture(sf.Service(engine="none", args=["--api-processes", "2"]))
+        access, secret, _ = service.credential()
+        [child] = self.api_children(service.process.pid)
+        with open(f"/proc/{child}/net/tcp") as f:  # the port is listened on (state 0A) by both
+            listening = [line for line in f if line.split()[3] == "0A" and
+                         line.split()[1].endswith(f":{service.port:04X}")]
+        self.assertEqual(2, len(listening), listening)
+        for _ in range(20):  # new connections each time: the kernel spreads them
+            self.assertEqual([], service.client(access, secret).describe_conversion_tasks()["ConversionTasks"])
+        service.stop()
+        self.assertTrue(self.gone(child), "the second API process outlived the first")
+
+    def test_second_process_ends_when_the_first_is_killed(self):
+        service = self.useFixture(sf.Service(engine="none", args=["--api-processes", "2"]))
+        [child] = self.api_children(service.process.pid)
+        os.kill(service.process.pid, signal.SIGKILL)  # only the first: the second must notice
+        service.process.wait()
+        self.assertTrue(self.gone(child), "the second API process outlived the killed first one")
