@@ -420,5 +420,9 @@ def make_app(service):
     async def app(scope, receive, send):
         if scope["type"] == "http" and scope["path"] == "/" and scope["method"] in ("GET", "POST"):
             return await query(scope, receive, send)
+        if scope["type"] == "http" and scope["path"] == "/" and scope["method"] == "HEAD":
+            async def headers_only(message):  # HEAD is GET without the body, as Starlette's routes answer it
+                await send(dict(message, body=b"") if message["type"] == "http.response.body" else message)
+            return await query(dict(scope, method="GET"), receive, headers_only)
         return await pages(scope, receive, send)
     return app
