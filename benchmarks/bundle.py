@@ -44,8 +44,8 @@ EUCA2OOLS = {"bundle": 44.6, "unbundle": 128.0}  # MB/s, measured once (2026-11)
 RSS_TARGET = 100 * 10 ** 6
 
 
-def run_driver(argv, rss):
-    """Wall seconds of one driver run; its peak RSS appended to `rss`."""
+def run_driver(argv, rss, cpu):
+    """Wall seconds of one driver run; its peak RSS appended to `rss`, its CPU seconds to `cpu`."""
     started = time.perf_counter()
     process = subprocess.Popen([sys.executable, *argv], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     _, status, usage = os.wait4(process.pid, 0)
@@ -54,6 +54,7 @@ def run_driver(argv, rss):
         sys.exit(f"{' '.join(argv)} failed: {process.stderr.read().decode()}")
     process.stderr.close()
     rss.append(usage.ru_maxrss * 1024)
+    cpu.append(usage.ru_utime + usage.ru_stime)
     return elapsed
 
 
@@ -166,19 +167,21 @@ def main():
         ours_dir, out_dir = os.path.join(tmp, "bundle"), os.path.join(tmp, "out")
         plain_dir, plain_out = os.path.join(tmp, "plain"), os.path.join(tmp, "plain-out")
         rss = {"bundle": [], "unbundle": []}
+        # CPU seconds (user + system) of each run: what other helpers' load moves least.
+        cpu = {"bundle": [], "unbundle": []}
 
         def ours_bundle():
             shutil.rmtree(ours_dir, ignore_errors=True)
             return run_driver([os.path.join(BIN, "euca-bundle-image"), "-i", image, "-r", "x86_64",
                                "-u", "111122223333", "-k", keys["user"][0], "-c", keys["user"][1],
-                               "--ec2cert", keys["cloud"][1], "-d", ours_dir], rss["bundle"])
+                               "--ec2cert", keys["cloud"][1], "-d", ours_dir], rss["bundle"], cpu["bundle"])
 
         def ours_unbundle():
             shutil.rmtree(out_dir, ignore_errors=True)
             os.mkdir(out_dir)
             return run_driver([os.path.join(BIN, "euca-unbundle"), "-m",
                                os.path.join(ours_dir, "bench.img.manifest.xml"), "-s", ours_dir,
-                               "-d", out_dir, "-k", keys["cloud"][0]], rss["unbundle"])
+                               "-d", out_dir, "-k", keys["cloud"][0]], rss["unbundle"], cpu["unbundle"])
 
         secret = {"KEY": os.urandom(16).hex(), "IV": os.urandom(16).hex()}
 
@@ -229,6 +232,10 @@ def main():
             print(f"  ours: {rates[name]:.0f} MB/s (min-max {mb / max(a):.0f}-{mb / min(a):.0f}); "
                   f"peak RSS {max(rss[name]) / 10 ** 6:.0f} MB (target <= {RSS_TARGET / 10 ** 6:.0f}); "
                   f"euca2ools {EUCA2OOLS[name]} MB/s (reference, not run): x{rates[name] / EUCA2OOLS[name]:.1f}")
+            gib = size / 1024 ** 3
+            print(f"  ours: CPU (user + system) {statistics.median(cpu[name]) / gib:.2f} s per GiB "
+                  f"(min-max {min(cpu[name]) / gib:.2f}-{max(cpu[name]) / gib:.2f}); "
+                  f"cores in use (CPU / wall): {statistics.median(cpu[name]) / statistics.median(a):.2f}")
         if sha1(os.path.join(out_dir, "bench.img")) != sha1(image) or \
                 sha1(os.path.join(plain_out, "bench.img")) != sha1(image):
             sys.exit("an unbundled image differs from the original")
