@@ -701,7 +701,11 @@ def _bundle_stream(source, image, size, header, writer, progress, threads):
             crc = isal_zlib.crc32_combine(crc, piece_crc, piece_length)
             length += piece_length
             for data in compressed:
-                writer.write(data)
+                # 1 MiB at a time, so that AES's output is still in the
+                # cache when the part's SHA-1 and the write read it.
+                view = memoryview(data)
+                for start in range(0, len(view), CHUNK):
+                    writer.write(view[start:start + CHUNK])
         writer.write(struct.pack("<II", crc, length & 0xFFFFFFFF))  # gzip trailer: CRC-32, ISIZE
         writer.finish()
 
