@@ -11,7 +11,9 @@ import io
 import json
 import os
 import re
+import resource
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -525,6 +527,26 @@ class TestBadBundles(BundleCase):
                               "-d", self.path("dest"), check=1)
         self.assertIn(f"image {self.tmp}: Is a directory", result.stderr)
         self.assertFalse(os.path.exists(self.path("dest")))
+
+    def test_failed_part_write_names_the_part_and_leaves_nothing(self):
+        """The writer thread fails (file size limit) while the reader and deflate threads run."""
+        image = self.path("big.img")
+        with open(image, "wb") as f:
+            f.write(os.urandom(24 * MiB))
+        dest = self.path("dest")
+
+        def limit():
+            resource.setrlimit(resource.RLIMIT_FSIZE, (2 * MiB, 2 * MiB))
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of a signal
+
+        result = subprocess.run(
+            [sys.executable, os.path.join(base.BIN, "euca-bundle-image"), "-i", image, "-r", "x86_64",
+             "-u", "1", "-k", key("user"), "-c", cert("user"), "--ec2cert", cert("cloud"), "-d", dest],
+            preexec_fn=limit, capture_output=True, text=True, timeout=120)
+        self.assertEqual(1, result.returncode, result.stderr)
+        self.assertEqual(f"euca-bundle-image: error: part big.img.part.00 in {dest}: File too large\n",
+                         result.stderr)
+        self.assertFalse(os.path.exists(dest))
 
     def test_interrupted_bundle_leaves_nothing(self):
         """Interrupted midway (Ctrl-C while the parts are written): no parts, no manifest."""

@@ -70,8 +70,8 @@ GZIP_LEVEL = 2
 # the Huffman blocks it writes for 1 MiB calls), and the pieces, compressed
 # without the previous one's dictionary, cost 0.03 % of size.
 DEFLATE_CHUNK = 4 * MiB
-# Most deflate threads, whatever the cores: AES-CBC is serial and a little
-# faster than two isal threads, so more would only hold more memory.
+# Most deflate threads, whatever the cores: AES-CBC encryption is serial and
+# keeps up with about two isal threads, so more would only hold more memory.
 MAX_DEFLATE_THREADS = 4
 # The one gzip member's header: deflate, no name, no time, Unix (RFC 1952).
 GZIP_HEADER = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\x03"
@@ -518,11 +518,26 @@ class _PartWriter:
         self._file = None
 
     def write(self, data):
-        self._cut(self.encryptor.update(data))
+        self._guard(self._cut, self.encryptor.update(data))
 
     def finish(self):
-        self._cut(self.encryptor.finalize())
-        self._close()
+        self._guard(self._cut, self.encryptor.finalize())
+        self._guard(self._close)
+
+    def _guard(self, fn, *args):
+        """fn(*args); a failed write (disk full, file too large) closes the part and names it."""
+        try:
+            fn(*args)
+        except OSError as exc:
+            name = self.parts[-1].filename if self.parts else self.prefix
+            if self._file is not None:
+                part, self._file = self._file, None
+                try:
+                    part.close()
+                except OSError:
+                    pass  # the error already being reported is the one that matters
+            raise BundleError(f"part {name} in {os.path.dirname(self.directory)}: "
+                              f"{exc.strerror}") from None
 
     def _cut(self, data):
         view = memoryview(data)
