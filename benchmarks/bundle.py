@@ -10,7 +10,7 @@ page cache). Printed:
     and tar -x (unbundling): medians, min-max, ratio;
   - the ceiling of each stage, one core, in this process, on the same data,
     sampled after each run of the anchor (so amid ours, under the same load):
-    read + SHA-1 of the image, isal deflate level 2 (4 MiB pieces, as ours),
+    read + SHA-1 of the image, isal deflate level 2 (3 MiB pieces, as ours),
     AES-128-CBC of the gzip stream, SHA-1 of it, AES decryption, isal inflate;
     ours is then compared with the slowest stage of each direction and with
     the bound on this machine's cores (all the stages' times over the cores).

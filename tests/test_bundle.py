@@ -254,7 +254,7 @@ class TestBundleFormat(BundleCase):
         """Pieces deflated on a pool of threads: one gzip member, the same bytes for any thread count."""
         image = self.path("mixed.img")
         # Text, random, zeros, text: compressible and incompressible pieces,
-        # over several 4 MiB pieces, ending off a piece boundary.
+        # over several pieces, ending off a piece boundary.
         text = b"".join(b"line %d of a compressible file\n" % i for i in range(200000))
         with open(image, "wb") as f:
             f.write(text[:5 * MiB] + os.urandom(5 * MiB) + bytes(3 * MiB) + text[:MiB + 12345])
