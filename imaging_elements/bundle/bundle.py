@@ -734,9 +734,9 @@ def _bundle_stream(source, image, size, header, writer, progress, threads):
         writer.finish()
 
     try:
-        # Pieces in flight: two per thread, so that none waits while the
-        # writer takes the oldest.
-        _pipeline(produce, consume, depth=2 * threads)
+        # Pieces in flight: one per thread and two more, so that no thread
+        # waits while the writer takes the oldest.
+        _pipeline(produce, consume, depth=threads + 2)
     finally:
         pool.shutdown(cancel_futures=True)
     return tar_hash.hexdigest()
