@@ -10,12 +10,15 @@ import hashlib
 import io
 import os
 import re
+import resource
 import shutil
+import signal
 import subprocess
 import sys
 import time
 import tarfile
 import tempfile
+import zlib
 
 from imaging_elements.bundle import bundle
 from imaging_elements.sdk.journal import Journal
@@ -65,6 +68,11 @@ def sha1_file(path):
         while data := f.read(MiB):
             digest.update(data)
     return digest.hexdigest()
+
+
+def read_file(path):
+    with open(path, "rb") as f:
+        return f.read()
 
 
 def sh(*argv, input=None):
@@ -240,6 +248,46 @@ class TestBundleFormat(BundleCase):
             self.assertEqual(element_text(data, "digest").decode(),
                              sha1_file(os.path.join(directory, "tar.stream")))
             os.unlink(os.path.join(directory, "tar.stream"))
+
+    def test_parallel_deflate_writes_one_gzip_member_that_gunzip_and_tar_read(self):
+        """Pieces deflated on a pool of threads: one gzip member, the same bytes for any thread count."""
+        image = self.path("mixed.img")
+        # Text, random, zeros, text: compressible and incompressible pieces,
+        # over several pieces, ending off a piece boundary.
+        text = b"".join(b"line %d of a compressible file\n" % i for i in range(200000))
+        with open(image, "wb") as f:
+            f.write(text[:5 * MiB] + os.urandom(5 * MiB) + bytes(3 * MiB) + text[:MiB + 12345])
+        secret, iv = os.urandom(16), os.urandom(16)
+        bundles = {}
+        for threads in (1, 2, 3):
+            manifest_path, parts = bundle.bundle_image(
+                image, self.path(f"t{threads}"), arch="x86_64", user="1", private_key=key("user"),
+                user_cert=cert("user"), ec2_cert=cert("cloud"), key=secret, iv=iv, threads=threads,
+                part_size=2 * MiB)
+            bundles[threads] = b"".join(read_file(p) for p in parts)
+            self.assertGreater(len(parts), 1)
+        # Order is kept whatever thread finishes first.
+        self.assertEqual(bundles[1], bundles[2])
+        self.assertEqual(bundles[1], bundles[3])
+        compressed = sh("openssl", "enc", "-d", "-aes-128-cbc", "-K", secret.hex(), "-iv", iv.hex(),
+                        input=bundles[2])
+        # One member: a reader that stops at the end of the first (zlib, as
+        # euca2ools reads) gets the whole tar stream and nothing is left over.
+        reader = zlib.decompressobj(31)
+        tar_stream = reader.decompress(compressed)
+        self.assertTrue(reader.eof)
+        self.assertEqual(b"", reader.unused_data)
+        with open(manifest_path, "rb") as f:
+            self.assertEqual(element_text(f.read(), "digest").decode(), hashlib.sha1(tar_stream).hexdigest())
+        # gunzip checks the CRC-32 and the length; GNU tar reads the stream.
+        out = self.path("out")
+        os.mkdir(out)
+        subprocess.run(["bash", "-o", "pipefail", "-c", 'gunzip -c | tar -x -C "$OUT"'],
+                       input=compressed, check=True, env=dict(os.environ, OUT=out))
+        self.assertEqual(["mixed.img"], os.listdir(out))
+        self.assertEqual(sha1_file(image), sha1_file(os.path.join(out, "mixed.img")))
+        self.assertEqual(sha1_file(image), sha1_file(bundle.unbundle(
+            bundle.read_manifest(manifest_path), self.path("back.img"), private_key=key("cloud"))))
 
     def test_openssl_verifies_the_signature_over_the_bytes_in_the_file(self):
         with open(os.path.join(FIX["bundle"], "disk.img.manifest.xml"), "rb") as f:
@@ -478,6 +526,26 @@ class TestBadBundles(BundleCase):
                               "-d", self.path("dest"), check=1)
         self.assertIn(f"image {self.tmp}: Is a directory", result.stderr)
         self.assertFalse(os.path.exists(self.path("dest")))
+
+    def test_failed_part_write_names_the_part_and_leaves_nothing(self):
+        """The writer thread fails (file size limit) while the reader and deflate threads run."""
+        image = self.path("big.img")
+        with open(image, "wb") as f:
+            f.write(os.urandom(24 * MiB))
+        dest = self.path("dest")
+
+        def limit():
+            resource.setrlimit(resource.RLIMIT_FSIZE, (2 * MiB, 2 * MiB))
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of a signal
+
+        result = subprocess.run(
+            [sys.executable, os.path.join(base.BIN, "euca-bundle-image"), "-i", image, "-r", "x86_64",
+             "-u", "1", "-k", key("user"), "-c", cert("user"), "--ec2cert", cert("cloud"), "-d", dest],
+            preexec_fn=limit, capture_output=True, text=True, timeout=120)
+        self.assertEqual(1, result.returncode, result.stderr)
+        self.assertEqual(f"euca-bundle-image: error: part big.img.part.00 in {dest}: File too large\n",
+                         result.stderr)
+        self.assertFalse(os.path.exists(dest))
 
     def test_interrupted_bundle_leaves_nothing(self):
         """Interrupted midway (Ctrl-C while the parts are written): no parts, no manifest."""
