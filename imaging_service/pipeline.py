@@ -103,6 +103,7 @@ class Job:
     allowed_endpoints: list
     scratch: object = None     # worker.Scratch: reservations of the worker's scratch space
     heartbeat: float = 2.0
+    slots: object = None       # worker.Slots: the conversion slot is traded for a store slot at `store`
     shutdown: threading.Event = dataclasses.field(default_factory=threading.Event)  # the service stops
     step: str | None = None
 
@@ -286,7 +287,7 @@ def _import(job, report):
     output = os.path.join(job.work_dir, "output.raw")
     outcome = _convert(job, report, elements_for(task, settings, platform), fetched, INPUT_TYPES[declared],
                        output, platform)
-    report("store", 0.0, force=True)
+    _begin_store(job, report)
     kinds = RESOURCE_KINDS[task.kind]
     first_id = tasks.new_id({"image": "ami", "snapshot": "snap", "volume": "vol"}[kinds[0]])
     bucket = _setting(settings, "service_bucket", "imaging-service")
@@ -375,6 +376,18 @@ def _from_cache(job, digest, options, size):
     return result, resources
 
 
+def _begin_store(job, report):
+    """The store step: the task gives its conversion slot to the next task once it holds a
+    store slot (it keeps heart-beating and seeing a cancel while it waits for one)."""
+    if job.slots is not None:
+        check = _cancel_check(job, report)
+        while not job.slots.begin_store(timeout=0.5):
+            if check():
+                raise TaskStopped()
+            report()
+    report("store", 0.0, force=True)
+
+
 def _store(job, report, path, bucket, key, size, store=None):
     store = store or job.store
     sent = {"n": 0}
@@ -404,7 +417,7 @@ def _export(job, report):
     output = os.path.join(job.work_dir, f"export.{fmt}")
     _toolkit(job, report, elements_for(task, job.settings), fetched.path, "raw", output, out_type, fetched,
              "auto")
-    report("store", 0.0, force=True)
+    _begin_store(job, report)
     key = f"{p.get('prefix') or ''}{task.id}.{fmt}"
     _store(job, report, output, p["bucket"], key, os.path.getsize(output), store=job.user_store)
     return {"bucket": p["bucket"], "key": key, "size": os.path.getsize(output)}, []

@@ -258,20 +258,24 @@ class TestOnPostgreSQL(PipelineTest):
 class TestLimits(PipelineTest):
 
     def converting_sampler(self):
-        """Starts sampling how many tasks convert at once; returns a function giving the peak."""
-        db, peak, done = self.db(), [0], threading.Event()
+        """Starts sampling how many tasks convert at once (a task in its store step holds no
+        conversion slot) and how many are in the service's hands at all; returns a function
+        giving both peaks."""
+        db, peak, done = self.db(), {"converting": 0, "running": 0}, threading.Event()
 
         def sample():
-            while not done.wait(0.1):
+            while not done.wait(0.05):
                 with db.session() as s:
-                    peak[0] = max(peak[0], s.query(tasks.Task).filter(tasks.Task.state == "converting").count())
+                    steps = [step for (step,) in s.query(tasks.Task.step).filter(tasks.Task.state == "converting")]
+                peak["converting"] = max(peak["converting"], sum(step != "store" for step in steps))
+                peak["running"] = max(peak["running"], len(steps))
         thread = threading.Thread(target=sample, daemon=True)
         thread.start()
 
         def stop():
             done.set()
             thread.join()
-            return peak[0]
+            return peak
         return stop
 
     def test_concurrency_limit(self):
@@ -283,7 +287,9 @@ class TestLimits(PipelineTest):
         ids = [self.import_image(ec2, bucket, "disk.raw", fmt="RAW") for _ in range(3)]
         found = [self.wait_image(ec2, task_id) for task_id in ids]
         self.assertEqual(["completed"] * 3, [t["Status"] for t in found])
-        self.assertEqual(1, stop())
+        peak = stop()
+        self.assertEqual(1, peak["converting"], peak)
+        self.assertLessEqual(peak["running"], 2, peak)  # one converting, at most one storing
 
     def test_scratch_reservation_waits(self):
         """Two tasks, scratch space for one: the second waits, says so, then runs."""
