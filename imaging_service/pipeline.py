@@ -157,10 +157,24 @@ class Reporter:
         self.job = job
         self.step = None
         self.last = 0.0
+        self.timeline = []  # (what, monotonic start): where a task's time goes (result["step_seconds"])
+
+    def mark(self, what):
+        if not self.timeline or self.timeline[-1][0] != what:
+            self.timeline.append((what, time.monotonic()))
+
+    def step_seconds(self):
+        """Seconds spent in each step so far (a step entered twice counts both times)."""
+        spent = {}
+        ends = [t for _, t in self.timeline[1:]] + [time.monotonic()]
+        for (what, start), end in zip(self.timeline, ends):
+            spent[what] = round(spent.get(what, 0.0) + end - start, 3)
+        return spent
 
     def __call__(self, step=None, fraction=None, done=None, total=None, message=None, force=False):
         if step is not None:
             self.step = self.job.step = step
+            self.mark(step)
             force = True
         now = time.monotonic()
         if not force and now - self.last < 0.5:
@@ -305,7 +319,7 @@ def _import(job, report):
                           "options_digest": options, **({"id": first_id} if i == 0 else {})})
     result = {"platform": platform, "architecture": architecture, "size": size, "bucket": bucket, "key": key,
               "source_digest": digest, "validators": outcome.get("validators"),
-              "phase_durations": outcome.get("phase_durations")}
+              "phase_durations": outcome.get("phase_durations"), "step_seconds": report.step_seconds()}
     report(message=_user_text(job, _done_message(outcome)), force=True)
     return result, resources
 
@@ -380,6 +394,7 @@ def _begin_store(job, report):
     """The store step: the task gives its conversion slot to the next task once it holds a
     store slot (it keeps heart-beating and seeing a cancel while it waits for one)."""
     if job.slots is not None:
+        report.mark("store-wait")  # for a store slot
         check = _cancel_check(job, report)
         while not job.slots.begin_store(timeout=0.5):
             if check():
