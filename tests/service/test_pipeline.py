@@ -218,7 +218,7 @@ class TestImports(PipelineTest):
         snap_task = ec2.import_snapshot(DiskContainer={"Format": "VMDK", "Url": url})["ImportTaskId"]
         _, manifest_url = manifest.upload(store, raw, bucket, "inst/", "RAW", part_size=8 * MiB)
         instance_task = ec2.import_instance(
-            Platform="Linux", LaunchSpecification={"Architecture": "x86_64"},
+            Platform="Linux", Description="web server", LaunchSpecification={"Architecture": "x86_64"},
             DiskImages=[{"Image": {"Format": "RAW", "Bytes": os.path.getsize(raw),
                                    "ImportManifestUrl": manifest_url}, "Volume": {"Size": 1}}]
         )["ConversionTask"]["ConversionTaskId"]
@@ -233,7 +233,13 @@ class TestImports(PipelineTest):
         self.assertEqual(snapshot_id, ec2.describe_snapshots(SnapshotIds=[snapshot_id])["Snapshots"][0]["SnapshotId"])
         task = self.wait_conversion(ec2, instance_task)
         self.assertEqual("completed", task["State"], task)
-        volume_id = task["ImportInstance"]["Volumes"][0]["Volume"]["Id"]
+        # What an ImportInstance produces here: a registered volume, no instance (so no InstanceId).
+        instance = task["ImportInstance"]
+        self.assertEqual(("Linux", "web server"), (instance["Platform"], instance["Description"]))
+        self.assertNotIn("InstanceId", instance)
+        self.assertEqual("completed", instance["Volumes"][0]["Status"])
+        volume_id = instance["Volumes"][0]["Volume"]["Id"]
+        self.assertRegex(volume_id, r"^vol-[0-9a-f]{17}$")
         self.assertEqual(volume_id, ec2.describe_volumes(VolumeIds=[volume_id])["Volumes"][0]["VolumeId"])
         self.assert_no_work_left()
 
