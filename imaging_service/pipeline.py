@@ -396,11 +396,13 @@ def _begin_store(job, report):
     if job.slots is not None:
         report.mark("store-wait")  # for a store slot
         check = _cancel_check(job, report)
-        while not job.slots.begin_store(timeout=0.5):
+        while not job.slots.take_store(timeout=0.5):
             if check():
                 raise TaskStopped()
             report()
     report("store", 0.0, force=True)
+    if job.slots is not None:
+        job.slots.release_conversion()
 
 
 def _store(job, report, path, bucket, key, size, store=None):

@@ -86,21 +86,21 @@ class Slots:
         self._conversions, self._stores = conversions, stores
         self.converting, self.storing = True, False  # the dispatcher took the conversion slot
 
-    def begin_store(self, timeout):
-        """Take a store slot (False when none is free within `timeout`), then free the conversion slot."""
+    def take_store(self, timeout):
+        """Take a store slot; False when none is free within `timeout`."""
         if not self.storing:
-            if not self._stores.acquire(timeout=timeout):
-                return False
-            self.storing = True
+            self.storing = self._stores.acquire(timeout=timeout)
+        return self.storing
+
+    def release_conversion(self):
+        """Called once the task's step says `store`, so that the database never shows more
+        conversions than slots."""
         if self.converting:
             self.converting = False
             self._conversions.release()
-        return True
 
     def release(self):
-        if self.converting:
-            self.converting = False
-            self._conversions.release()
+        self.release_conversion()
         if self.storing:
             self.storing = False
             self._stores.release()
