@@ -32,7 +32,8 @@ from imaging_service.models import utcnow
 log = logging.getLogger(__name__)
 
 SETTINGS = [
-    Setting("workers", "int", 2, "conversions run at once by this service's embedded workers", metavar="N"),
+    Setting("workers", "int", 2, "conversions run at once by this service's embedded workers (and as many "
+            "results stored at once: a task at its store step frees its conversion slot)", metavar="N"),
     Setting("scratch_space", "size", None,
             "bytes of scratch space the workers share (a task reserves twice its image before it "
             "starts); default: the free space of the work directory", metavar="SIZE"),
