@@ -49,7 +49,7 @@ from tests.imagebuild import MiB, qemu_convert
 from tests.service import fixtures as sf
 
 ELEMENTS = ["mounters", "validate-linux", "inspect", "convert-qemu"]
-STEPS = ("queue", "download", "validate", "convert", "store-wait", "store", "register")
+STEPS = ("queue", "reserve", "download", "validate", "convert", "store-wait", "store", "register", "rest")
 
 
 def make_vmdk(work, size_mib):
@@ -99,13 +99,42 @@ def staged(store, bucket, key, work, count, workers, nice):
     return in_parallel(one, count, workers)
 
 
+def cpu_seconds(pid, children=False):
+    """User + system CPU seconds of a process (with `children`: of its reaped children)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rpartition(")")[2].split()
+    ticks = [int(x) for x in (fields[13:15] if children else fields[11:13])]
+    return sum(ticks) / os.sysconf("SC_CLK_TCK")
+
+
+class CPU:
+    """CPU seconds spent by each party during a run: the service's own process, the toolkits
+    (the service's reaped children, or this script's for the anchors), the object store, and
+    this script (its polling, its GETs and PUTs in anchor (b))."""
+
+    def __init__(self, service_pid, weed_pid):
+        self.pids = {"service": service_pid, "store": weed_pid}
+
+    def snapshot(self):
+        me = os.times()
+        return {"service": cpu_seconds(self.pids["service"]),
+                "toolkit": cpu_seconds(self.pids["service"], True) + me.children_user + me.children_system,
+                "store": cpu_seconds(self.pids["store"]), "script": me.user + me.system}
+
+    def measure(self, fn):
+        before = self.snapshot()
+        elapsed = fn()
+        after = self.snapshot()
+        return elapsed, {k: after[k] - before[k] for k in after}
+
+
 def service_batch(ec2, db, bucket, key, count):
     """N ImportImage calls at once, until all complete: (seconds, peaks, per-task step seconds)."""
     peak = {"converting": 0, "running": 0}
     done = threading.Event()
 
     def sample():
-        while not done.wait(0.05):
+        while not done.wait(0.1):
             with db.session() as s:
                 steps = [step for (step,) in s.query(tasks.Task.step).filter(tasks.Task.state == "converting")]
             peak["converting"] = max(peak["converting"], sum(step != "store" for step in steps))
@@ -119,7 +148,7 @@ def service_batch(ec2, db, bucket, key, count):
         found = ec2.describe_import_image_tasks(ImportTaskIds=ids)["ImportImageTasks"]
         if all(t["Status"] in ("completed", "deleted") for t in found):
             break
-        time.sleep(0.2)
+        time.sleep(0.5)  # the polling's own CPU is on the same two cores
     elapsed = time.perf_counter() - started
     done.set()
     sampler.join()
@@ -132,8 +161,9 @@ def service_batch(ec2, db, bucket, key, count):
             task = s.get(tasks.Task, task_id)
             steps = dict(task.result.get("step_seconds") or {})
             steps["queue"] = (task.started_at - task.created_at).total_seconds()
+            # rest: from the claim to the first step, and the final write of the completion.
             ran = (task.finished_at - task.started_at).total_seconds()
-            steps["register"] = max(0.0, ran - sum(v for k, v in steps.items() if k != "queue"))
+            steps["rest"] = max(0.0, ran - sum(v for k, v in steps.items() if k != "queue"))
             per_task.append(steps)
     return elapsed, peak, per_task
 
@@ -170,6 +200,10 @@ def main():
                 time.sleep(0.2)
         store.put_file(vmdk, bucket, "disk.vmdk")
         db = Database("sqlite:///" + os.path.join(service.state_dir, "service.db"))
+        weed = subprocess.run(["pgrep", "-f", f"weed mini -dir={service.state_dir}/"], stdout=subprocess.PIPE,
+                              text=True, check=True).stdout.split()[0]
+        cpu = CPU(service.process.pid, int(weed))
+        cpu_of = {}
         results = {"service": [], "bare, 1 at a time": [], f"bare, {args.workers} at a time": [],
                    f"bare stages, {args.workers} at a time": []}
         peaks, per_task = [], []
@@ -189,13 +223,18 @@ def main():
         staged(store, bucket, "disk.vmdk", work, args.workers, args.workers, args.nice)
         for i in range(args.rounds):
             for name, fn in runs if i % 2 == 0 else runs[::-1]:
-                results[name].append(fn())
-                print(f"  round {i + 1}: {name}: {results[name][-1]:.1f} s ({load()})", flush=True)
+                elapsed, used = cpu.measure(fn)
+                results[name].append(elapsed)
+                cpu_of.setdefault(name, []).append(used)
+                print(f"  round {i + 1}: {name}: {elapsed:.1f} s; CPU s: "
+                      + ", ".join(f"{k} {v:.1f}" for k, v in used.items()) + f" ({load()})", flush=True)
         db.dispose()
 
         print(f"\n{args.tasks} imports, {args.rounds} run(s) of each, alternated; s:")
         for name, values in results.items():
-            print(f"  {name:<32} {spread(values)}")
+            used = {k: statistics.median([u[k] for u in cpu_of[name]]) for k in cpu_of[name][0]}
+            print(f"  {name:<32} {spread(values)}; CPU s (median): "
+                  + ", ".join(f"{k} {v:.1f}" for k, v in used.items()) + f", all {sum(used.values()):.1f}")
         served = statistics.median(results["service"])
         peak = max(p["converting"] for p in peaks)
         print(f"  at most {peak} converting at once (limit {args.workers}: "

@@ -220,7 +220,9 @@ def run_task(job):
 
 def _fetch(job, report, source, store, need_factor=2):
     report("download", 0.0, force=True)
+    report.mark("reserve")  # the source's size asked, scratch space reserved (or waited for)
     _reserve(job, report, source, store, need_factor)
+    report.mark("download")
     check = _cancel_check(job, report)
 
     def progress(done, total):
@@ -308,6 +310,7 @@ def _import(job, report):
     key = f"{task.account_id}/{first_id}.raw"
     size = os.path.getsize(output)
     _store(job, report, output, bucket, key, size)
+    report.mark("register")
     inspection = outcome.get("inspection")
     platform = outcome.get("platform") or task.params.get("platform")
     architecture = (inspection or {}).get("arch") or task.params.get("architecture")
