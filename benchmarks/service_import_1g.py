@@ -5,16 +5,18 @@ A Linux raw disk of --size-mib MiB (default 1 GiB, its filesystem mostly
 random data) is uploaded in 10 MiB parts with an import manifest, as
 euca-import-volume does; ImportVolume is called; the task is polled with
 DescribeConversionTasks until completed (fetch, validate, convert, store).
-Against it: the sum of the same stages run bare on the same machine and the
-same store: a GET of every part, euca-image-process with the same elements,
-and the upload of the result. MB is 10^6 bytes.
+Against it, alternated with it (ABBA, --runs of each): the sum of the same
+stages run bare on the same machine and the same store: a GET of every part
+(fetch.fetch), euca-image-process with the same elements at the same
+niceness, and the upload of the result. MB is 10^6 bytes.
 
-    python3 benchmarks/service_import_1g.py [--size-mib 1024] [--dir DIR]
+    python3 benchmarks/service_import_1g.py [--size-mib 1024] [--runs 2] [--dir DIR]
 """
 
 import argparse
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -23,6 +25,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from benchmarks.compare import alternate, load, report
 from imaging_service import fetch, manifest, tasks
 from imaging_service.db import Database
 from imaging_service.objectstore import ObjectStore, ObjectStoreError
@@ -54,7 +57,8 @@ def main():
     parser.add_argument("--size-mib", type=int, default=1024)
     parser.add_argument("--dir", default="/var/tmp")
     parser.add_argument("--nice", type=int, default=10,
-                        help="the service's --nice for its toolkit (the bare run has the caller's)")
+                        help="niceness of the toolkit, in the service and in the bare run")
+    parser.add_argument("--runs", type=int, default=2, help="runs of each, alternated (ABBA)")
     args = parser.parse_args()
     work = tempfile.mkdtemp(prefix="service-1g-", dir=args.dir)
     s3_port = free_port_pair()
@@ -80,43 +84,53 @@ def main():
         print(f"image: {size / MiB:.0f} MiB raw; upload of the parts and manifest: {upload:.1f} s "
               f"({mb / upload:.0f} MB/s)", flush=True)
 
-        started = time.perf_counter()
-        task_id = ec2.import_volume(AvailabilityZone="us-east-1a", Volume={"Size": -(-size // 1024 ** 3)},
-                                    Image={"Format": "RAW", "Bytes": size, "ImportManifestUrl": url}
-                                    )["ConversionTask"]["ConversionTaskId"]
         db = Database("sqlite:///" + os.path.join(service.state_dir, "service.db"))
-        steps, last = [], None
-        while True:
-            task = ec2.describe_conversion_tasks(ConversionTaskIds=[task_id])["ConversionTasks"][0]
+
+        def served():
+            started = time.perf_counter()
+            task_id = ec2.import_volume(AvailabilityZone="us-east-1a", Volume={"Size": -(-size // 1024 ** 3)},
+                                        Image={"Format": "RAW", "Bytes": size, "ImportManifestUrl": url}
+                                        )["ConversionTask"]["ConversionTaskId"]
+            while True:
+                task = ec2.describe_conversion_tasks(ConversionTaskIds=[task_id])["ConversionTasks"][0]
+                if task["State"] in ("completed", "cancelled"):
+                    break
+                time.sleep(0.2)
+            elapsed = time.perf_counter() - started
+            if task["State"] != "completed":
+                sys.exit(f"the import failed: {task.get('StatusMessage')}")
             with db.session() as s:
                 row = s.get(tasks.Task, task_id)
-                if (row.state, row.step) != last:
-                    last = (row.state, row.step)
-                    steps.append((time.perf_counter() - started, row.step or row.state))
-            if task["State"] in ("completed", "cancelled"):
-                break
-            time.sleep(0.2)
-        db.dispose()
-        print("steps: " + ", ".join(f"{name} {b[0] - a[0]:.1f} s" for a, b, name in
-                                    zip(steps, steps[1:], [n for _, n in steps])), flush=True)
-        served = time.perf_counter() - started
-        if task["State"] != "completed":
-            sys.exit(f"the import failed: {task.get('StatusMessage')}")
-        print(f"service: ImportVolume to completed: {served:.1f} s ({mb / served:.0f} MB/s); end to end with "
-              f"the upload: {upload + served:.1f} s ({mb / (upload + served):.0f} MB/s)", flush=True)
+                steps = dict(row.result.get("step_seconds") or {})
+                steps["queue"] = (row.started_at - row.created_at).total_seconds()
+            print(f"  service: ImportVolume to completed {elapsed:.1f} s ({mb / elapsed:.0f} MB/s): "
+                  + ", ".join(f"{k} {v:.1f}" for k, v in steps.items()) + f" ({load()})", flush=True)
+            return elapsed
 
-        fetched_path = os.path.join(work, "fetched.raw")
-        get, _ = timed(fetch.fetch, {"manifest_url": url}, fetched_path, allowed_endpoints=[store.endpoint_url])
-        out = os.path.join(work, "bare.raw")
-        convert, _ = timed(subprocess.run, [sys.executable, os.path.join(ROOT, "bin", "euca-image-process"), "-q",
-                                            "-i", fetched_path, "-t", "raw", "-o", out, "-T", "raw",
-                                            "--platform", "linux", *ELEMENTS],
-                           check=True, env=dict(os.environ, TMPDIR=work), stdout=subprocess.DEVNULL)
-        put, _ = timed(store.put_file, out, bucket, "bare/result.raw")
-        bare = get + convert + put
-        print(f"bare stages: fetch {get:.1f} s + euca-image-process {convert:.1f} s + store {put:.1f} s = "
-              f"{bare:.1f} s ({mb / bare:.0f} MB/s)")
-        print(f"service over the bare stages: {100 * (served / bare - 1):+.1f} %")
+        def bare():
+            fetched_path, out = os.path.join(work, "fetched.raw"), os.path.join(work, "bare.raw")
+            get, _ = timed(fetch.fetch, {"manifest_url": url}, fetched_path, allowed_endpoints=[store.endpoint_url])
+            convert, _ = timed(subprocess.run, ["nice", "-n", str(args.nice), sys.executable,
+                                                os.path.join(ROOT, "bin", "euca-image-process"), "-q",
+                                                "-i", fetched_path, "-t", "raw", "-o", out, "-T", "raw",
+                                                "--platform", "linux", *ELEMENTS],
+                               check=True, env=dict(os.environ, TMPDIR=work), stdout=subprocess.DEVNULL)
+            put, _ = timed(store.put_file, out, bucket, "bare/result.raw")
+            os.unlink(fetched_path)
+            os.unlink(out)
+            total = get + convert + put
+            print(f"  bare stages: fetch {get:.1f} s + euca-image-process {convert:.1f} s + store {put:.1f} s = "
+                  f"{total:.1f} s ({mb / total:.0f} MB/s) ({load()})", flush=True)
+            return total
+
+        ours, anchor = alternate(served, bare, runs=args.runs, warmup=0)
+        db.dispose()
+        report(f"{size / MiB:.0f} MiB import", "service", ours, "bare stages", anchor, unit="s", scale=1.0)
+        print(f"service: {mb / statistics.median(ours):.0f} MB/s; end to end with the upload of the parts: "
+              f"{mb / (upload + statistics.median(ours)):.0f} MB/s; bare stages "
+              f"{mb / statistics.median(anchor):.0f} MB/s")
+        print(f"service over the bare stages: {100 * (statistics.median(ours) / statistics.median(anchor) - 1):+.1f} %")
+        print(load())
     finally:
         service.cleanUp()
         shutil.rmtree(work, ignore_errors=True)

@@ -103,6 +103,7 @@ class Job:
     allowed_endpoints: list
     scratch: object = None     # worker.Scratch: reservations of the worker's scratch space
     heartbeat: float = 2.0
+    slots: object = None       # worker.Slots: the conversion slot is traded for a store slot at `store`
     shutdown: threading.Event = dataclasses.field(default_factory=threading.Event)  # the service stops
     step: str | None = None
 
@@ -156,10 +157,24 @@ class Reporter:
         self.job = job
         self.step = None
         self.last = 0.0
+        self.timeline = []  # (what, monotonic start): where a task's time goes (result["step_seconds"])
+
+    def mark(self, what):
+        if not self.timeline or self.timeline[-1][0] != what:
+            self.timeline.append((what, time.monotonic()))
+
+    def step_seconds(self):
+        """Seconds spent in each step so far (a step entered twice counts both times)."""
+        spent = {}
+        ends = [t for _, t in self.timeline[1:]] + [time.monotonic()]
+        for (what, start), end in zip(self.timeline, ends):
+            spent[what] = round(spent.get(what, 0.0) + end - start, 3)
+        return spent
 
     def __call__(self, step=None, fraction=None, done=None, total=None, message=None, force=False):
         if step is not None:
             self.step = self.job.step = step
+            self.mark(step)
             force = True
         now = time.monotonic()
         if not force and now - self.last < 0.5:
@@ -205,7 +220,9 @@ def run_task(job):
 
 def _fetch(job, report, source, store, need_factor=2):
     report("download", 0.0, force=True)
+    report.mark("reserve")  # the source's size asked, scratch space reserved (or waited for)
     _reserve(job, report, source, store, need_factor)
+    report.mark("download")
     check = _cancel_check(job, report)
 
     def progress(done, total):
@@ -286,13 +303,14 @@ def _import(job, report):
     output = os.path.join(job.work_dir, "output.raw")
     outcome = _convert(job, report, elements_for(task, settings, platform), fetched, INPUT_TYPES[declared],
                        output, platform)
-    report("store", 0.0, force=True)
+    _begin_store(job, report)
     kinds = RESOURCE_KINDS[task.kind]
     first_id = tasks.new_id({"image": "ami", "snapshot": "snap", "volume": "vol"}[kinds[0]])
     bucket = _setting(settings, "service_bucket", "imaging-service")
     key = f"{task.account_id}/{first_id}.raw"
     size = os.path.getsize(output)
     _store(job, report, output, bucket, key, size)
+    report.mark("register")
     inspection = outcome.get("inspection")
     platform = outcome.get("platform") or task.params.get("platform")
     architecture = (inspection or {}).get("arch") or task.params.get("architecture")
@@ -304,7 +322,7 @@ def _import(job, report):
                           "options_digest": options, **({"id": first_id} if i == 0 else {})})
     result = {"platform": platform, "architecture": architecture, "size": size, "bucket": bucket, "key": key,
               "source_digest": digest, "validators": outcome.get("validators"),
-              "phase_durations": outcome.get("phase_durations")}
+              "phase_durations": outcome.get("phase_durations"), "step_seconds": report.step_seconds()}
     report(message=_user_text(job, _done_message(outcome)), force=True)
     return result, resources
 
@@ -375,6 +393,21 @@ def _from_cache(job, digest, options, size):
     return result, resources
 
 
+def _begin_store(job, report):
+    """The store step: the task gives its conversion slot to the next task once it holds a
+    store slot (it keeps heart-beating and seeing a cancel while it waits for one)."""
+    if job.slots is not None:
+        report.mark("store-wait")  # for a store slot
+        check = _cancel_check(job, report)
+        while not job.slots.take_store(timeout=0.5):
+            if check():
+                raise TaskStopped()
+            report()
+    report("store", 0.0, force=True)
+    if job.slots is not None:
+        job.slots.release_conversion()
+
+
 def _store(job, report, path, bucket, key, size, store=None):
     store = store or job.store
     sent = {"n": 0}
@@ -404,7 +437,7 @@ def _export(job, report):
     output = os.path.join(job.work_dir, f"export.{fmt}")
     _toolkit(job, report, elements_for(task, job.settings), fetched.path, "raw", output, out_type, fetched,
              "auto")
-    report("store", 0.0, force=True)
+    _begin_store(job, report)
     key = f"{p.get('prefix') or ''}{task.id}.{fmt}"
     _store(job, report, output, p["bucket"], key, os.path.getsize(output), store=job.user_store)
     return {"bucket": p["bucket"], "key": key, "size": os.path.getsize(output)}, []

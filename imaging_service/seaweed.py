@@ -202,7 +202,9 @@ class EmbeddedSeaweed:
         argv = [weed_binary(), "mini", f"-dir={os.path.join(self.dir, 'data')}",
                 "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-s3.config={self.config_path}",
                 f"-s3.port={self.port}", f"-s3.port.grpc={self.port + 10000}",
-                "-s3.port.iceberg=0", "-s3.port.lance=0", "-webdav=false", "-admin.ui=false"]
+                "-s3.port.iceberg=0", "-s3.port.lance=0", "-webdav=false", "-admin.ui=false",
+                # The master reports anonymous statistics to seaweedfs.com unless told not to.
+                "-master.telemetry=false"]
         for name, port in ports.items():
             argv += [f"-{name}.port={port}", f"-{name}.port.grpc={port + 10000}"]
         with open(self.log_path, "ab") as log:

@@ -1,7 +1,10 @@
 """Embedded workers: threads in the service process that claim tasks and run
 pipeline.run_task, each task's toolkit in its own child process group.
 
-- concurrency: `workers` threads, so never more than that many conversions;
+- concurrency: `workers` conversion slots, so never more than that many
+  conversions (download, validate, convert); a task that reaches its store
+  step trades its conversion slot for one of `workers` store slots, so the
+  next task converts while this one uploads its result;
 - scratch: a task reserves its share of `scratch_space` before it fetches a
   byte; one that can never fit fails, one that cannot fit now waits;
 - heartbeats: every task's progress is its heartbeat; a housekeeping thread
@@ -29,7 +32,8 @@ from imaging_service.models import utcnow
 log = logging.getLogger(__name__)
 
 SETTINGS = [
-    Setting("workers", "int", 2, "conversions run at once by this service's embedded workers", metavar="N"),
+    Setting("workers", "int", 2, "conversions run at once by this service's embedded workers (and as many "
+            "results stored at once: a task at its store step frees its conversion slot)", metavar="N"),
     Setting("scratch_space", "size", None,
             "bytes of scratch space the workers share (a task reserves twice its image before it "
             "starts); default: the free space of the work directory", metavar="SIZE"),
@@ -75,6 +79,34 @@ class Scratch:
             return sum(self._held.values())
 
 
+class Slots:
+    """A task's hold on the workers' slots: a conversion slot from its claim, traded for a
+    store slot when it reaches its store step (pipeline.Job.slots)."""
+
+    def __init__(self, conversions, stores):
+        self._conversions, self._stores = conversions, stores
+        self.converting, self.storing = True, False  # the dispatcher took the conversion slot
+
+    def take_store(self, timeout):
+        """Take a store slot; False when none is free within `timeout`."""
+        if not self.storing:
+            self.storing = self._stores.acquire(timeout=timeout)
+        return self.storing
+
+    def release_conversion(self):
+        """Called once the task's step says `store`, so that the database never shows more
+        conversions than slots."""
+        if self.converting:
+            self.converting = False
+            self._conversions.release()
+
+    def release(self):
+        self.release_conversion()
+        if self.storing:
+            self.storing = False
+            self._stores.release()
+
+
 class EmbeddedWorkers:
     """Worker threads for one service process.
 
@@ -102,6 +134,10 @@ class EmbeddedWorkers:
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._threads = []
+        self._task_threads = set()
+        self._conversions = threading.BoundedSemaphore(self.count)
+        self._stores = threading.BoundedSemaphore(self.count)
+        self._claims = 0
         self._upload_checked = {}
 
     # -- life cycle ---------------------------------------------------------------------------
@@ -116,8 +152,7 @@ class EmbeddedWorkers:
             capacity = st.f_bavail * st.f_frsize
         self.scratch = Scratch(int(capacity))
         self._stop.clear()
-        for i in range(self.count):
-            self._spawn(self._work, f"imaging-worker-{i}", f"{self.id_prefix}-{i}")
+        self._spawn(self._dispatch, "imaging-dispatcher")
         self._spawn(self._housekeeping, "imaging-housekeeping")
         return self
 
@@ -130,8 +165,9 @@ class EmbeddedWorkers:
         """Stop the threads; running tasks' toolkits are stopped and the tasks handed back (pending)."""
         self._stop.set()  # also every running job's `shutdown`
         self._wake.set()
-        for thread in self._threads:
-            thread.join(timeout)
+        deadline = time.monotonic() + timeout
+        for thread in [*self._threads, *list(self._task_threads)]:
+            thread.join(max(0.0, deadline - time.monotonic()))
         self._threads = []
 
     def wake(self):
@@ -157,26 +193,43 @@ class EmbeddedWorkers:
 
     # -- the worker threads ---------------------------------------------------------------------
 
-    def _work(self, worker_id):
+    def _dispatch(self):
+        """Claim a task whenever a conversion slot is free; each task runs in its own thread."""
         while not self._stop.is_set():
+            if not self._conversions.acquire(timeout=0.5):
+                continue
+            self._claims += 1
+            worker_id = f"{self.id_prefix}-{self._claims}"
             try:
                 task = tasks.claim(self.db, worker_id)
             except Exception:
                 log.exception("claiming a task failed")
                 task = None
             if task is None:
+                self._conversions.release()
                 self._wake.wait(0.5)
                 self._wake.clear()
                 continue
-            self._run(task, worker_id)
+            slots = Slots(self._conversions, self._stores)
+            thread = threading.Thread(target=self._run_task_thread, args=(task, worker_id, slots),
+                                      name=f"imaging-task-{task.id}", daemon=True)
+            self._task_threads.add(thread)
+            thread.start()
 
-    def _run(self, task, worker_id):
+    def _run_task_thread(self, task, worker_id, slots):
+        try:
+            self._run(task, worker_id, slots)
+        finally:
+            slots.release()
+            self._task_threads.discard(threading.current_thread())
+
+    def _run(self, task, worker_id, slots=None):
         work_dir = os.path.join(self.work_root, task.id)
         shutil.rmtree(work_dir, ignore_errors=True)
         os.makedirs(work_dir, mode=0o700)
         job = pipeline.Job(db=self.db, task=task, worker_id=worker_id, settings=self.settings, store=self.store,
                            user_store=None, work_dir=work_dir, allowed_endpoints=self.allowed_endpoints,
-                           scratch=self.scratch, heartbeat=self.heartbeat, shutdown=self._stop)
+                           scratch=self.scratch, heartbeat=self.heartbeat, shutdown=self._stop, slots=slots)
         self.running[task.id] = job
         try:
             job.user_store = self._user_store(task)

@@ -218,7 +218,7 @@ class TestImports(PipelineTest):
         snap_task = ec2.import_snapshot(DiskContainer={"Format": "VMDK", "Url": url})["ImportTaskId"]
         _, manifest_url = manifest.upload(store, raw, bucket, "inst/", "RAW", part_size=8 * MiB)
         instance_task = ec2.import_instance(
-            Platform="Linux", LaunchSpecification={"Architecture": "x86_64"},
+            Platform="Linux", Description="web server", LaunchSpecification={"Architecture": "x86_64"},
             DiskImages=[{"Image": {"Format": "RAW", "Bytes": os.path.getsize(raw),
                                    "ImportManifestUrl": manifest_url}, "Volume": {"Size": 1}}]
         )["ConversionTask"]["ConversionTaskId"]
@@ -233,7 +233,13 @@ class TestImports(PipelineTest):
         self.assertEqual(snapshot_id, ec2.describe_snapshots(SnapshotIds=[snapshot_id])["Snapshots"][0]["SnapshotId"])
         task = self.wait_conversion(ec2, instance_task)
         self.assertEqual("completed", task["State"], task)
-        volume_id = task["ImportInstance"]["Volumes"][0]["Volume"]["Id"]
+        # What an ImportInstance produces here: a registered volume, no instance (so no InstanceId).
+        instance = task["ImportInstance"]
+        self.assertEqual(("Linux", "web server"), (instance["Platform"], instance["Description"]))
+        self.assertNotIn("InstanceId", instance)
+        self.assertEqual("completed", instance["Volumes"][0]["Status"])
+        volume_id = instance["Volumes"][0]["Volume"]["Id"]
+        self.assertRegex(volume_id, r"^vol-[0-9a-f]{17}$")
         self.assertEqual(volume_id, ec2.describe_volumes(VolumeIds=[volume_id])["Volumes"][0]["VolumeId"])
         self.assert_no_work_left()
 
@@ -258,20 +264,24 @@ class TestOnPostgreSQL(PipelineTest):
 class TestLimits(PipelineTest):
 
     def converting_sampler(self):
-        """Starts sampling how many tasks convert at once; returns a function giving the peak."""
-        db, peak, done = self.db(), [0], threading.Event()
+        """Starts sampling how many tasks convert at once (a task in its store step holds no
+        conversion slot) and how many are in the service's hands at all; returns a function
+        giving both peaks."""
+        db, peak, done = self.db(), {"converting": 0, "running": 0}, threading.Event()
 
         def sample():
-            while not done.wait(0.1):
+            while not done.wait(0.05):
                 with db.session() as s:
-                    peak[0] = max(peak[0], s.query(tasks.Task).filter(tasks.Task.state == "converting").count())
+                    steps = [step for (step,) in s.query(tasks.Task.step).filter(tasks.Task.state == "converting")]
+                peak["converting"] = max(peak["converting"], sum(step != "store" for step in steps))
+                peak["running"] = max(peak["running"], len(steps))
         thread = threading.Thread(target=sample, daemon=True)
         thread.start()
 
         def stop():
             done.set()
             thread.join()
-            return peak[0]
+            return peak
         return stop
 
     def test_concurrency_limit(self):
@@ -283,7 +293,9 @@ class TestLimits(PipelineTest):
         ids = [self.import_image(ec2, bucket, "disk.raw", fmt="RAW") for _ in range(3)]
         found = [self.wait_image(ec2, task_id) for task_id in ids]
         self.assertEqual(["completed"] * 3, [t["Status"] for t in found])
-        self.assertEqual(1, stop())
+        peak = stop()
+        self.assertEqual(1, peak["converting"], peak)
+        self.assertLessEqual(peak["running"], 2, peak)  # one converting, at most one storing
 
     def test_scratch_reservation_waits(self):
         """Two tasks, scratch space for one: the second waits, says so, then runs."""
