@@ -5,7 +5,6 @@ removed at the end; and --cleanup of one a killed process left."""
 import contextlib
 import fcntl
 import os
-import shutil
 
 from imaging_elements.sdk import hooklib
 from imaging_elements.engine import interrupts
@@ -110,6 +109,7 @@ def remove_work_dir(work, warn, keep_logs=False):
     if busy:
         warn(f"{work}: not removed, still mounted: {', '.join(busy)}")
         return
+    import shutil  # here: not at import, for the start-up of a 1-hook process (docs/packaging.md)
     logs = os.path.join(work, "logs")
     if keep_logs and os.path.isdir(logs) and os.listdir(logs):
         for name in os.listdir(work):
