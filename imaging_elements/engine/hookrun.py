@@ -6,7 +6,7 @@ import contextlib
 import json
 import os
 import re
-import selectors
+import select
 import signal
 import time
 from collections import deque
@@ -258,10 +258,11 @@ def follow(process, status_read, channel, limit, cancel_point, redact=str):
     tail = deque(maxlen=OUTPUT_TAIL)
     readers = {status_read: LineReader(), process.stdout.fileno(): LineReader()}
     deadline = time.monotonic() + limit
-    selector = selectors.DefaultSelector()
+    poller = select.poll()  # not selectors: its import is start-up every 1-hook process pays
     for fd in readers:
         os.set_blocking(fd, False)
-        selector.register(fd, selectors.EVENT_READ)
+        poller.register(fd, select.POLLIN)
+    open_fds = set(readers)
 
     def line(fd, raw):
         text = redact(raw.decode(errors="replace"))
@@ -271,29 +272,29 @@ def follow(process, status_read, channel, limit, cancel_point, redact=str):
             channel.output(text, tail)
 
     try:
-        while selector.get_map():
+        while open_fds:
             cancel_point()
             if time.monotonic() > deadline:
                 stop(process)
                 raise TimedOut(f"{channel.where} killed: it ran longer "
                                f"than the hook time limit of {limit:g} s (--hook-timeout)")
             exited = process.poll() is not None
-            ready = selector.select(timeout=0 if exited else 0.2)
+            ready = poller.poll(0 if exited else 200)
             if exited and not ready:
                 break  # a daemon the hook started keeps the pipes open
-            for key, _ in ready:
-                data = os.read(key.fd, 65536)
-                if not data:
-                    selector.unregister(key.fd)
+            for fd, _ in ready:
+                data = os.read(fd, 65536)
+                if not data:  # end of file (POLLHUP with nothing left to read)
+                    poller.unregister(fd)
+                    open_fds.discard(fd)
                     continue
-                for raw in readers[key.fd].feed(data):
-                    line(key.fd, raw)
+                for raw in readers[fd].feed(data):
+                    line(fd, raw)
         for fd, reader in readers.items():
             if reader.pending():
                 line(fd, reader.flush())
         process.wait()
     finally:
-        selector.close()
         os.close(status_read)
         process.stdout.close()
     return list(tail)
@@ -317,6 +318,7 @@ def stop(process):
 def collect(process, stream, check):
     """Wait for `process`, calling check() every 0.2 s; its last 64 KiB of `stream`."""
     import subprocess  # here: hooks are started without it (spawn)
+    import selectors  # here: hooks are followed without it (follow)
     kept = b""
     os.set_blocking(stream.fileno(), False)
     with selectors.DefaultSelector() as selector:
