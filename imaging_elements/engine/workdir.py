@@ -6,7 +6,6 @@ import contextlib
 import fcntl
 import os
 
-from imaging_elements.sdk import hooklib
 from imaging_elements.engine import interrupts
 from imaging_elements.engine.hookrun import run_tool
 from imaging_elements.sdk.journal import Journal, describe
@@ -82,6 +81,7 @@ def limit_scratch(work, scratch, limit, journal, check=lambda: None):
                               f"{errors.decode(errors='replace').strip()}")
     # Our own loop device, detached through the journal: with mount -o loop the kernel
     # lets go of it some time after the umount, not when the process ends.
+    from imaging_elements.sdk import hooklib  # here: only --scratch-limit needs it (start-up)
     try:
         device, _ = hooklib.losetup(image, readonly=False, journal_=journal)
     except hooklib.HookFailure as exc:
