@@ -152,14 +152,33 @@ def _size(path):
 _PR_SET_CHILD_SUBREAPER, _PR_GET_CHILD_SUBREAPER = 36, 37
 
 
+def _prctl():
+    """libc's prctl(2) as (prctl, int type, byref).  Made from _ctypes, the C half of
+    ctypes, directly: ctypes/__init__.py builds some fifty types at import, none
+    needed here, and that import was 1.3 ms, a twentieth of a 1-hook process
+    (docs/packaging.md).  tests.test_api checks the flag is really set."""
+    import _ctypes
+
+    class Int(_ctypes._SimpleCData):
+        _type_ = "i"
+
+    class Function(_ctypes.CFuncPtr):
+        _flags_ = _ctypes.FUNCFLAG_CDECL | _ctypes.FUNCFLAG_USE_ERRNO
+        _restype_ = Int
+
+    class Libc:  # what CFuncPtr looks a symbol up in: a dlopen handle (this process's)
+        _handle = _ctypes.dlopen(None)
+
+    return Function(("prctl", Libc())), Int, _ctypes.byref
+
+
 def _subreaper(on=None):
     """The process's subreaper flag; sets it when `on` is given.  Returns the previous value."""
-    import ctypes  # here: only a guarded process needs it
-    libc = ctypes.CDLL(None, use_errno=True)
-    current = ctypes.c_int(0)
-    libc.prctl(_PR_GET_CHILD_SUBREAPER, ctypes.byref(current), 0, 0, 0)
+    prctl, Int, byref = _prctl()
+    current = Int(0)
+    prctl(_PR_GET_CHILD_SUBREAPER, byref(current), 0, 0, 0)
     if on is not None:
-        libc.prctl(_PR_SET_CHILD_SUBREAPER, int(on), 0, 0, 0)
+        prctl(_PR_SET_CHILD_SUBREAPER, int(on), 0, 0, 0)
     return bool(current.value)
 
 

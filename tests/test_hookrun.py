@@ -98,6 +98,31 @@ class FollowTest(base.TestCase):
         self.assertRaises(hookrun.TimedOut, self.run_script, "sleep 100 & sleep 100\n", limit=0.5)
         self.assertLess(time.monotonic() - started, 10)
 
+    def test_hook_gets_only_its_own_descriptors(self):
+        # An inheritable descriptor of the runner (one its own parent passed it) is
+        # not the hook's; its status fd, stdin /dev/null and one output pipe are.
+        leaked_read, leaked_write = os.pipe()
+        os.set_inheritable(leaked_write, True)
+        self.addCleanup(os.close, leaked_read)
+        self.addCleanup(os.close, leaked_write)
+        process, tail, channel, monitor = self.run_script(
+            f'[ -e /proc/self/fd/{leaked_write} ] && echo leaked\n'
+            'echo "$(readlink /proc/self/fd/0) $(readlink /proc/self/fd/1 | cut -d: -f1)'
+            ' $(readlink /proc/self/fd/2 | cut -d: -f1)"\n'
+            'echo \'{"describe": "status"}\' >&$IMG_STATUS_FD\n')
+        self.assertEqual((0, ["/dev/null pipe pipe"], ["status"]), (process.returncode, tail, channel.describe))
+
+    def test_hook_has_sigpipe_at_its_default(self):
+        # Python ignores SIGPIPE; a hook must not (`yes | head` ends by it).
+        process, tail, channel, monitor = self.run_script(
+            "grep SigIgn /proc/self/status\n")
+        [line] = tail
+        ignored = int(line.split()[1], 16)
+        self.assertFalse(ignored & (1 << (13 - 1)), line)  # SIGPIPE is 13
+
+    def test_a_missing_hook_does_not_start(self):
+        self.assertRaises(hookrun.HookStartError, hookrun.spawn, [self.path("absent")], dict(os.environ))
+
     def test_cancel_point_stops_following(self):
         def cancel():
             raise KeyboardInterrupt()

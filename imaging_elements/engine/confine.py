@@ -24,7 +24,7 @@ import os
 import shutil
 import signal
 import subprocess
-from dataclasses import dataclass
+from collections import namedtuple
 
 NOBODY = 65534
 GiB = 1 << 30
@@ -36,13 +36,16 @@ class ConfineError(Exception):
     """The sandbox could not be set up (bwrap missing, a file not found)."""
 
 
-@dataclass(frozen=True)
-class Limits:
-    """Per-process bounds (setrlimit, inherited by the sandbox)."""
-    memory: int = 4 * GiB        # address space: qemu reserves thread stacks and caches
-    cpu: int | None = None       # seconds of CPU time; None: no bound (conversions of big disks)
-    processes: int = 512         # threads and processes of the sandbox's uid
-    file_size: int | None = None  # largest file it may write
+# Immutable records as named tuples, not dataclasses: importing dataclasses (with
+# inspect) costs about 7 ms in every process that confines a tool (docs/packaging.md).
+
+class Limits(namedtuple("Limits", "memory cpu processes file_size", defaults=(4 * GiB, None, 512, None))):
+    """Per-process bounds (setrlimit, inherited by the sandbox):
+    memory       address space, bytes: qemu reserves thread stacks and caches;
+    cpu          seconds of CPU time; None: no bound (conversions of big disks);
+    processes    threads and processes of the sandbox's uid;
+    file_size    largest file it may write, bytes; None: no bound."""
+    __slots__ = ()
 
     def argv(self, as_nobody):
         """prlimit's arguments (no preexec_fn: callers may be threads)."""
@@ -58,16 +61,12 @@ class Limits:
         return argv + ["--"]
 
 
-@dataclass(frozen=True)
-class File:
+class File(namedtuple("File", "host name write created", defaults=(False, False))):
     """A host file the tool may use, seen inside as INSIDE/name.
 
     created: an output we made for this run; it is handed to the sandbox's
     uid for the run (chown) and given back after (Sandbox.restore)."""
-    host: str
-    name: str
-    write: bool = False
-    created: bool = False
+    __slots__ = ()
 
     @property
     def inside(self):

@@ -6,9 +6,8 @@ import contextlib
 import json
 import os
 import re
-import selectors
+import select
 import signal
-import subprocess
 import time
 from collections import deque
 
@@ -159,20 +158,68 @@ class Channel:
             self.warn(f"{where}: unknown status line {clean(text[:200])!r}")
 
 
+class Child:
+    """A hook started by spawn(): the part of subprocess.Popen that follow() and stop()
+    use (pid, returncode, stdout, poll, wait), without importing subprocess, which
+    costs every 1-hook process about 2 ms of start-up (docs/packaging.md)."""
+
+    def __init__(self, pid, stdout):
+        self.pid, self.stdout, self.returncode = pid, stdout, None
+
+    def poll(self):
+        if self.returncode is None:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def wait(self):
+        if self.returncode is None:
+            self.returncode = os.waitstatus_to_exitcode(os.waitpid(self.pid, 0)[1])
+        return self.returncode
+
+
+def _inheritable_fds():
+    """This process's inheritable descriptors above stderr (ones its own parent passed
+    it): a hook gets none of them, as Popen's close_fds did."""
+    fds = []
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        if fd > 2:
+            with contextlib.suppress(OSError):  # the listing's own descriptor, gone
+                if os.get_inheritable(fd):
+                    fds.append(fd)
+    return fds
+
+
 def spawn(argv, env):
-    """Start a hook in a process group of its own, stdout and stderr on one pipe,
-    the status channel's write end as $IMG_STATUS_FD.  Returns (process, status read fd)."""
+    """Start a hook in a process group of its own (a session: setsid), stdin
+    /dev/null, stdout and stderr on one pipe, the status channel's write end as
+    $IMG_STATUS_FD.  Returns (Child, status read fd).
+
+    posix_spawn: the status fd is passed by dup2 onto itself, which clears its
+    close-on-exec flag in the child only (glibc), so that a hook started by
+    another thread at the same time never gets it."""
     status_read, status_write = os.pipe()
+    out_read, out_write = os.pipe()
     env = {**env, "IMG_STATUS_FD": str(status_write)}
+    actions = [(os.POSIX_SPAWN_CLOSE, fd) for fd in _inheritable_fds()]
+    actions += [(os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+                (os.POSIX_SPAWN_DUP2, out_write, 1), (os.POSIX_SPAWN_DUP2, out_write, 2),
+                (os.POSIX_SPAWN_DUP2, status_write, status_write)]
     try:
-        process = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                   stderr=subprocess.STDOUT, pass_fds=(status_write,), start_new_session=True)
+        start = os.posix_spawn if "/" in argv[0] else os.posix_spawnp
+        # The signals Python ignores back at their defaults, as Popen's restore_signals.
+        pid = start(argv[0], argv, env, file_actions=actions, setsid=True,
+                    setsigdef=(signal.SIGPIPE, signal.SIGXFSZ))
     except OSError as exc:
         os.close(status_read)
+        os.close(out_read)
         raise HookStartError(str(exc)) from exc
     finally:
         os.close(status_write)
-    return process, status_read
+        os.close(out_write)
+    return Child(pid, open(out_read, "rb", buffering=0)), status_read
 
 
 class TimedOut(Exception):
@@ -211,10 +258,11 @@ def follow(process, status_read, channel, limit, cancel_point, redact=str):
     tail = deque(maxlen=OUTPUT_TAIL)
     readers = {status_read: LineReader(), process.stdout.fileno(): LineReader()}
     deadline = time.monotonic() + limit
-    selector = selectors.DefaultSelector()
+    poller = select.poll()  # not selectors: its import is start-up every 1-hook process pays
     for fd in readers:
         os.set_blocking(fd, False)
-        selector.register(fd, selectors.EVENT_READ)
+        poller.register(fd, select.POLLIN)
+    open_fds = set(readers)
 
     def line(fd, raw):
         text = redact(raw.decode(errors="replace"))
@@ -224,48 +272,53 @@ def follow(process, status_read, channel, limit, cancel_point, redact=str):
             channel.output(text, tail)
 
     try:
-        while selector.get_map():
+        while open_fds:
             cancel_point()
             if time.monotonic() > deadline:
                 stop(process)
                 raise TimedOut(f"{channel.where} killed: it ran longer "
                                f"than the hook time limit of {limit:g} s (--hook-timeout)")
             exited = process.poll() is not None
-            ready = selector.select(timeout=0 if exited else 0.2)
+            ready = poller.poll(0 if exited else 200)
             if exited and not ready:
                 break  # a daemon the hook started keeps the pipes open
-            for key, _ in ready:
-                data = os.read(key.fd, 65536)
-                if not data:
-                    selector.unregister(key.fd)
+            for fd, _ in ready:
+                data = os.read(fd, 65536)
+                if not data:  # end of file (POLLHUP with nothing left to read)
+                    poller.unregister(fd)
+                    open_fds.discard(fd)
                     continue
-                for raw in readers[key.fd].feed(data):
-                    line(key.fd, raw)
+                for raw in readers[fd].feed(data):
+                    line(fd, raw)
         for fd, reader in readers.items():
             if reader.pending():
                 line(fd, reader.flush())
         process.wait()
     finally:
-        selector.close()
         os.close(status_read)
         process.stdout.close()
     return list(tail)
 
 
 def stop(process):
-    """SIGTERM the process group, then SIGKILL it after 5 s."""
+    """SIGTERM the process group, then SIGKILL it after 5 s.  Only poll() of
+    `process` is used: a Child or a subprocess.Popen."""
     for sig in (signal.SIGTERM, signal.SIGKILL):
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, sig)
-        try:
-            process.wait(timeout=5)
+        deadline = time.monotonic() + 5
+        while process.poll() is None:
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.02)
+        else:
             return
-        except subprocess.TimeoutExpired:
-            continue
 
 
 def collect(process, stream, check):
     """Wait for `process`, calling check() every 0.2 s; its last 64 KiB of `stream`."""
+    import subprocess  # here: hooks are started without it (spawn)
+    import selectors  # here: hooks are followed without it (follow)
     kept = b""
     os.set_blocking(stream.fileno(), False)
     with selectors.DefaultSelector() as selector:
@@ -287,6 +340,7 @@ def collect(process, stream, check):
 
 def run_tool(argv, check=lambda: None, env=None):
     """Run a short host command, stopping it if check() raises; (exit code, stderr bytes)."""
+    import subprocess  # here: hooks are started without it (spawn)
     process = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                stderr=subprocess.PIPE, start_new_session=True)
     try:

@@ -6,8 +6,6 @@ only a hook that declares `#@ verbs: accepts` is started to answer.
 
 import os
 import re
-import shutil
-import subprocess
 import sys
 
 HOOK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -129,6 +127,7 @@ def static_accepts(hook, context, path_env):
         if value not in allowed.split():
             return False, f"{key} {value or '(unknown)'} is not one of: {allowed}"
     for command in hook.header.get("requires", "").split() if path_env is not None else ():
+        import shutil  # here: not at import, for the start-up of a 1-hook process (docs/packaging.md)
         if not shutil.which(command, path=path_env):
             return False, f"needs {command}, not found on PATH"
     return True, ""
@@ -139,6 +138,7 @@ def accepts(hook, context, env):
     ok, reason = static_accepts(hook, context, env.get("PATH"))
     if not ok or "accepts" not in hook.verbs:
         return ok, reason
+    import subprocess  # here: not at import, for the start-up of a 1-hook process (docs/packaging.md)
     try:
         result = subprocess.run(hook.argv("accepts"), env=env, stdin=subprocess.DEVNULL,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -159,6 +159,7 @@ def required_capacity(hook, env):
     """Bytes the hook says it will write; 0 for a hook that does not say."""
     if "required-capacity" not in hook.verbs:
         return 0
+    import subprocess  # here: not at import, for the start-up of a 1-hook process (docs/packaging.md)
     result = subprocess.run(hook.argv("required-capacity"), env=env, stdin=subprocess.DEVNULL,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:

@@ -9,7 +9,6 @@ lines on $IMG_STATUS_FD, see docs/hooks.md).
 import contextlib
 import json
 import os
-import subprocess
 import sys
 import time
 
@@ -444,6 +443,7 @@ class Process:
         files.sort(key=lambda item: hooks.sort_key(item[0]))
         script = "".join(f'source "{path}" || {{ echo "{path}: failed (exit $?)" >&2; exit 1; }}\n'
                          for _, path in files) + "env -0\n"
+        import subprocess  # here: not at import, for the start-up of a 1-hook process (docs/packaging.md)
         result = subprocess.run(["bash", "-c", script], env=self._base_env(), stdin=subprocess.DEVNULL,
                                 capture_output=True, check=False)
         if result.returncode:
@@ -789,6 +789,7 @@ class Process:
                                 writable=self.env.get("IMG_MOUNT_WRITABLE") == "1")
         self.monitor.event("log", level="INFO",
                            message=f"break point {point}: a shell; exit 0 to go on, exit 1 to stop")
+        import subprocess  # here: not at import, for the start-up of a 1-hook process (docs/packaging.md)
         if subprocess.run(argv, env=env, check=False).returncode != 0:
             raise ProcessFailure(1, f"stopped at break point {point}")
 

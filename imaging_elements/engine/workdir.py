@@ -5,10 +5,8 @@ removed at the end; and --cleanup of one a killed process left."""
 import contextlib
 import fcntl
 import os
-import shutil
 
-from imaging_elements.engine import interrupts, tools
-from imaging_elements.sdk import hooklib
+from imaging_elements.engine import interrupts
 from imaging_elements.sdk.journal import Journal, describe
 
 CREATED = ".created-by-euca-image-process"
@@ -71,6 +69,8 @@ def limit_scratch(work, scratch, limit, journal, check=lambda: None):
     """--scratch-limit: the scratch directory becomes a filesystem of that size,
     so that whatever writes there meets ENOSPC at the limit, while it writes.
     Every resource is in `journal`; raises WorkDirError."""
+    from imaging_elements.engine import tools  # here: only --scratch-limit needs them (start-up)
+    from imaging_elements.sdk import hooklib
     image = os.path.join(work, "scratch.ext4")
     journal.add("remove", path=image)
     with open(image, "wb") as f:
@@ -110,6 +110,7 @@ def remove_work_dir(work, warn, keep_logs=False):
     if busy:
         warn(f"{work}: not removed, still mounted: {', '.join(busy)}")
         return
+    import shutil  # here: not at import, for the start-up of a 1-hook process (docs/packaging.md)
     logs = os.path.join(work, "logs")
     if keep_logs and os.path.isdir(logs) and os.listdir(logs):
         for name in os.listdir(work):

@@ -22,7 +22,6 @@ See docs/hooks.md for the protocol these helpers speak.
 import contextlib
 import json
 import os
-import subprocess
 import sys
 
 from imaging_elements.sdk.journal import Journal
@@ -82,6 +81,7 @@ def journal():
 
 def run(argv, **kwargs):
     """subprocess.run with check=True and captured text output; errors name the command."""
+    import subprocess  # here: not at import, for the start-up of a 1-hook process (docs/packaging.md)
     result = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
     if result.returncode:
         detail = result.stderr.strip() or result.stdout.strip()
@@ -106,6 +106,7 @@ def losetup(path, offset=0, sizelimit=None, readonly=True, journal_=None):
         argv = ["losetup", "--offset", str(offset)]
         argv += ["--sizelimit", str(sizelimit)] if sizelimit else []
         argv += ["--read-only"] if readonly else []
+        import subprocess  # here: not at import, for the start-up of a 1-hook process (docs/packaging.md)
         result = subprocess.run(argv + [device, path], stdin=subprocess.DEVNULL,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         if result.returncode == 0:
@@ -141,6 +142,7 @@ def spawn(argv, **kwargs):
     Its output goes to $IMG_WORK_DIR/logs/NAME.log unless `stdout` is given:
     a daemon must not hold the hook's output pipe open after the hook ends.
     """
+    import subprocess  # here: not at import, for the start-up of a 1-hook process (docs/packaging.md)
     if "stdout" not in kwargs:
         logs = os.path.join(os.environ.get("IMG_WORK_DIR", "/tmp"), "logs")
         os.makedirs(logs, exist_ok=True)

@@ -20,9 +20,7 @@ A failing undo step is reported and the others still run.
 
 import json
 import os
-import shutil
 import signal
-import subprocess
 import sys
 import time
 
@@ -143,6 +141,7 @@ def describe(entry):
 
 
 def _run(argv):
+    import subprocess  # here: not at import, for the start-up of a 1-hook process (docs/packaging.md)
     result = subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     if result.returncode:
         raise UndoError(f"{' '.join(argv)}: {result.stderr.strip() or 'exit %d' % result.returncode}")
@@ -161,6 +160,7 @@ def _undo(entry):
         if not _mounted(entry["path"]):
             return
         for attempt in range(20):
+            import subprocess  # here: not at import, for the start-up of a 1-hook process (docs/packaging.md)
             result = subprocess.run(["umount", entry["path"]], stderr=subprocess.PIPE, text=True)
             if result.returncode == 0 or not _mounted(entry["path"]):
                 return
@@ -198,6 +198,7 @@ def _undo(entry):
     elif action == "remove":
         path = entry["path"]
         if os.path.isdir(path) and not os.path.islink(path):
+            import shutil  # here: not at import, for the start-up of a 1-hook process (docs/packaging.md)
             shutil.rmtree(path)
         elif os.path.lexists(path):
             os.unlink(path)
