@@ -328,7 +328,7 @@ class CeleryWorker:
     def _announce(self):
         local = self.local
         asked = announce(self.db, self.name, local.count, len(local.running), local.scratch.capacity,
-                         local.scratch.capacity - local.scratch.held, self.draining)
+                         local.scratch.capacity - local.scratch.held, self.stopping)
         if self.stopping or self.controller is None or asked == self.draining:
             return
         # `imaging-service worker drain/resume`: stop or start consuming, in the consumer's own
@@ -373,23 +373,40 @@ class CeleryWorker:
 
         SIGTERM (or a first SIGINT) is Celery's warm shutdown, a drain: the worker stops taking
         messages and marks itself draining, its running conversions go on to their end here, then
-        it exits 0.  SIGQUIT (Celery's cold shutdown), or a second SIGTERM/SIGINT: the running
-        conversions stop now and are handed back (pending) and published again; their messages,
-        never acknowledged, are redelivered too; the idempotent claim runs each task once."""
+        it exits 0.  SIGQUIT, or a second SIGTERM/SIGINT: the running conversions stop now, are
+        handed back (pending) and published again, then the worker exits 1; a message not
+        acknowledged by then is redelivered too: the idempotent claim runs each task once."""
         from celery import signals
 
         stop = threading.Event()
         keeper = threading.Thread(target=self._housekeeping, args=(stop,), name="housekeeping", daemon=True)
 
-        def shutting_down(how="Warm", **_kwargs):
-            # Our conversions are not Celery's to cancel: they stop only on a cold shutdown.
-            if how == "Cold" or self.stopping:
-                log.warning("cold shutdown: handing the %d running tasks back", len(self.local.running))
-                self.local._stop.set()
-            else:
-                log.info("warm shutdown: draining; %d running tasks finish here", len(self.local.running))
+        def cold(*_args):
+            # Ours, not Celery's cold shutdown (with the threads pool it cannot stop a running task,
+            # it raises NotImplementedError): stop the conversions now, hand them back, then leave
+            # as on a warm shutdown.
+            from celery.worker import state
+            log.warning("cold shutdown: handing the %d running tasks back", len(self.local.running))
             self.stopping = self.draining = True
+            self.local._stop.set()
+            if state.should_stop in (None, False):
+                state.should_stop = 1
 
+        def ready(**_kwargs):
+            signal.signal(signal.SIGQUIT, cold)  # in the main thread, after Celery installed its own
+
+        def shutting_down(how="Warm", **_kwargs):
+            # SIGTERM, or a first SIGINT: a drain (the running conversions end here); a second one
+            # is the cold shutdown, as SIGQUIT.
+            if how == "Cold" or self.stopping:
+                cold()
+                return
+            log.info("warm shutdown: draining; %d running tasks finish here", len(self.local.running))
+            self.stopping = self.draining = True
+            for sig in (signal.SIGQUIT, signal.SIGINT):  # Celery re-armed SIGINT with its cold shutdown
+                signal.signal(sig, cold)
+
+        signals.worker_ready.connect(ready, weak=False)
         signals.worker_shutting_down.connect(shutting_down, weak=False)
         try:
             worker = self.app.Worker(pool="threads", concurrency=self.local.count, queues=[self.settings.queue],
