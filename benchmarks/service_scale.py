@@ -125,7 +125,7 @@ def one_round(vmdk, tasks, workers):
             states = [t["Status"] for t in found]
             if all(s in ("completed", "deleted") for s in states):
                 break
-            time.sleep(0.5)
+            time.sleep(2)  # the poll costs the front-end CPU the workers share
         elapsed = time.monotonic() - started
         cpu_after, machine_after = cpu_by_role(pids), machine_cpu()
         failed = [t for t in found if t["Status"] != "completed"]
@@ -153,6 +153,9 @@ def report(rows, busy, cpu, elapsed, tasks):
           f"{ours:.1f} CPU-s = {ours / tasks:.2f} per import ("
           + ", ".join(f"{k} {v:.1f}" for k, v in cpu.items())
           + f"); others on the machine {max(0.0, busy * os.cpu_count() * elapsed - ours):.1f} CPU-s", flush=True)
+    print(f"    CPU-bound ceiling of this machine with nothing else running: {os.cpu_count()} cores / "
+          f"{ours / tasks:.2f} CPU-s = {60 * os.cpu_count() * tasks / ours:.0f} imports/min; this round had "
+          f"{100 * ours / max(1e-9, busy * os.cpu_count() * elapsed):.0f} % of the machine's busy time", flush=True)
 
 
 def main():
