@@ -24,7 +24,9 @@ from tests.service import fixtures as sf
 from tests.service.celery_fixtures import Cluster, RabbitMQ
 
 WHY_NOT = RabbitMQ.missing() or sf.PostgreSQL.missing()
-FAST = ["--instance-validation", "false", "--heartbeat", "1s", "--upload-poll", "1s", "--orphan-after", "4s",
+# --orphan-after 10s: a heartbeat (1 s) can stall for seconds on a starved shared machine (load 10-18
+# seen), and 4 s then requeued healthy tasks (attempts 2).
+FAST = ["--instance-validation", "false", "--heartbeat", "1s", "--upload-poll", "1s", "--orphan-after", "10s",
         "--redispatch-after", "3s", "--log-level", "info"]
 SLOW_HOOK = "#!/bin/bash\n# a validator that takes its time, for the kill and cancel tests\nsleep 15\n"
 
