@@ -18,6 +18,10 @@ a broker message only says "look at task ID".
 - workers announce their limits (concurrent conversions, scratch space) in
   the `imaging_workers` table; a task that needs more scratch than this
   worker has goes back to the queue while another live worker has room;
+- SIGTERM drains (Celery's warm shutdown: no new message, the running conversions end
+  here); `imaging-service worker drain` does the same without stopping (the
+  `draining` flag of the worker's announcement); SIGQUIT or a second SIGTERM hands the
+  running tasks back at once (docs/deployment.md);
 - cancellation and the time limit go through the database (the pipeline
   polls tasks.cancel_requested every second; tasks.expire cancels a task
   over `task_timeout`), never revoke(terminate=True).
@@ -179,11 +183,27 @@ def stale_pending(db, older_than, limit=500):
 
 
 def announce(db, name, concurrency, running, capacity, free, draining=False):
+    """Write this worker's row; returns its `draining` flag as stored.  The worker only ever sets
+    the flag (its shutdown); `imaging-service worker drain/resume` (set_draining) set and clear it."""
     row = {"concurrency": concurrency, "running": running, "scratch_capacity": capacity,
-           "scratch_free": free, "draining": draining, "heartbeat_at": utcnow()}
+           "scratch_free": free, "heartbeat_at": utcnow()}
+    if draining:
+        row["draining"] = True
     with db.session(write=True) as s:
         if not s.execute(update(workers_table).where(workers_table.c.name == name).values(**row)).rowcount:
-            s.execute(workers_table.insert().values(name=name, **row))
+            s.execute(workers_table.insert().values(name=name, **dict(row, draining=draining)))
+        return bool(s.scalar(select(workers_table.c.draining).where(workers_table.c.name == name)))
+
+
+def set_draining(db, names, draining, within):
+    """Ask the live workers `names` (all live ones for an empty list) to drain (stop taking tasks,
+    finish the running ones, keep running) or to take tasks again.  Returns the names asked."""
+    ensure_schema(db)
+    found = [w["name"] for w in live_workers(db, within) if not names or w["name"] in names]
+    if found:
+        with db.session(write=True) as s:
+            s.execute(update(workers_table).where(workers_table.c.name.in_(found)).values(draining=draining))
+    return found
 
 
 def forget(db, name):
@@ -235,7 +255,9 @@ class CeleryWorker:
         self.local.scratch = Scratch(int(capacity))
         self.name = f"{socket.gethostname()}/{os.getpid()}-{secrets.token_hex(3)}"
         self.redispatch_after = seconds(getattr(settings, "redispatch_after", None), 600.0)
-        self.draining = False
+        self.draining = False  # takes no new task: asked by `worker drain`, or shutting down
+        self.stopping = False  # a (warm) shutdown started
+        self.controller = None  # the Celery WorkController, once main() made it
         ensure_schema(db)
         self._register_task()
 
@@ -283,7 +305,8 @@ class CeleryWorker:
         finally:
             local.running.pop(task.id, None)
         if local._stop.is_set() and state_of(db, task_id) == "pending":
-            # Stopped before the task's end (SIGTERM): local._run handed it back; publish it again.
+            # Stopped before the task's end (cold shutdown): local._run handed it back; publish it
+            # again (should this message be redelivered too, the claim takes only one of them).
             self.app.send_task(TASK_NAME, args=[task_id])
             return "released"
         return state_of(db, task_id)
@@ -304,8 +327,20 @@ class CeleryWorker:
 
     def _announce(self):
         local = self.local
-        announce(self.db, self.name, local.count, len(local.running), local.scratch.capacity,
-                 local.scratch.capacity - local.scratch.held, self.draining)
+        asked = announce(self.db, self.name, local.count, len(local.running), local.scratch.capacity,
+                         local.scratch.capacity - local.scratch.held, self.stopping)
+        if self.stopping or self.controller is None or asked == self.draining:
+            return
+        # `imaging-service worker drain/resume`: stop or start consuming, in the consumer's own
+        # thread (what Celery's remote `cancel_consumer`/`add_consumer` do).
+        consumer, queue = self.controller.consumer, self.settings.queue
+        self.draining = asked
+        if asked:
+            log.info("draining: no new tasks; %d running finish here", len(local.running))
+            consumer.call_soon(consumer.cancel_task_queue, queue)
+        else:
+            log.info("taking tasks again")
+            consumer.call_soon(consumer.add_task_queue, queue)  # the configured queue, by its name
 
     def _housekeeping(self, stop):
         local = self.local
@@ -334,31 +369,59 @@ class CeleryWorker:
                 log.exception("housekeeping failed")
 
     def main(self, loglevel="INFO"):
-        """Run the Celery worker until SIGTERM or SIGINT (Celery's warm shutdown, whose running tasks
-        stop at once and are handed back, pending, to the other workers).  Returns the exit code."""
+        """Run the Celery worker until it is stopped; returns the exit code.
+
+        SIGTERM (or a first SIGINT) is Celery's warm shutdown, a drain: the worker stops taking
+        messages and marks itself draining, its running conversions go on to their end here, then
+        it exits 0.  SIGQUIT, or a second SIGTERM/SIGINT: the running conversions stop now, are
+        handed back (pending) and published again, then the worker exits 1; a message not
+        acknowledged by then is redelivered too: the idempotent claim runs each task once."""
         from celery import signals
 
         stop = threading.Event()
         keeper = threading.Thread(target=self._housekeeping, args=(stop,), name="housekeeping", daemon=True)
 
-        def draining(*_args, **_kwargs):
-            # SIGTERM: take nothing new, stop the running conversions now and hand them back.
-            self.draining = True
+        def cold(*_args):
+            # Ours, not Celery's cold shutdown (with the threads pool it cannot stop a running task,
+            # it raises NotImplementedError): stop the conversions now, hand them back, then leave
+            # as on a warm shutdown.
+            from celery.worker import state
+            log.warning("cold shutdown: handing the %d running tasks back", len(self.local.running))
+            self.stopping = self.draining = True
             self.local._stop.set()
+            if state.should_stop in (None, False):
+                state.should_stop = 1
 
-        signals.worker_shutting_down.connect(draining, weak=False)
-        keeper.start()
+        def ready(**_kwargs):
+            signal.signal(signal.SIGQUIT, cold)  # in the main thread, after Celery installed its own
+
+        def shutting_down(how="Warm", **_kwargs):
+            # SIGTERM, or a first SIGINT: a drain (the running conversions end here); a second one
+            # is the cold shutdown, as SIGQUIT.
+            if how == "Cold" or self.stopping:
+                cold()
+                return
+            log.info("warm shutdown: draining; %d running tasks finish here", len(self.local.running))
+            self.stopping = self.draining = True
+            for sig in (signal.SIGQUIT, signal.SIGINT):  # Celery re-armed SIGINT with its cold shutdown
+                signal.signal(sig, cold)
+
+        signals.worker_ready.connect(ready, weak=False)
+        signals.worker_shutting_down.connect(shutting_down, weak=False)
         try:
             worker = self.app.Worker(pool="threads", concurrency=self.local.count, queues=[self.settings.queue],
                                      hostname=f"imaging@{self.name.replace('/', '-')}", loglevel=loglevel,
                                      without_gossip=True, without_mingle=True, without_heartbeat=True,
                                      optimization="fair")
+            self.controller = worker
+            keeper.start()
             worker.start()
             return worker.exitcode or 0
         finally:
             self.local._stop.set()
             stop.set()
-            keeper.join(10)
+            if keeper.is_alive():
+                keeper.join(10)
             try:
                 forget(self.db, self.name)
             except Exception:

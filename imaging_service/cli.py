@@ -30,6 +30,12 @@ def parser():
     worker = commands.add_parser("worker", help="run a celery-engine worker (conversions of tasks from "
                                                 "--broker-url) with its own --work-dir", epilog=EPILOG,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+    worker.add_argument("action", nargs="?", default="run", choices=["run", "list", "drain", "resume"],
+                        help="run (default): this machine's worker; list: the live workers; drain: the named "
+                             "workers (default: every one on this host) take no new task, finish theirs and "
+                             "keep running; resume: they take tasks again")
+    worker.add_argument("names", nargs="*", metavar="NAME", help="worker names, as `worker list` shows them")
+    worker.add_argument("--json", action="store_true", help="list: print JSON")
     config.add_arguments(worker, rows)
     # -- end celery engine --
     creds = commands.add_parser("credentials", help="create, list or revoke access keys; make a "
@@ -71,7 +77,7 @@ def main(argv=None):
         if args.command == "serve":
             return serve(settings)
         if args.command == "worker":
-            return celery_worker(settings)
+            return celery_worker(settings) if args.action == "run" else worker_control(args, settings)
         return credentials(args, settings)
     except Exception as e:  # one line for the operator; the traceback with --log-level debug
         logging.getLogger("imaging_service").debug("failed", exc_info=True)
@@ -141,6 +147,39 @@ def celery_worker(settings):
                             settings.s3_secret_key)
         return CeleryWorker(db, settings, store, Credentials(db, settings.key_file)).main(
             loglevel=settings.log_level.upper())
+    finally:
+        db.dispose()
+
+
+def worker_control(args, settings):
+    """`imaging-service worker list|drain|resume [NAME...]`, through the shared database."""
+    import socket
+
+    from imaging_service import celery_engine
+    from imaging_service.db import Database
+    db = Database(settings.database_url)
+    within = 3 * celery_engine.seconds(settings.heartbeat, 2.0) + 5  # as /healthz counts them live
+    try:
+        if args.action == "list":
+            rows = celery_engine.live_workers(db, within)
+            if args.json:
+                print(json.dumps([dict(r, heartbeat_at=r["heartbeat_at"].isoformat()) for r in rows]))
+            for r in [] if args.json else rows:
+                print(f"{r['name']}\t{'draining' if r['draining'] else 'taking'}\trunning {r['running']}/"
+                      f"{r['concurrency']}\tscratch free {r['scratch_free']}/{r['scratch_capacity']}")
+            return 0
+        names = args.names
+        if not names:  # this host's workers (`hostname/pid-...`)
+            host = socket.gethostname() + "/"
+            names = [r["name"] for r in celery_engine.live_workers(db, within) if r["name"].startswith(host)]
+        found = celery_engine.set_draining(db, names, args.action == "drain", within) if names else []
+        for name in found:
+            print(f"{name}\t{'draining' if args.action == 'drain' else 'taking tasks'}")
+        missing = sorted(set(args.names) - set(found))
+        if missing or not found:
+            print(f"imaging-service: error: no live worker {' '.join(missing) or 'on this host'}", file=sys.stderr)
+            return 1
+        return 0
     finally:
         db.dispose()
 

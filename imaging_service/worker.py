@@ -260,7 +260,7 @@ class EmbeddedWorkers:
         found = self.credentials.lookup(access_key)
         if found is None:
             return None
-        return self.store.for_user(access_key, found[0])
+        return self.store.for_user(access_key, found[0])  # one client per key pair, kept by the store
 
     # -- housekeeping -------------------------------------------------------------------------
 

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 
 import fixtures
 
@@ -142,7 +143,8 @@ class Cluster(fixtures.Fixture):
 
 
 class Worker(fixtures.Fixture):
-    """`imaging-service worker` in its own session, with its own state and work directory."""
+    """`imaging-service worker` in its own session, with its own state and work directory.
+    cluster: anything with .dir (where its directories go) and .args (the shared flags)."""
 
     def __init__(self, cluster, args=()):
         super().__init__()
@@ -184,3 +186,92 @@ class Worker(fixtures.Fixture):
     def log(self):
         with open(self.log_path, errors="replace") as f:
             return f.read()
+
+
+# ---- the service's test suite on the celery engine ----------------------------------------------
+
+WHY_NOT = RabbitMQ.missing() or sf.PostgreSQL.missing()
+
+
+class Servers(fixtures.Fixture):
+    """PostgreSQL, RabbitMQ and SeaweedFS for a whole test class (each takes seconds to start);
+    every test gets its own database, broker queue and key file from .environ()."""
+
+    def _setUp(self):
+        from imaging_service.seaweed import EmbeddedSeaweed, free_port_pair
+        self.dir = self.useFixture(fixtures.TempDir()).path
+        self.pg = self.useFixture(sf.PostgreSQL())
+        self.rabbit = self.useFixture(RabbitMQ())
+        self.seaweed = EmbeddedSeaweed(os.path.join(self.dir, "seaweed"), port=free_port_pair())
+        self.seaweed.write_identities([])
+        self.seaweed.start()
+        self.addCleanup(self.seaweed.stop)
+        self.count = 0
+
+    def environ(self, tmp):
+        """IMAGING_SERVICE_* variables of one test: every `imaging-service` command the test runs
+        (serve, worker, credentials) reaches its database and queue without a flag."""
+        self.count += 1
+        return {"IMAGING_SERVICE_DATABASE_URL": self.pg.create_database(f"test{self.count}"),
+                "IMAGING_SERVICE_KEY_FILE": os.path.join(tmp, "secret.key"),
+                "IMAGING_SERVICE_BROKER_URL": self.rabbit.url,
+                "IMAGING_SERVICE_QUEUE": f"test{self.count}"}
+
+    def sync_identities(self):
+        """The store takes exactly the key pairs of the current test's database (what the
+        embedded engine's front-end does by itself; an external store is the operator's)."""
+        from imaging_service.credentials import Credentials
+        from imaging_service.db import Database
+        db = Database(os.environ["IMAGING_SERVICE_DATABASE_URL"])
+        try:
+            self.seaweed.write_identities(sorted(Credentials(db, os.environ["IMAGING_SERVICE_KEY_FILE"])
+                                                 .identities()))
+        finally:
+            db.dispose()
+
+
+class CeleryService(sf.Service):
+    """A celery front-end whose new credentials are made valid on the shared store at once."""
+
+    def __init__(self, servers, **kwargs):
+        super().__init__(engine="celery", **kwargs)
+        self.servers = servers
+
+    def credential(self, operator=False):
+        found = super().credential(operator)
+        self.servers.sync_identities()
+        return found
+
+
+class CeleryEngine:
+    """Mixin that runs a test class of the service's suite (tests/service/test_api.py,
+    test_clients.py) again on the celery engine: PostgreSQL, RabbitMQ and SeaweedFS started once
+    for the class, a fresh database and queue per test.  Put it first in the bases:
+    `class TestXCelery(CeleryEngine, TestX)`; the test class starts its service with
+    `engine=self.engine` (and, for imports, its workers through `celery_worker()`)."""
+
+    engine = "celery"
+    servers = None
+
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        cls.servers = Servers()
+        cls.servers.setUp()
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.servers.cleanUp()
+        super().tearDownClass()
+
+    def setUp(self):
+        tmp = self.useFixture(fixtures.TempDir()).path
+        for name, value in self.servers.environ(tmp).items():
+            self.useFixture(fixtures.EnvironmentVariable(name, value))
+        self.celery_dir = tmp
+        super().setUp()
+
+    def celery_worker(self, *args):
+        """An `imaging-service worker` ("another machine") for this test's database and queue."""
+        holder = types.SimpleNamespace(dir=self.celery_dir, args=list(args))
+        return self.useFixture(Worker(holder))

@@ -41,7 +41,8 @@ def cli(*args, env=None, check=True):
 class Service(fixtures.Fixture):
     """`imaging-service serve` in a child process.
 
-    engine: "none" (API only, no object store or workers) or "embedded".
+    engine: "none" (API only, no object store or workers), "embedded" or "celery" (a
+    front-end; tests/service/celery_fixtures.py gives it its database and broker).
     args: more flags; env: more environment.  After setUp: .url, .state_dir,
     .credential() -> (access, secret, account), .client(access, secret).
     """
@@ -64,6 +65,15 @@ class Service(fixtures.Fixture):
 
     def common_args(self):
         return ["--state-dir", self.state_dir, *self.args]
+
+    @property
+    def database_url(self):
+        """The database this service uses (a flag, IMAGING_SERVICE_DATABASE_URL as the celery
+        engine's tests set it, or the default SQLite file)."""
+        if "--database-url" in self.args:
+            return self.args[self.args.index("--database-url") + 1]
+        return (self.env.get("IMAGING_SERVICE_DATABASE_URL") or os.environ.get("IMAGING_SERVICE_DATABASE_URL")
+                or "sqlite:///" + os.path.join(self.state_dir, "service.db"))
 
     def start(self):
         with open(self.log_path, "ab") as log:
@@ -161,4 +171,15 @@ class PostgreSQL(fixtures.Fixture):
         with psycopg.connect(f"host=127.0.0.1 port={self.port} user=postgres dbname=postgres",
                              autocommit=True) as conn:
             conn.execute("CREATE DATABASE imaging")
-        self.url = f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/imaging"
+        self.url = self.database_url("imaging")
+
+    def database_url(self, name):
+        return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/{name}"
+
+    def create_database(self, name):
+        """A fresh database on this server (a test's own, when a test class shares the server)."""
+        import psycopg
+        with psycopg.connect(f"host=127.0.0.1 port={self.port} user=postgres dbname=postgres",
+                             autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+        return self.database_url(name)

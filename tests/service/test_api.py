@@ -17,16 +17,22 @@ from botocore.exceptions import ClientError
 from imaging_service import tasks
 from imaging_service.db import Database
 from tests.service import fixtures as sf
+from tests.service.celery_fixtures import WHY_NOT, CeleryEngine
 
 BUCKET = {"S3Bucket": "images", "S3Key": "disk.vmdk"}
 STORE = "http://127.0.0.1:9"
 
 
 class APITestCase(testtools.TestCase):
+    # "none": the API without workers, so that tasks stay as the tests make them; the same
+    # tests on celery front-ends (no worker either): the *Celery classes at the end.
+    engine = "none"
 
     def setUp(self):
         super().setUp()
-        self.service = self.useFixture(sf.Service(engine="none", args=["--s3-endpoint", STORE]))
+        # healthy=False on celery: its /healthz checks the store too, and STORE never answers.
+        self.service = self.useFixture(sf.Service(engine=self.engine, args=["--s3-endpoint", STORE],
+                                                  healthy=self.engine != "celery"))
         self.access, self.secret, self.account = self.service.credential()
         self.ec2 = self.service.client(self.access, self.secret)
 
@@ -36,7 +42,7 @@ class APITestCase(testtools.TestCase):
         return e
 
     def db(self):
-        db = Database("sqlite:///" + os.path.join(self.service.state_dir, "service.db"))
+        db = Database(self.service.database_url)
         self.addCleanup(db.dispose)
         return db
 
@@ -481,10 +487,11 @@ class TestEmbedded(testtools.TestCase):
 
 
 class TestHealth(testtools.TestCase):
+    engine = "none"
 
     def test_missing_element_disables_the_service(self):
-        service = self.useFixture(sf.Service(engine="none", healthy=False,
-                                             args=["--elements-linux", "mounters no-such-check convert-qemu"]))
+        service = self.useFixture(sf.Service(engine=self.engine, healthy=False, args=[
+            "--s3-endpoint", STORE, "--elements-linux", "mounters no-such-check convert-qemu"]))
         e = self.assertRaises(urllib.error.HTTPError, urllib.request.urlopen, service.url + "/healthz")
         self.assertEqual(503, e.code)
         health = json.load(e)
@@ -551,3 +558,53 @@ class TestAPIProcesses(testtools.TestCase):
         os.kill(service.process.pid, signal.SIGKILL)  # only the first: the second must notice
         service.process.wait()
         self.assertTrue(self.gone(child), "the second API process outlived the killed first one")
+
+
+# ---- the same tests on the celery engine ----------------------------------------------------------
+# Front-ends with --engine celery (PostgreSQL and RabbitMQ shared by each class, a database and a
+# queue per test: tests/service/celery_fixtures.py).  No worker runs, as on "none" above: the tests
+# make the tasks' states themselves (a worker would fail their imports of STORE at once).
+# TestEmbedded is the embedded engine's own (its store and workers in the service process).
+
+@testtools.skipIf(WHY_NOT, WHY_NOT)
+class TestImportImageCelery(CeleryEngine, TestImportImage):
+    pass
+
+
+@testtools.skipIf(WHY_NOT, WHY_NOT)
+class TestErrorsAndIsolationCelery(CeleryEngine, TestErrorsAndIsolation):
+
+    def test_invalid_action_and_unsigned(self):
+        # Not the same on both: a celery front-end's /healthz checks the object store and the
+        # broker too, and STORE (never contacted by these tests) does not answer: 503.
+        e = self.assertRaises(urllib.error.HTTPError, urllib.request.urlopen, self.service.url + "/healthz")
+        with e:
+            health = json.load(e)
+        self.assertEqual((503, "ok", "ok", "ok"), (e.code, health["toolkit"], health["database"], health["broker"]))
+        self.assertNotEqual("ok", health["object_store"])  # no credentials, nothing listening
+        self.assertError("InvalidAction", self.ec2.describe_instances)
+        request = urllib.request.Request(self.service.url + "/", data=b"Action=DescribeConversionTasks")
+        e = self.assertRaises(urllib.error.HTTPError, urllib.request.urlopen, request)
+        with e:
+            self.assertEqual(401, e.code)
+            self.assertIn(b"<Code>AuthFailure</Code>", e.read())
+
+
+@testtools.skipIf(WHY_NOT, WHY_NOT)
+class TestLegacyCelery(CeleryEngine, TestLegacy):
+    pass
+
+
+@testtools.skipIf(WHY_NOT, WHY_NOT)
+class TestAWSCLICelery(CeleryEngine, TestAWSCLI):
+    pass
+
+
+@testtools.skipIf(WHY_NOT, WHY_NOT)
+class TestExportCelery(CeleryEngine, TestExport):
+    pass
+
+
+@testtools.skipIf(WHY_NOT, WHY_NOT)
+class TestHealthCelery(CeleryEngine, TestHealth):
+    pass

@@ -11,12 +11,15 @@ import time
 
 import boto3
 import botocore.config
+import testtools
 
 from imaging_service import manifest as import_manifest
 from imaging_service.clients import euca_import
 from imaging_service.objectstore import ObjectStore, ObjectStoreError
 from tests.guestimages import linux_disk
-from tests.service.test_pipeline import PipelineTest
+from tests.service import fixtures as sf
+from tests.service.celery_fixtures import WHY_NOT, CeleryEngine, CeleryService
+from tests.service.test_pipeline import FAST, PipelineTest
 
 
 class ClientsTest(PipelineTest):
@@ -285,3 +288,25 @@ class _FailAfter:
 
     def __getattr__(self, name):
         return getattr(self._client, name)
+
+
+# ---- the same commands on the celery engine --------------------------------------------------------
+
+@testtools.skipIf(WHY_NOT, WHY_NOT)
+class TestClientsCelery(CeleryEngine, ClientsTest):
+    """Every test above against a celery front-end and one `imaging-service worker` process (its
+    own state and work directory), PostgreSQL, RabbitMQ and the object store (SeaweedFS) shared
+    by the class (tests/service/celery_fixtures.py)."""
+
+    def start(self, *args, state_dir=None):
+        servers = self.servers
+        self.s3_port = servers.seaweed.port
+        operator = json.loads(sf.cli("credentials", "create", "--json", "--operator", "--state-dir",
+                                     self.path("admin")).stdout)
+        servers.sync_identities()
+        store = ["--s3-endpoint", servers.seaweed.endpoint_url, "--s3-access-key", operator["access_key"],
+                 f"--s3-secret-key={operator['secret_key']}"]  # "=": a secret may start with "-"
+        self.celery_worker(*FAST, *store, *args)
+        self.service = self.useFixture(CeleryService(servers, args=[*FAST, *store, *args], start_timeout=120,
+                                                     state_dir=state_dir or self.path("state")))
+        return self.service
