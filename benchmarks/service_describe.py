@@ -329,17 +329,21 @@ def main():
                 r = stats([s for _, s in found])
                 print(f"   {action:26s} p50 {r['p50']:5.1f} ms  p99 {r['p99']:5.1f} ms")
 
+            def show(part, found):
+                """Each action's p50/p99/max of the (action, seconds) calls `found`, kept in results."""
+                for action in ACTIONS:
+                    r = stats([s for a, s in found if a == action])
+                    results.append((f"{part}, {action}", r["p99"]))
+                    print(f"   {action:26s} {r['calls']:5d} calls: p50 {r['p50']:5.1f} ms  p99 {r['p99']:6.1f} ms  "
+                          f"max {r['max']:6.1f} ms  {verdict(r['p99'])}")
+
             found, elapsed = run_callers("waiter", service.url, callers, interval=args.interval,
                                          duration=args.duration)
             offered = n * len(ACTIONS) / args.interval
             print(f"b. waiters: {n} callers, both calls then a {args.interval:g} s pause, for {args.duration:g} s "
                   f"(a real waiter pauses 15 s); offered at most {offered:.0f} calls/s, achieved "
                   f"{len(found) / elapsed:.0f} calls/s ({load()}):")
-            for action in ACTIONS:
-                r = stats([s for a, s in found if a == action])
-                results.append((f"waiters, {action}", r["p99"]))
-                print(f"   {action:26s} {r['calls']:5d} calls: p50 {r['p50']:5.1f} ms  p99 {r['p99']:6.1f} ms  "
-                      f"max {r['max']:6.1f} ms  {verdict(r['p99'])}")
+            show("waiters", found)
 
             found, _ = run_callers("burst", service.url, callers, bursts=args.bursts)
             calls, cpu = CLIENT_CPU[-1]
@@ -347,11 +351,7 @@ def main():
                   f"\n   the boto3 clients' own CPU: {cpu / calls * 1000:.1f} ms per call, so one burst needs "
                   f"{n * cpu / calls * 1000 / (os.cpu_count() or 1):.0f} ms of the {os.cpu_count()} CPUs for "
                   f"the clients alone:")
-            for action in ACTIONS:
-                r = stats([s for a, s in found if a == action])
-                results.append((f"bursts, {action}", r["p99"]))
-                print(f"   {action:26s} {r['calls']:5d} calls: p50 {r['p50']:5.1f} ms  p99 {r['p99']:6.1f} ms  "
-                      f"max {r['max']:6.1f} ms  {verdict(r['p99'])}")
+            show("bursts", found)
 
             print(f"d. closed loop, {n} calls always outstanding, {args.calls} calls per caller ({load()}):")
             for action in ACTIONS:
