@@ -206,6 +206,12 @@ def set_draining(db, names, draining, within):
     return found
 
 
+def asked_to_drain(db, name):
+    """Whether `imaging-service worker drain` asked the worker `name` to drain (its flag as stored)."""
+    with db.session() as s:
+        return bool(s.scalar(select(workers_table.c.draining).where(workers_table.c.name == name)))
+
+
 def forget(db, name):
     with db.session(write=True) as s:
         s.execute(workers_table.delete().where(workers_table.c.name == name))
@@ -287,7 +293,9 @@ class CeleryWorker:
                 return "running on another worker"
         if state != "pending":
             return f"nothing to do: {state}"  # ended, cancelled, or waiting for its upload
-        if self.draining:
+        # The stored flag, not only ours: a drain asked since our last announcement (the consumer
+        # is cancelled then) must not let a task delivered meanwhile start here.
+        if self.draining or asked_to_drain(db, self.name):
             self._retry_later(celery_task, "this worker drains", 1)
         need = self._scratch_need(task_id)
         if need and need > local.scratch.capacity - local.scratch.held:
