@@ -745,7 +745,7 @@ class Process:
 
         def emit(message):
             if "describe" in message:  # how the guest was booted, and how long it took
-                text = clean(str(message["describe"])[:MAX_MESSAGE])
+                text = self._user_names(clean(str(message["describe"])[:MAX_MESSAGE]))
                 self.monitor.event("log", level="INFO", message=f"{phase.name}: {text}")
             else:
                 report.message(json.dumps(message))
