@@ -447,8 +447,8 @@ class TestLinuxImages(base.TestCase):
         self.assertIn("validators: 12 passed, 1 warnings, 0 failed", result.stderr)
 
     def test_no_init(self):
-        # The mounters already refuse a root with no init; the message says so.
-        result, events = self.run_process(self.image(remove=["sbin/init", "lib/systemd/systemd"]), check=3)  # the image's fault: bad input
+        # The mounters already refuse a root with no init (the image's fault: exit 3); the message says so.
+        result, events = self.run_process(self.image(remove=["sbin/init", "lib/systemd/systemd"]), check=3)
         self.assertIn("has /etc/fstab but no init", result.stderr)
         self.assertNotIn("40-linux-init", events)
 
