@@ -199,7 +199,9 @@ class EmbeddedSeaweed:
         ports = {name: free_port_pair() for name in ("master", "volume", "filer", "admin")}
         if self.port is None:
             self.port = free_port_pair()
-        argv = [weed_binary(), "mini", f"-dir={os.path.join(self.dir, 'data')}",
+        logs = os.path.join(self.dir, "logs")  # glog's files: else weed writes them into /tmp
+        os.makedirs(logs, mode=0o700, exist_ok=True)
+        argv = [weed_binary(), f"-logdir={logs}", "mini", f"-dir={os.path.join(self.dir, 'data')}",
                 "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-s3.config={self.config_path}",
                 f"-s3.port={self.port}", f"-s3.port.grpc={self.port + 10000}",
                 "-s3.port.iceberg=0", "-s3.port.lance=0", "-webdav=false", "-admin.ui=false",

@@ -3,6 +3,7 @@
 import hashlib
 import os
 import stat
+import tempfile
 import urllib.error
 import urllib.request
 
@@ -88,6 +89,14 @@ class TestEmbeddedSeaweed(base.TestCase):
     def test_state_not_readable_by_others(self):
         for path in (self.sw.seaweed.dir, self.sw.seaweed.config_path):
             self.assertEqual(0, stat.S_IMODE(os.stat(path).st_mode) & 0o077, path)
+
+    def test_logs_stay_in_the_state_directory(self):
+        """weed's own log files (glog) go under the state directory, never into /tmp."""
+        pid = self.sw.seaweed.process.pid
+        logs = os.path.join(self.sw.seaweed.dir, "logs")
+        self.assertTrue([n for n in os.listdir(logs) if n.endswith(f".{pid}")], os.listdir(logs))
+        temp = tempfile.gettempdir()
+        self.assertEqual([], [n for n in os.listdir(temp) if n.startswith("weed.") and n.endswith(f".{pid}")])
 
     def test_missing_object_names_it(self):
         alice = self.sw.store(ALICE)
