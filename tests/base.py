@@ -1,5 +1,6 @@
 """Shared test fixtures: a leak check and helpers to run the drivers."""
 
+import hashlib
 import os
 import re
 import select
@@ -13,6 +14,12 @@ import testtools
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.join(ROOT, "bin")
 DATA = os.path.join(ROOT, "tests", "data")
+
+
+def file_digest(path, algorithm):
+    """The hex digest of the bytes of the file at `path` (hashlib.file_digest)."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, algorithm).hexdigest()
 
 
 def _loops():

@@ -6,6 +6,7 @@ gzip and `openssl enc`, so that each fault is exactly the one under test.
 """
 
 import gzip
+import functools
 import hashlib
 import io
 import os
@@ -62,12 +63,7 @@ def cert(who):
     return os.path.join(FIX["dir"], f"{who}-cert.pem")
 
 
-def sha1_file(path):
-    digest = hashlib.sha1()
-    with open(path, "rb") as f:
-        while data := f.read(MiB):
-            digest.update(data)
-    return digest.hexdigest()
+sha1_file = functools.partial(base.file_digest, algorithm="sha1")
 
 
 def read_file(path):

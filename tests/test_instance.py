@@ -11,7 +11,7 @@ environment, the qemu command line, finding the root and the injection's path
 safety.
 """
 
-import hashlib
+import functools
 import json
 import os
 import shutil
@@ -47,12 +47,7 @@ def stock_hooks():
     return [(name, os.path.join(ELEMENT, name)) for name in names]
 
 
-def sha256(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(4 * MiB), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+sha256 = functools.partial(base.file_digest, algorithm="sha256")
 
 
 def edit_fs(image, offset, change):

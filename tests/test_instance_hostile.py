@@ -11,7 +11,7 @@ says is taken as the host's state, what is kept is bounded, and the error
 names the bound.
 """
 
-import hashlib
+import functools
 import json
 import os
 import resource
@@ -81,12 +81,7 @@ echo '{"describe": "poweroff neutered"}' >&3
 """
 
 
-def sha256(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(4 * MiB), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+sha256 = functools.partial(base.file_digest, algorithm="sha256")
 
 
 class TestHostileGuest(PhaseCase):
