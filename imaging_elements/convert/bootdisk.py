@@ -400,7 +400,7 @@ def hook_run():
     except (BootDiskError, qemuimg.QemuImgError, OSError) as exc:
         message = str(exc)
         message = message if message.startswith(env["IMG_IMAGE"]) else f"{env['IMG_IMAGE']}: {message}"
-        (tools.bad_input if isinstance(exc, tools.BadInput) else hooklib.fail)(message)
+        (hooklib.bad_input if isinstance(exc, tools.BadInput) else hooklib.fail)(message)
     hooklib.describe(text)
 
 

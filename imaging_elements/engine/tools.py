@@ -7,7 +7,7 @@
   group, the bwrap sandbox) stays on subprocess: confine.py, sandbox.py,
   hookrun.py, runner.py, instance.py, and the FUSE mount in mount/disk.py.
 * `BadInput`: a marker for errors that are the input's fault (damaged,
-  truncated, unreadable, hostile), not the host's; `bad_input(reason)` stops a
+  truncated, unreadable, hostile), not the host's; `hooklib.bad_input(reason)` stops a
   hook with status `bad-input`, so the process exits 3 (docs/configuration.md).
 
 docs/writing-elements.md ("Calling system tools from library code") has the rules.
@@ -15,9 +15,7 @@ docs/writing-elements.md ("Calling system tools from library code") has the rule
 
 import collections
 import contextlib
-import json
 import os
-import sys
 import threading
 import time
 
@@ -151,24 +149,6 @@ class BadInput(Exception):
     """Mixed into an error class: the user's input is at fault (exit 3), not the host."""
 
 
-def bad_input(reason):
-    """In a hook: stop with status `bad-input` and this reason (the process exits 3).
-
-    The twin of hooklib.fail for a damaged or unreadable input; the line goes to
-    the status channel as hooklib's lines do (stderr without one), then the words.
-    """
-    line = json.dumps({"bad-input": str(reason)}) + "\n"
-    fd = os.environ.get("IMG_STATUS_FD")
-    try:
-        if not fd:
-            raise OSError
-        os.write(int(fd), line.encode())
-    except (OSError, ValueError):
-        sys.stderr.write(line)
-    print(str(reason), file=sys.stderr)
-    sys.exit(1)
-
-
 def mount_reason(text, device, target):
     """(reason, the host's fault?) of a failed mount(8): its words without our loop
     device and mount point (the user knows neither).  A kernel without the
@@ -182,5 +162,5 @@ def mount_reason(text, device, target):
 def report(exc):
     """In a hook: stop for `exc`, as bad input if it is marked so, else as a failure."""
     if isinstance(exc, BadInput):
-        bad_input(exc)
+        hooklib.bad_input(exc)
     hooklib.fail(str(exc))

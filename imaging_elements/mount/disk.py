@@ -899,7 +899,7 @@ def _reporting(step):
     try:
         step()
     except tools.BadInput as exc:
-        tools.bad_input(exc)
+        hooklib.bad_input(exc)
 
 
 if __name__ == "__main__":

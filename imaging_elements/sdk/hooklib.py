@@ -69,6 +69,14 @@ def fail(reason):
     raise HookFailure(reason)
 
 
+def bad_input(reason):
+    """Stop the hook: its input is bad (damaged, truncated, unreadable), not the host;
+    status `bad-input`, so the process exits 3.  Then the words, as main() prints a failure."""
+    _emit({"bad-input": str(reason)})
+    print(str(reason), file=sys.stderr)
+    sys.exit(1)
+
+
 def env(name, default=None):
     return os.environ.get(name, default)
 
