@@ -50,6 +50,7 @@ from tests.imagebuild import MiB, qemu_convert
 from tests.service import fixtures as sf
 
 ELEMENTS = ["mounters", "validate-linux", "inspect", "convert-qemu"]
+STORE_FORMAT = "qcow2"  # the service's default store_format: both sides make the same file
 STEPS = ("queue", "reserve", "download", "validate", "convert", "store-wait", "store", "register", "rest")
 
 
@@ -62,7 +63,7 @@ def make_vmdk(work, size_mib):
 
 def toolkit(source, out, work, nice):
     subprocess.run(["nice", "-n", str(nice), sys.executable, os.path.join(ROOT, "bin", "euca-image-process"),
-                    "-q", "-i", source, "-t", "vmdk", "-o", out, "-T", "raw", "--platform", "linux", *ELEMENTS],
+                    "-q", "-i", source, "-t", "vmdk", "-o", out, "-T", STORE_FORMAT, "--platform", "linux", *ELEMENTS],
                    check=True, env=dict(os.environ, TMPDIR=work), stdout=subprocess.DEVNULL)
 
 
@@ -76,7 +77,7 @@ def in_parallel(fn, count, workers):
 def bare(vmdk, work, count, workers, nice):
     """Anchor (a): N euca-image-process runs, `workers` at a time."""
     def one(i):
-        out = os.path.join(work, f"bare-{i}.raw")
+        out = os.path.join(work, f"bare-{i}.{STORE_FORMAT}")
         toolkit(vmdk, out, work, nice)
         os.unlink(out)
     return in_parallel(one, count, workers)
@@ -86,7 +87,7 @@ def staged(store, bucket, key, work, count, workers, nice):
     """Anchor (b): the service's stages without the service: GET (SHA-256 on the way, as the
     service's fetch), euca-image-process, upload of the result."""
     def one(i):
-        src, out = os.path.join(work, f"staged-{i}.vmdk"), os.path.join(work, f"staged-{i}.raw")
+        src, out = os.path.join(work, f"staged-{i}.vmdk"), os.path.join(work, f"staged-{i}.{STORE_FORMAT}")
         digest = hashlib.sha256()
         _, chunks = store.get_stream(bucket, key)
         with open(src, "wb") as f:
@@ -94,7 +95,7 @@ def staged(store, bucket, key, work, count, workers, nice):
                 digest.update(chunk)
                 f.write(chunk)
         toolkit(src, out, work, nice)
-        store.put_file(out, bucket, f"staged/{i}.raw")
+        store.put_file(out, bucket, f"staged/{i}.{STORE_FORMAT}")
         os.unlink(src)
         os.unlink(out)
     return in_parallel(one, count, workers)
@@ -206,7 +207,7 @@ def main():
                 time.sleep(0.2)
         store.put_file(vmdk, bucket, "disk.vmdk")
         db = Database("sqlite:///" + os.path.join(service.state_dir, "service.db"))
-        weed = subprocess.run(["pgrep", "-f", f"weed mini -dir={service.state_dir}/"], stdout=subprocess.PIPE,
+        weed = subprocess.run(["pgrep", "-f", f"weed .*mini -dir={service.state_dir}/"], stdout=subprocess.PIPE,
                               text=True, check=True).stdout.split()[0]
         cpu = CPU(service.process.pid, int(weed))
         cpu_of = {}

@@ -99,7 +99,7 @@ class Service:
         self.seaweed = EmbeddedSeaweed(s.state_dir, port=s.s3_port or None)
         self._sync_identities()
         self.seaweed.start()
-        self.store = ObjectStore(self.seaweed.endpoint_url, s.region, access, secret)
+        self.store = ObjectStore(self.seaweed.endpoint_url, s.region, access, secret, put_file=self.seaweed.put_file)
 
     def _operator_key(self):
         for access, secret, _account, operator in self.credentials.identities():

@@ -580,7 +580,8 @@ def export_image(ctx, params):
     image = _resources(ctx, "image", [params["ImageId"]])[0]
     location = params["S3ExportLocation"]
     task_params = {"image_id": image.id, "source": {"bucket": image.bucket, "key": image.key},
-                   "format": params["DiskImageFormat"].lower(), "bucket": location["S3Bucket"],
+                   "source_format": image.format, "format": params["DiskImageFormat"].lower(),
+                   "bucket": location["S3Bucket"],
                    "prefix": location.get("S3Prefix") or "", "description": params.get("Description"),
                    "tags": _tag_params(params, "export-image-task")}
     dry_run(params)

@@ -21,6 +21,7 @@ import os
 import selectors
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import sysconfig
@@ -56,6 +57,10 @@ SETTINGS = [
             "in the task's StatusMessage", metavar="LIST"),
     Setting("hook_timeout", "duration", None, "most time one hook may run (default: the toolkit's "
             "per-phase limits)", metavar="TIME"),
+    Setting("store_format", "str", "qcow2",
+            "the format imported disks are kept in: qcow2 (no bytes for unallocated or zero clusters: "
+            "most disks' free space costs nothing to store) or raw; ExportImage converts either",
+            metavar="FORMAT"),
     Setting("cache", "bool", "true",
             "reuse the result of an earlier import of the same account with the same source digest "
             "and options", metavar="BOOL"),
@@ -66,6 +71,7 @@ PROGRESS = {"download": (0, 25), "validate": (25, 35), "convert": (35, 85), "ins
             "store": (92, 100)}
 PHASE_STEP = {"unbundle": "validate", "mount": "validate", "validate": "validate", "install": "validate",
               "convert": "convert", "instance-validate": "instance-validate"}
+STORE_FORMATS = ("qcow2", "raw")
 RESOURCE_KINDS = {"import-image": ("image", "snapshot"), "import-snapshot": ("snapshot",),
                   "import-volume": ("volume",), "import-instance": ("volume",)}
 # Toolkit input types for the formats a user may declare (EC2 names them in upper case).
@@ -300,23 +306,24 @@ def _import(job, report):
     platform = (task.params.get("platform") or "auto").lower()
     if platform == "auto":
         platform = _detect_platform(job, report, fetched, INPUT_TYPES[declared])
-    output = os.path.join(job.work_dir, "output.raw")
+    fmt = store_format(settings)
+    output = os.path.join(job.work_dir, f"output.{fmt}")
     outcome = _convert(job, report, elements_for(task, settings, platform), fetched, INPUT_TYPES[declared],
-                       output, platform)
+                       output, fmt, platform)
     _begin_store(job, report)
     kinds = RESOURCE_KINDS[task.kind]
     first_id = tasks.new_id({"image": "ami", "snapshot": "snap", "volume": "vol"}[kinds[0]])
     bucket = _setting(settings, "service_bucket", "imaging-service")
-    key = f"{task.account_id}/{first_id}.raw"
-    size = os.path.getsize(output)
-    _store(job, report, output, bucket, key, size)
+    key = f"{task.account_id}/{first_id}.{fmt}"
+    size = disk_size(output, fmt)
+    _store(job, report, output, bucket, key, os.path.getsize(output))
     report.mark("register")
     inspection = outcome.get("inspection")
     platform = outcome.get("platform") or task.params.get("platform")
     architecture = (inspection or {}).get("arch") or task.params.get("architecture")
     resources = []
     for i, kind in enumerate(kinds):
-        resources.append({"kind": kind, "bucket": bucket, "key": key, "size": size, "format": "raw",
+        resources.append({"kind": kind, "bucket": bucket, "key": key, "size": size, "format": fmt,
                           "platform": platform, "architecture": architecture, "inspection": inspection,
                           "description": task.params.get("description"), "source_digest": digest,
                           "options_digest": options, **({"id": first_id} if i == 0 else {})})
@@ -327,19 +334,38 @@ def _import(job, report):
     return result, resources
 
 
-def _convert(job, report, elements, fetched, input_type, output, platform):
+def store_format(settings):
+    fmt = (_setting(settings, "store_format", "qcow2") or "").lower()
+    if fmt not in STORE_FORMATS:
+        raise TaskFailed(f"store failed: the service's store_format {fmt!r} is not one of {', '.join(STORE_FORMATS)}")
+    return fmt
+
+
+def disk_size(path, fmt):
+    """The size of the disk in `path` (our own output, not the user's file): a qcow2's virtual
+    size is in its header (offset 24, big-endian), a raw disk's is its length."""
+    if fmt == "raw":
+        return os.path.getsize(path)
+    with open(path, "rb") as f:
+        magic, _version, _backing_offset, _backing_size, _cluster_bits, size = struct.unpack(">4sIQIIQ", f.read(32))
+    if magic != b"QFI\xfb":
+        raise TaskFailed(f"convert failed: the toolkit's output is not a qcow2 image (magic {magic!r})")
+    return size
+
+
+def _convert(job, report, elements, fetched, input_type, output, output_type, platform):
     """The toolkit's validation and conversion.  When the only validators that failed are ones
     the operator made optional, the toolkit runs again without the validate phase (the first
     run proved every other validator passes) and those failures become warnings."""
     optional = set(_setting(job.settings, "optional_validators", []))
     try:
-        return _toolkit(job, report, elements, fetched.path, input_type, output, "raw", fetched, platform)
+        return _toolkit(job, report, elements, fetched.path, input_type, output, output_type, fetched, platform)
     except ValidationFailed as e:
         hooks = {hook for phase, hook, _ in e.events.failed_hooks}
         if not optional or not hooks <= optional or {p for p, _, _ in e.events.failed_hooks} != {"validate"}:
             raise
         first = e.outcome
-    outcome = _toolkit(job, report, elements, fetched.path, input_type, output, "raw", fetched, platform,
+    outcome = _toolkit(job, report, elements, fetched.path, input_type, output, output_type, fetched, platform,
                        name="toolkit-again", skip_phases=["validate"])
     for v in first.get("validators") or []:
         if v.get("hook") in optional and v.get("result") == "failed":
@@ -435,7 +461,9 @@ def _export(job, report):
     if out_type is None:
         raise TaskFailed(f"convert failed: export format {fmt!r} is not supported (VMDK, VHD or RAW)")
     output = os.path.join(job.work_dir, f"export.{fmt}")
-    _toolkit(job, report, elements_for(task, job.settings), fetched.path, "raw", output, out_type, fetched,
+    # Images stored before store_format existed (and with store_format raw) are raw.
+    source_type = INPUT_TYPES[p.get("source_format") or "raw"]
+    _toolkit(job, report, elements_for(task, job.settings), fetched.path, source_type, output, out_type, fetched,
              "auto")
     _begin_store(job, report)
     key = f"{p.get('prefix') or ''}{task.id}.{fmt}"

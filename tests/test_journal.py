@@ -4,6 +4,8 @@ import os
 import subprocess
 import time
 
+import fixtures
+
 from imaging_elements.sdk.journal import Journal, process_start_time
 from tests import base, imagebuild
 
@@ -82,9 +84,11 @@ class LoopJournalTest(base.TestCase):
         journal.add("detach", device=device, backing=other)  # as if the number were reused
         journal.unwind()
         self.assertIn(device, subprocess.run(["losetup", "-a"], stdout=subprocess.PIPE, text=True).stdout)
+        # The caller's PATH need not have sbin (a service started from a user's shell).
+        self.useFixture(fixtures.EnvironmentVariable("PATH", "/usr/bin:/bin"))
         journal.add("detach", device=device, backing=image)
         journal.unwind()
-        self.assertNotIn(image, subprocess.run(["losetup", "-a"], stdout=subprocess.PIPE,
+        self.assertNotIn(image, subprocess.run(["/usr/sbin/losetup", "-a"], stdout=subprocess.PIPE,
                                                text=True).stdout)
 
     def journal(self):

@@ -21,8 +21,7 @@ from imaging_elements.engine.interrupts import Cancelled, Terminated
 from imaging_elements.engine.monitor import clean
 from imaging_elements.engine.resources import BIN, LIB
 from imaging_elements.engine.resources import PYTHONPATH as ROOT
-
-SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+from imaging_elements.sdk.journal import SYSTEM_PATH
 MiB = 1024 * 1024
 PLATFORMS = ("auto", "linux", "windows", "unknown")
 

@@ -20,11 +20,12 @@ import threading
 import time
 
 from imaging_elements.sdk import hooklib
+from imaging_elements.sdk.journal import SYSTEM_ENV
 
 TIMEOUT = 600  # seconds: no plain tool call on an image takes longer; a hung one is killed
 TAIL = 5       # stderr lines kept in a ToolError
 # For tools whose output we parse: messages in English, nothing of the caller's shell.
-CLEAN_ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C"}
+CLEAN_ENV = SYSTEM_ENV
 
 Result = collections.namedtuple("Result", "code stdout stderr")
 

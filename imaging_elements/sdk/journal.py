@@ -140,9 +140,15 @@ def describe(entry):
     return entry["undo"] + " " + " ".join(str(entry[k]) for k in keys)
 
 
-def _run(argv):
+# The undo tools (umount, losetup) live in sbin, which the caller's PATH may lack (a service
+# started by a user's shell): without it an unwind would leave the loop devices attached.
+SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+SYSTEM_ENV = {"PATH": SYSTEM_PATH, "LC_ALL": "C"}
+
+
+def _run(argv, env=SYSTEM_ENV):
     import subprocess  # here: not at import, for the start-up of a 1-hook process (docs/packaging.md)
-    result = subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    result = subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
     if result.returncode:
         raise UndoError(f"{' '.join(argv)}: {result.stderr.strip() or 'exit %d' % result.returncode}")
 
@@ -161,7 +167,7 @@ def _undo(entry):
             return
         for attempt in range(20):
             import subprocess  # here: not at import, for the start-up of a 1-hook process (docs/packaging.md)
-            result = subprocess.run(["umount", entry["path"]], stderr=subprocess.PIPE, text=True)
+            result = subprocess.run(["umount", entry["path"]], stderr=subprocess.PIPE, text=True, env=SYSTEM_ENV)
             if result.returncode == 0 or not _mounted(entry["path"]):
                 return
             time.sleep(0.05 * (attempt + 1))  # busy: a process is still leaving it
@@ -203,7 +209,7 @@ def _undo(entry):
         elif os.path.lexists(path):
             os.unlink(path)
     elif action == "run":
-        _run(entry["argv"])
+        _run(entry["argv"], env=None)  # a hook's own command: the caller's environment
 
 
 def _signal(pid, sig, group):

@@ -98,6 +98,41 @@ class TestEmbeddedSeaweed(base.TestCase):
         temp = tempfile.gettempdir()
         self.assertEqual([], [n for n in os.listdir(temp) if n.startswith("weed.") and n.endswith(f".{pid}")])
 
+    def test_service_writes_through_the_filer(self):
+        """The service's own store writes through the filer: what S3 reads back is the file, with
+        the MD5 ETag; the bucket's rights still hold for users; a cancel (an exception from
+        progress) leaves no object; a missing bucket fails with a message."""
+        operator = ObjectStore(self.sw.seaweed.endpoint_url, "us-east-1", OPERATOR[0], OPERATOR[1],
+                               put_file=self.sw.seaweed.put_file)
+        operator.ensure_bucket("imaging-service")
+        data = os.urandom(20 * 1024 * 1024 + 5)
+        path = os.path.join(self.useFixture(fixtures.TempDir()).path, "disk.qcow2")
+        with open(path, "wb") as f:
+            f.write(data)
+        sent = []
+        operator.put_file(path, "imaging-service", "000000000000/ami-1.qcow2", progress=sent.append)
+        self.assertEqual([8 << 20, 8 << 20, 4 * 1024 * 1024 + 5], sent)
+        self.assertEqual({"size": len(data), "etag": hashlib.md5(data).hexdigest()},
+                         operator.head("imaging-service", "000000000000/ami-1.qcow2"))
+        _size, chunks = operator.get_stream("imaging-service", "000000000000/ami-1.qcow2")
+        self.assertEqual(data, b"".join(chunks))
+        self.assertRaises(ObjectStoreError, self.sw.store(ALICE).get_stream, "imaging-service",
+                          "000000000000/ami-1.qcow2")
+        # for_user's stores write with the user's own keys, through the gateway.
+        self.assertIsNone(operator.for_user(ALICE[0], ALICE[1])._put_file)
+
+        class Cancelled(Exception):
+            pass
+
+        def cancel(n):
+            raise Cancelled()
+        self.assertRaises(Cancelled, operator.put_file, path, "imaging-service", "000000000000/ami-2.qcow2",
+                          progress=cancel)
+        self.assertIsNone(operator.head("imaging-service", "000000000000/ami-2.qcow2"))
+        e = self.assertRaises(ObjectStoreError, operator.put_file, "/nonexistent/disk.qcow2", "imaging-service",
+                              "000000000000/ami-3.qcow2")
+        self.assertIn("/nonexistent/disk.qcow2", str(e))
+
     def test_missing_object_names_it(self):
         alice = self.sw.store(ALICE)
         alice.ensure_bucket("111111111111-images")

@@ -155,17 +155,20 @@ class TestImports(PipelineTest):
         self.assertEqual("Linux", task["Platform"])
         image = ec2.describe_images(ImageIds=[image_id])["Images"][0]
         self.assertEqual(account, image["OwnerId"])
-        # The converted raw is in the service's bucket, byte for byte the disk the VMDK holds.
+        # The converted disk is in the service's bucket (qcow2, the default store_format), holding
+        # byte for byte the disk the VMDK holds; the size recorded is the disk's, not the file's.
         with self.db().session() as s:
             resource = s.get(tasks.Resource, image_id)
-            self.assertEqual(("raw", os.path.getsize(raw)), (resource.format, resource.size))
+            self.assertEqual(("qcow2", os.path.getsize(raw)), (resource.format, resource.size))
+            self.assertTrue(resource.key.endswith(".qcow2"), resource.key)
             self.assertEqual(sha256(vmdk), resource.source_digest)
             self.assertEqual("debian", (resource.inspection or {}).get("distro"))
-        out = self.path("stored.raw")
+        stored = self.path("stored.qcow2")
         _size, chunks = self.operator_store().get_stream(resource.bucket, resource.key)
-        with open(out, "wb") as f:
+        with open(stored, "wb") as f:
             f.writelines(chunks)
-        self.assertEqual(sha256(raw), sha256(out))
+        self.assertLess(os.path.getsize(stored), os.path.getsize(raw))  # the free space is not stored
+        self.assertEqual(sha256(raw), sha256(qemu_convert_to_raw(stored, self.path("stored.raw"))))
         # The user cannot read the service's bucket with their own keys.
         self.assertRaises(ObjectStoreError, store.get_stream, resource.bucket, resource.key)
 
@@ -194,7 +197,7 @@ class TestImports(PipelineTest):
         self.assert_no_work_left()
 
     def test_import_volume_with_manifest(self):
-        self.start()
+        self.start("--store-format", "raw")
         ec2, store, bucket, _account = self.user()
         raw, _ = self.vmdk()
         _, url = manifest.upload(store, raw, bucket, "vol1/", "RAW", part_size=4 * MiB)
@@ -207,6 +210,15 @@ class TestImports(PipelineTest):
         self.assertEqual(os.path.getsize(raw), task["ImportVolume"]["BytesConverted"])
         volume = ec2.describe_volumes(VolumeIds=[volume_id])["Volumes"][0]
         self.assertEqual(volume_id, volume["VolumeId"])
+        # store_format raw: the object is the disk itself.
+        with self.db().session() as s:
+            resource = s.get(tasks.Resource, volume_id)
+            self.assertEqual(("raw", os.path.getsize(raw)), (resource.format, resource.size))
+        stored = self.path("stored.raw")
+        _size, chunks = self.operator_store().get_stream(resource.bucket, resource.key)
+        with open(stored, "wb") as f:
+            f.writelines(chunks)
+        self.assertEqual(sha256(raw), sha256(stored))
         self.assert_no_work_left()
 
     def test_import_snapshot_by_url_and_import_instance(self):
