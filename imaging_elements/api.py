@@ -117,6 +117,9 @@ class ProcessResult(_Record):
     validators: list[dict] = []
     inspection_report: str | None = None
     phase_durations: dict[str, float] = {}
+    # Everything the process acquired was released (its journal holds nothing to undo): the
+    # caller may simply delete a work directory it gave, without `--cleanup`.
+    released: bool = False
 
 
 def run_process(request, monitor=None, cancel=None, *, only_hook=None, list_out=None):
@@ -139,7 +142,8 @@ def run_process(request, monitor=None, cancel=None, *, only_hook=None, list_out=
         output_size=_size(output) if output else None,
         validators=list(process.results),
         inspection_report=process.inspection_report,
-        phase_durations=dict(process.phase_durations))
+        phase_durations=dict(process.phase_durations),
+        released=process.journal is None or not process.journal.pending())
 
 
 def _size(path):

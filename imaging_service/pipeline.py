@@ -531,6 +531,9 @@ def _toolkit(job, report, elements, source, input_type, output, output_type, fet
                          f"its work directory was cleaned through its journal")
     with open(result_path) as f:
         outcome = json.load(f)
+    if outcome.get("released"):
+        # Nothing left to undo: no `--cleanup` process is needed for this directory.
+        shutil.rmtree(toolkit_work, ignore_errors=True)
     if events.stopped:
         raise TaskStopped()
     if outcome["exit_code"] != 0:

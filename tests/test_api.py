@@ -94,6 +94,7 @@ class ThreadsTest(ApiCase):
                              result.validators)
             self.assertEqual({"mount", "validate", "convert"}, set(result.phase_durations))
             self.assertEqual("process-end", recorders[name].events[-1]["event"])
+            self.assertTrue(result.released)  # its given work dir may simply be deleted
             json.dumps(result.to_json())
             info = subprocess.run(["qemu-img", "info", "--output=json", result.output],
                                   stdout=subprocess.PIPE, check=True).stdout
@@ -128,6 +129,13 @@ class ThreadsTest(ApiCase):
         self.assertEqual("failed", ends[0]["result"])
         self.assertEqual("process-end", recorder.events[-1]["event"])
         self.assertEqual([], _pending(self.work))
+
+    def test_an_undo_that_fails_is_not_released(self):
+        self.element("stuck", {"mount.d/10-stuck": BASH + "img_journal_add run false >/dev/null\n"})
+        result = api.run_process(self.request("stuck"))
+        self.assertEqual(5, result.exit_code, result.error)
+        self.assertFalse(result.released)
+        self.assertEqual(["run"], [e["undo"] for e in _pending(self.work)])
 
     def test_cancelled_before_start_runs_nothing(self):
         self.element("a", {"mount.d/10": self.tracer()})
@@ -189,7 +197,7 @@ class RecordTest(base.TestCase):
         result = api.ProcessResult(0, validators=[{"hook": "v", "result": "ok"}])
         data = result.to_json()
         self.assertEqual({"exit_code", "error", "disk_type", "platform", "output", "output_size", "validators",
-                          "inspection_report", "phase_durations"}, set(data))
+                          "inspection_report", "phase_durations", "released"}, set(data))
         data["validators"][0]["result"] = "failed"
         self.assertEqual("ok", result.validators[0]["result"])  # a copy, as dataclasses.asdict made
         self.assertEqual(data, json.loads(json.dumps(data)))
