@@ -100,7 +100,7 @@ class ClientsTest(PipelineTest):
         found = json.loads(self.imaging("logs", task_id, "--json").stdout)
         hooks = [e for e in found["events"] if e["event"] == "hook-end"]
         self.assertIn(("validate", "10-linux-release", "ok"), [(e["phase"], e["hook"], e["result"]) for e in hooks])
-        self.assertIn(("convert", "50-qemu-to-raw", "ok"), [(e["phase"], e["hook"], e["result"]) for e in hooks])
+        self.assertIn(("convert", "55-qemu-to-qemu", "ok"), [(e["phase"], e["hook"], e["result"]) for e in hooks])
         self.assertFalse(any(self.service.state_dir in json.dumps(e) for e in found["events"]))
         self.assertEqual("debian", found["inspection"]["distro"])
         # Another account's task, or none: the same answer.

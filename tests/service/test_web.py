@@ -187,10 +187,10 @@ class WebTest(PipelineTest):
         self.assertIn("registered ami-", log)
         # The toolkit's events the service kept: each hook with its result and duration.
         self.assertRegex(log, r"hook validate/10-linux-release\s+ok in \d+\.\d s")
-        self.assertRegex(log, r"hook convert/50-qemu-to-raw\s+ok in \d+\.\d s")
+        self.assertRegex(log, r"hook convert/55-qemu-to-qemu\s+ok in \d+\.\d s")
         self.shot(driver, "4-task-completed-log")
 
-        # Download: a presigned URL of the store, the converted raw image.
+        # Download: a presigned URL of the store, the converted image.
         href = driver.find_element(By.ID, "download").get_attribute("href")
         self.assertTrue(href.endswith(f"/tasks/{first}/download"))
 
