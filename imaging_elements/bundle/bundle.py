@@ -18,9 +18,11 @@ Both directions stream in one pass with bounded memory (a few tens of MiB
 whatever the image size) and use the cores: hashlib, isal, AES
 (`cryptography`) and the output writes release the GIL.  Bundling reads and
 hashes the tar stream in one thread, deflates it in pieces of 3 MiB on a pool
-of threads (as pigz does, into one gzip member) and encrypts, hashes and
-writes the parts in another; unbundling reads, decrypts and inflates in one
-thread and hashes and writes the image in another (docs/bundles.md).
+of threads (as pigz does, into one gzip member; a piece whose samples do not
+compress is written as stored blocks, a piece of zeros is deflated once) and
+encrypts, hashes and writes the parts in another; unbundling reads, decrypts
+and inflates in one thread and hashes and writes the image in another
+(docs/bundles.md).
 Output is written under a temporary name and renamed at the end: a failure
 leaves nothing behind.
 """
