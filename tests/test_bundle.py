@@ -349,6 +349,15 @@ class TestBundleFormat(BundleCase):
                 self.assertEqual(block, compressed[pos + 5:pos + 5 + len(block)])
                 pos += 5 + len(block)
 
+    def test_pieces_half_compressible_are_deflated_not_stored(self):
+        """Random and text in turns of 64 KiB: the samples see both, and the piece is deflated."""
+        text = b"".join(b"line %d of a compressible file\n" % i for i in range(3000))[:64 * 1024]
+        data = b"".join(os.urandom(64 * 1024) + text for _ in range(3 * MiB // (128 * 1024)))
+        self.assertFalse(bundle._incompressible(data))
+        compressed, _, _ = bundle._deflate_piece(data, False)
+        self.assertLess(sum(map(len, compressed)), 0.6 * len(data))
+        self.assertEqual(data, zlib.decompressobj(-15).decompress(b"".join(compressed)))
+
     def test_piece_encodings_are_raw_deflate_with_the_final_bit_only_when_last(self):
         piece = bundle.DEFLATE_CHUNK
         for name, data in (("random", os.urandom(piece)), ("random, short", os.urandom(MiB + 3)),
