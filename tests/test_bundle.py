@@ -14,6 +14,7 @@ import re
 import resource
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -284,6 +285,94 @@ class TestBundleFormat(BundleCase):
         self.assertEqual(sha1_file(image), sha1_file(os.path.join(out, "mixed.img")))
         self.assertEqual(sha1_file(image), sha1_file(bundle.unbundle(
             bundle.read_manifest(manifest_path), self.path("back.img"), private_key=key("cloud"))))
+
+    def bundle_and_decrypt(self, image, **kwargs):
+        """Bundle `image` with a known key; (manifest path, the decrypted gzip stream)."""
+        secret, iv = os.urandom(16), os.urandom(16)
+        manifest_path, parts = bundle.bundle_image(
+            image, self.path("b"), arch="x86_64", user="1", private_key=key("user"),
+            user_cert=cert("user"), ec2_cert=cert("cloud"), key=secret, iv=iv, **kwargs)
+        encrypted = b"".join(read_file(p) for p in parts)
+        return manifest_path, sh("openssl", "enc", "-d", "-aes-128-cbc", "-K", secret.hex(),
+                                 "-iv", iv.hex(), input=encrypted)
+
+    def test_stored_compressed_and_zero_pieces_read_back_by_every_reader(self):
+        """Pieces of random data (stored), text (deflated) and zeros (deflated once): one gzip member."""
+        piece = bundle.DEFLATE_CHUNK
+        text = b"".join(b"line %d of a compressible file\n" % i for i in range(150000))[:piece]
+        image = self.path("mixed.img")
+        with open(image, "wb") as f:
+            # Whole pieces of each kind, two zero pieces in a row, and a last
+            # random piece that ends off a piece boundary.
+            f.write(os.urandom(2 * piece) + bytes(2 * piece) + text + os.urandom(piece)
+                    + bytes(piece) + os.urandom(MiB + 4321))
+        manifest_path, compressed = self.bundle_and_decrypt(image, part_size=3 * MiB)
+        with open(manifest_path, "rb") as f:
+            digest = element_text(f.read(), "digest").decode()
+        # Python's zlib, as euca2ools reads it: one member, the whole tar stream, nothing after.
+        reader = zlib.decompressobj(47)
+        tar_stream = reader.decompress(compressed)
+        self.assertTrue(reader.eof)
+        self.assertEqual(b"", reader.unused_data)
+        self.assertEqual(digest, hashlib.sha1(tar_stream).hexdigest())
+        # gunzip (CRC-32 and length) and GNU tar.
+        out = self.path("out")
+        os.mkdir(out)
+        subprocess.run(["bash", "-o", "pipefail", "-c", 'gunzip -c | tar -x -C "$OUT"'],
+                       input=compressed, check=True, env=dict(os.environ, OUT=out))
+        self.assertEqual(sha1_file(image), sha1_file(os.path.join(out, "mixed.img")))
+        # Our unbundler.
+        self.assertEqual(sha1_file(image), sha1_file(bundle.unbundle(
+            bundle.read_manifest(manifest_path), self.path("back.img"), private_key=key("cloud"))))
+        # The text compressed, the zeros almost vanished: the random data is most of it.
+        self.assertLess(len(compressed), (3 * piece + MiB + 4321) * 1.001 + 0.3 * piece)
+
+    def test_incompressible_pieces_are_stored_blocks(self):
+        """8 MiB of random data: each piece is stored blocks of the image's bytes, as they are."""
+        image = self.path("random.img")
+        data = os.urandom(8 * MiB)
+        with open(image, "wb") as f:
+            f.write(data)
+        _, compressed = self.bundle_and_decrypt(image)
+        # Within 0.1 % of the input, with the tar header, trailer and gzip framing.
+        self.assertLess(len(compressed), len(data) * 1.001 + 1024)
+        # Walk the stored blocks (RFC 1951 3.2.4): a byte holding BFINAL 0 and
+        # BTYPE 00, LEN, NLEN, then LEN bytes of the image, piece after piece.
+        pos = compressed.find(data[:bundle.STORED_BLOCK]) - 5
+        self.assertGreaterEqual(pos, 0, "the image's first bytes are not in the stream as they are")
+        for piece_start in range(0, len(data), bundle.DEFLATE_CHUNK):
+            piece = data[piece_start:piece_start + bundle.DEFLATE_CHUNK]
+            for start in range(0, len(piece), bundle.STORED_BLOCK):
+                block = piece[start:start + bundle.STORED_BLOCK]
+                self.assertEqual(struct.pack("<BHH", 0, len(block), len(block) ^ 0xFFFF),
+                                 compressed[pos:pos + 5], f"block at {piece_start + start}")
+                self.assertEqual(block, compressed[pos + 5:pos + 5 + len(block)])
+                pos += 5 + len(block)
+
+    def test_pieces_half_compressible_are_deflated_not_stored(self):
+        """Random and text in turns of 64 KiB: the samples see both, and the piece is deflated."""
+        text = b"".join(b"line %d of a compressible file\n" % i for i in range(3000))[:64 * 1024]
+        data = b"".join(os.urandom(64 * 1024) + text for _ in range(3 * MiB // (128 * 1024)))
+        self.assertFalse(bundle._incompressible(data))
+        compressed, _, _ = bundle._deflate_piece(data, False)
+        self.assertLess(sum(map(len, compressed)), 0.6 * len(data))
+        self.assertEqual(data, zlib.decompressobj(-15).decompress(b"".join(compressed)))
+
+    def test_piece_encodings_are_raw_deflate_with_the_final_bit_only_when_last(self):
+        piece = bundle.DEFLATE_CHUNK
+        for name, data in (("random", os.urandom(piece)), ("random, short", os.urandom(MiB + 3)),
+                           ("zeros", bytes(piece)), ("text", b"some text\n" * (piece // 10)),
+                           ("small", os.urandom(100)), ("empty", b"")):
+            for last in (False, True):
+                compressed, crc, length = bundle._deflate_piece(data, last)
+                reader = zlib.decompressobj(-15)
+                self.assertEqual(data, reader.decompress(b"".join(compressed)), name)
+                self.assertEqual((last, b""), (reader.eof, reader.unused_data), name)
+                self.assertEqual((zlib.crc32(data), len(data)), (crc, length), name)
+        # The cached piece of zeros is what deflating it gives.
+        for last in (False, True):
+            self.assertEqual(b"".join(bundle._deflate(bytes(piece), last)[0]),
+                             b"".join(bundle._deflate_piece(bytes(piece), last)[0]))
 
     def test_openssl_verifies_the_signature_over_the_bytes_in_the_file(self):
         with open(os.path.join(FIX["bundle"], "disk.img.manifest.xml"), "rb") as f:
