@@ -20,7 +20,7 @@ The unbundled image must equal the original. Rates are image MB per second
 run here: its figures (44.6 MB/s bundling, 128 MB/s unbundling, 2026-11 on this
 machine kind) are kept as a reference.
 
-    python3 benchmarks/bundle.py [--runs N] [--size-mib N] [--dir DIR]
+    .venv/bin/python benchmarks/bundle.py [--runs N] [--size-mib N] [--dir DIR]
 """
 
 import argparse

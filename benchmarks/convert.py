@@ -11,7 +11,7 @@ The VMDK is built here: a 2 GiB disk whose ext4 partition holds the cached
 Debian 12 root (tests/images/mkdebian) and 1 GiB of data that compresses like
 packed files (3/4 random), so the VMDK itself is about 1 GiB.
 
-    python3 benchmarks/convert.py [--runs N] [--keep DIR]
+    .venv/bin/python benchmarks/convert.py [--runs N] [--keep DIR]
 """
 
 import argparse

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Benchmark: boot + every stock instance validator + power-off of a Debian 12 disk.
 
-    sudo python3 benchmarks/instance.py [--runs 3] [--no-baseline] [--image DISK]
+    .venv/bin/python benchmarks/instance.py [--runs 3] [--no-baseline] [--image DISK]
 
 Each run is `imaging_elements.instance.instance.run_phase` with the hooks of
 elements/instance-validate-linux on tests.imagebuild.debian_boot_disk() (a

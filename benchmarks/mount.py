@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Benchmark: mount + unmount a 1 GiB-class streamOptimized VMDK, against guestmount.
 
-    sudo python3 benchmarks/mount.py [--runs 5] [--baseline-runs 3] [--no-baseline]
+    .venv/bin/python benchmarks/mount.py [--runs 5] [--baseline-runs 3] [--no-baseline]
 
 The VMDK (built once, cached beside the Debian root): a 1 GiB MBR disk with
 /boot (ext4, by UUID in the guest fstab) and / (ext4) holding the Debian 12

@@ -19,7 +19,7 @@ the 1-hook process, from the checkout (bin/ with this interpreter).
              interpreter: in memory (element objects made directly) and on
              disk (found on the path, read, then resolved).
 
-    python3 benchmarks/runner.py [--runs N]
+    .venv/bin/python benchmarks/runner.py [--runs N]
 """
 
 import argparse

@@ -10,7 +10,7 @@ stages run bare on the same machine and the same store: a GET of every part
 (fetch.fetch), euca-image-process with the same elements at the same
 niceness, and the upload of the result. MB is 10^6 bytes.
 
-    python3 benchmarks/service_import_1g.py [--size-mib 1024] [--runs 2] [--dir DIR]
+    .venv/bin/python benchmarks/service_import_1g.py [--size-mib 1024] [--runs 2] [--dir DIR]
 """
 
 import argparse

@@ -26,7 +26,7 @@ it also downloads every source and stores every result, work that costs the
 machine about as much CPU as the conversion itself (the CPU line of each run
 shows it); (b) does that work too, without the service.
 
-    python3 benchmarks/service_imports.py [--tasks 20] [--workers 2] [--size-mib 64] [--rounds 2] [--dir DIR]
+    .venv/bin/python benchmarks/service_imports.py [--tasks 20] [--workers 2] [--size-mib 64] [--rounds 2] [--dir DIR]
 """
 
 import argparse

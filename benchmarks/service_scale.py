@@ -13,7 +13,7 @@ worker (the dispatch latency), and the CPU seconds each part used (the workers w
 toolkit's processes, the front-end, PostgreSQL, RabbitMQ, SeaweedFS) against the whole
 machine's busy time (/proc/stat): what limits the scale-out.
 
-    python3 benchmarks/service_scale.py [--tasks 40] [--workers 1,2,4] [--size-mib 24]
+    .venv/bin/python benchmarks/service_scale.py [--tasks 40] [--workers 1,2,4] [--size-mib 24]
 """
 
 import argparse

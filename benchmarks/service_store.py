@@ -9,7 +9,7 @@ round) into one `weed mini` started as the service starts it; the ratio is
 filer / gateway. CPU seconds, not wall time: the machine's load moves the
 wall time, hardly the CPU a byte costs.
 
-    python3 benchmarks/service_store.py [--mib 61] [--count 10] [--rounds 3]
+    .venv/bin/python benchmarks/service_store.py [--mib 61] [--count 10] [--rounds 3]
 """
 
 import argparse

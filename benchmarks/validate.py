@@ -2,7 +2,7 @@
 """Benchmark: mount + every validator + the inspection report on a real Debian 12
 disk image in a streamOptimized VMDK, against libguestfs' virt-inspector.
 
-    sudo python3 benchmarks/validate.py [--runs 5] [--baseline-runs 1] [--no-baseline]
+    .venv/bin/python benchmarks/validate.py [--runs 5] [--baseline-runs 1] [--no-baseline]
 
 Each run is `euca-image-process -i debian12.vmdk mounters validate-linux inspect`.
 Printed per run and as the median of --runs:
