@@ -110,6 +110,16 @@ class PipelineTest(base.TestCase):
                 raise AssertionError(f"{task_id} still {task}\n{self.service.log()[-3000:]}")
             time.sleep(0.5)
 
+    def wait_export(self, ec2, export_id, timeout=120):
+        deadline = time.monotonic() + timeout
+        while True:
+            export = ec2.describe_export_image_tasks(ExportImageTaskIds=[export_id])["ExportImageTasks"][0]
+            if export["Status"] in ("completed", "deleted") or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        self.assertEqual("completed", export["Status"], export)
+        return export
+
     def wait_step(self, task_id, step, timeout=60):
         db = self.db()
         deadline = time.monotonic() + timeout
@@ -183,17 +193,17 @@ class TestImports(PipelineTest):
         export_id = ec2.export_image(ImageId=image_id, DiskImageFormat="VMDK",
                                      S3ExportLocation={"S3Bucket": bucket, "S3Prefix": "exports/"}
                                      )["ExportImageTaskId"]
-        deadline = time.monotonic() + 120
-        while True:
-            export = ec2.describe_export_image_tasks(ExportImageTaskIds=[export_id])["ExportImageTasks"][0]
-            if export["Status"] in ("completed", "deleted") or time.monotonic() > deadline:
-                break
-            time.sleep(0.5)
-        self.assertEqual("completed", export["Status"], export)
+        self.wait_export(ec2, export_id)
         exported = self.path("exported.vmdk")
         store.client.download_file(bucket, f"exports/{export_id}.vmdk", exported)
         converted = qemu_convert_to_raw(exported, self.path("exported.raw"))
         self.assertEqual(sha256(raw), sha256(converted))
+        # And as RAW: the stored qcow2 converted back, byte for byte the disk.
+        raw_id = ec2.export_image(ImageId=image_id, DiskImageFormat="RAW",
+                                  S3ExportLocation={"S3Bucket": bucket, "S3Prefix": "exports/"})["ExportImageTaskId"]
+        self.wait_export(ec2, raw_id)
+        store.client.download_file(bucket, f"exports/{raw_id}.raw", self.path("exported-raw.raw"))
+        self.assertEqual(sha256(raw), sha256(self.path("exported-raw.raw")))
         self.assert_no_work_left()
 
     def test_import_volume_with_manifest(self):
