@@ -244,7 +244,7 @@ class CeleryWorker:
     re-publish sweep).  The pipeline itself is BACK's (worker.EmbeddedWorkers._run)."""
 
     def __init__(self, db, settings, store, credentials):
-        from imaging_service.worker import EmbeddedWorkers, Scratch
+        from imaging_service.worker import EmbeddedWorkers, scratch_space
 
         self.db, self.settings = db, settings
         self.app = make_celery(settings)
@@ -254,11 +254,7 @@ class CeleryWorker:
         os.makedirs(self.local.work_root, mode=0o700, exist_ok=True)
         os.chmod(self.local.work_root, 0o700)
         self.local.clean_work_root()
-        capacity = getattr(settings, "scratch_space", None)
-        if capacity is None:
-            st = os.statvfs(self.local.work_root)
-            capacity = st.f_bavail * st.f_frsize
-        self.local.scratch = Scratch(int(capacity))
+        self.local.scratch = scratch_space(settings, self.local.work_root)
         self.name = f"{socket.gethostname()}/{os.getpid()}-{secrets.token_hex(3)}"
         self.redispatch_after = seconds(getattr(settings, "redispatch_after", None), 600.0)
         self.draining = False  # takes no new task: asked by `worker drain`, or shutting down

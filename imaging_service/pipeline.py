@@ -499,7 +499,7 @@ def _toolkit(job, report, elements, source, input_type, output, output_type, fet
     if "inspect" in elements:
         # The report outlives the toolkit's work directory: the child reads it back.
         request["options"].setdefault("INSPECTION_REPORT", os.path.join(job.work_dir, "inspection.json"))
-    if job.scratch:
+    if job.scratch and job.scratch.enforced:
         request["scratch_limit"] = job.scratch.capacity
     timeout = _setting(settings, "hook_timeout")
     if timeout is not None:

@@ -36,7 +36,8 @@ SETTINGS = [
             "results stored at once: a task at its store step frees its conversion slot)", metavar="N"),
     Setting("scratch_space", "size", None,
             "bytes of scratch space the workers share (a task reserves twice its image before it "
-            "starts); default: the free space of the work directory", metavar="SIZE"),
+            "starts; each toolkit run is held to it by a filesystem of that size); default: the free "
+            "space of the work directory", metavar="SIZE"),
     Setting("work_dir", "str", None, "where tasks fetch and convert; default: STATE_DIR/work", metavar="DIR"),
     Setting("heartbeat", "duration", "2s", "how often a running task reports (its heartbeat)", metavar="TIME"),
     Setting("orphan_after", "duration", "60s",
@@ -57,8 +58,12 @@ def _seconds(value, default):
 class Scratch:
     """The workers' scratch space: reservations by task, never more than the capacity."""
 
-    def __init__(self, capacity):
+    def __init__(self, capacity, enforced=True):
+        """enforced: the operator set the capacity (--scratch-space), and each toolkit run is
+        held to it by a filesystem of that size; else it is the work directory's free space,
+        which the disk itself enforces (a loop filesystem per run would add nothing but cost)."""
         self.capacity = capacity
+        self.enforced = enforced
         self._held = {}
         self._lock = threading.Lock()
 
@@ -77,6 +82,15 @@ class Scratch:
     def held(self):
         with self._lock:
             return sum(self._held.values())
+
+
+def scratch_space(settings, work_root):
+    """The workers' Scratch: --scratch-space, or the free space of `work_root`."""
+    capacity = getattr(settings, "scratch_space", None)
+    if capacity is not None:
+        return Scratch(int(capacity))
+    st = os.statvfs(work_root)
+    return Scratch(st.f_bavail * st.f_frsize, enforced=False)
 
 
 class Slots:
@@ -146,11 +160,7 @@ class EmbeddedWorkers:
         os.makedirs(self.work_root, mode=0o700, exist_ok=True)
         os.chmod(self.work_root, 0o700)
         self.clean_work_root()
-        capacity = getattr(self.settings, "scratch_space", None)
-        if capacity is None:
-            st = os.statvfs(self.work_root)
-            capacity = st.f_bavail * st.f_frsize
-        self.scratch = Scratch(int(capacity))
+        self.scratch = scratch_space(self.settings, self.work_root)
         self._stop.clear()
         self._spawn(self._dispatch, "imaging-dispatcher")
         self._spawn(self._housekeeping, "imaging-housekeeping")

@@ -319,6 +319,37 @@ class TestLimits(PipelineTest):
         self.assertEqual(1, peak["converting"], peak)
         self.assertLessEqual(peak["running"], 2, peak)  # one converting, at most one storing
 
+    def scratch_probe(self, *args):
+        """A service whose Linux imports run an operator's validator that writes down how big
+        the toolkit's scratch filesystem is (0: the scratch directory is not a mount)."""
+        hook = self.path("elements", "test-scratch", "validate.d", "10-scratch")
+        os.makedirs(os.path.dirname(hook))
+        with open(hook, "w") as f:
+            f.write(f'#!/bin/bash\nif mountpoint -q "$IMG_SCRATCH_DIR"; then\n'
+                    f'  findmnt -n -b -o SIZE --target "$IMG_SCRATCH_DIR" > {self.path("scratch-size")}\n'
+                    f'else echo 0 > {self.path("scratch-size")}; fi\n')
+        os.chmod(hook, 0o755)
+        self.start("--elements-path", self.path("elements"),
+                   "--elements-linux", "mounters validate-linux test-scratch convert-qemu", *args)
+        ec2, store, bucket, _account = self.user()
+        raw, _ = self.vmdk()
+        store.put_file(raw, bucket, "disk.raw")
+        task = self.wait_image(ec2, self.import_image(ec2, bucket, "disk.raw", fmt="RAW"))
+        self.assertEqual("completed", task["Status"], task)
+        with open(self.path("scratch-size")) as f:
+            return int(f.read())
+
+    def test_toolkit_held_to_the_scratch_space_set(self):
+        size = self.scratch_probe("--scratch-space", "300M")
+        self.assertTrue(250 * MiB < size <= 300 * MiB, size)  # its filesystem's own metadata aside
+        self.assert_no_work_left()
+
+    def test_no_scratch_filesystem_without_a_scratch_space(self):
+        # The work directory's free space is the limit then; a filesystem of that size per run
+        # would hold the task to nothing the disk does not.
+        self.assertEqual(0, self.scratch_probe())
+        self.assert_no_work_left()
+
     def test_scratch_reservation_waits(self):
         """Two tasks, scratch space for one: the second waits, says so, then runs."""
         self.start("--workers", "2", "--cache", "false", "--scratch-space", "60M")
