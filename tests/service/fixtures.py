@@ -4,6 +4,7 @@ child process on a free port with a temporary --state-dir."""
 
 import json
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -22,9 +23,19 @@ REGION = "us-east-1"
 
 
 def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free port below the kernel's ephemeral range (32768 and up): a port the kernel
+    picked for bind(0) is one it also hands to outgoing connections, which the tests
+    running beside this one make by the thousand, so it was often taken again before
+    the server bound it."""
+    for _ in range(500):
+        port = 20000 + secrets.randbelow(12000)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise AssertionError("no free port on 127.0.0.1 between 20000 and 32000")
 
 
 def cli(*args, env=None, check=True):
@@ -57,11 +68,18 @@ class Service(fixtures.Fixture):
     def _setUp(self):
         if self.state_dir is None:
             self.state_dir = os.path.join(self.useFixture(TempDir()).path, "state")
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = os.path.join(os.path.dirname(self.state_dir), f"service-{self.port}.log")
         self.addCleanup(self.stop)
-        self.start()
+        for attempt in range(3):
+            self.port = free_port()
+            self.url = f"http://127.0.0.1:{self.port}"
+            self.log_path = os.path.join(os.path.dirname(self.state_dir), f"service-{self.port}.log")
+            try:
+                self.start()
+                return
+            except AssertionError:
+                # Another process took the port between our check and the bind: another one.
+                if attempt == 2 or "Address already in use" not in self.log():
+                    raise
 
     def common_args(self):
         return ["--state-dir", self.state_dir, *self.args]
