@@ -37,6 +37,22 @@ def sha256(path):
     return h.hexdigest()
 
 
+def processes_of(path):
+    """Pids whose command line names `path` or whose working directory is in it (weed runs
+    in STATE_DIR/seaweedfs with relative paths)."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cwd = os.readlink(f"/proc/{pid}/cwd")
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmdline = f.read().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if path in cmdline or cwd == path or cwd.startswith(path + "/"):
+            found.append(int(pid))
+    return found
+
+
 def qemu_convert_to_raw(src, dst):
     subprocess.run(["qemu-img", "convert", "-O", "raw", src, dst], check=True)
     return dst
@@ -583,7 +599,7 @@ class TestFaults(PipelineTest):
         # the object store gets SIGKILL the same way.
         for what, timeout in ((f"{service.state_dir}/work", 20), (f"{service.state_dir}/seaweedfs", 5)):
             deadline = time.monotonic() + timeout
-            while subprocess.run(["pgrep", "-f", what], stdout=subprocess.PIPE, check=False).stdout:
+            while processes_of(what):
                 self.assertLess(time.monotonic(), deadline, f"a process of {what} outlived the service")
                 time.sleep(0.5)
         service.start()
