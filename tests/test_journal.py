@@ -6,6 +6,7 @@ import time
 
 import fixtures
 
+from imaging_elements.sdk import hooklib
 from imaging_elements.sdk.journal import Journal, process_start_time
 from tests import base, imagebuild
 
@@ -74,6 +75,19 @@ class JournalTest(base.TestCase):
 class LoopJournalTest(base.TestCase):
 
     needs_root = True
+
+    def test_attach_and_detach_without_sbin_on_path(self):
+        """hooklib.losetup attaches and the journal detaches with the system's PATH: the
+        runner's own process (--scratch-limit, instance validation) may have a PATH without sbin."""
+        image = imagebuild.make_fs(self.path("fs.img"), size=4 * imagebuild.MiB)
+        journal = self.journal()
+        self.useFixture(fixtures.EnvironmentVariable("PATH", "/usr/bin:/bin"))
+        device, _ = hooklib.losetup(image, journal_=journal)
+        self.assertIn(image, subprocess.run(["/usr/sbin/losetup", device], stdout=subprocess.PIPE,
+                                            text=True).stdout)
+        journal.unwind()
+        self.assertNotIn(image, subprocess.run(["/usr/sbin/losetup", "-a"], stdout=subprocess.PIPE,
+                                               text=True).stdout)
 
     def test_detach_checks_the_backing_file(self):
         image = imagebuild.make_fs(self.path("fs.img"), size=4 * imagebuild.MiB)

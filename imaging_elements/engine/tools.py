@@ -20,12 +20,12 @@ import threading
 import time
 
 from imaging_elements.sdk import hooklib
-from imaging_elements.sdk.journal import SYSTEM_ENV
+from imaging_elements.sdk.journal import SYSTEM_PATH
 
 TIMEOUT = 600  # seconds: no plain tool call on an image takes longer; a hung one is killed
 TAIL = 5       # stderr lines kept in a ToolError
 # For tools whose output we parse: messages in English, nothing of the caller's shell.
-CLEAN_ENV = SYSTEM_ENV
+CLEAN_ENV = {"PATH": SYSTEM_PATH, "LC_ALL": "C"}
 
 Result = collections.namedtuple("Result", "code stdout stderr")
 

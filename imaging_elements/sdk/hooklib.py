@@ -24,7 +24,7 @@ import json
 import os
 import sys
 
-from imaging_elements.sdk.journal import Journal
+from imaging_elements.sdk.journal import Journal, tool_env
 
 
 class HookFailure(Exception):
@@ -109,14 +109,15 @@ def losetup(path, offset=0, sizelimit=None, readonly=True, journal_=None):
     backing = os.path.realpath(path)
     last = ""
     for _ in range(20):
-        device = run(["losetup", "--find"]).strip()
+        # sbin searched too, as the journal's detach does (journal.tool_env).
+        device = run(["losetup", "--find"], env=tool_env()).strip()
         entry = record.add("detach", device=device, backing=backing)
         argv = ["losetup", "--offset", str(offset)]
         argv += ["--sizelimit", str(sizelimit)] if sizelimit else []
         argv += ["--read-only"] if readonly else []
         import subprocess  # here: not at import, for the start-up of a 1-hook process (docs/packaging.md)
         result = subprocess.run(argv + [device, path], stdin=subprocess.DEVNULL,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=tool_env())
         if result.returncode == 0:
             return device, entry
         record.done(entry)
@@ -137,7 +138,7 @@ def mount(source, target, fstype=None, options=("ro", "nodev", "nosuid")):
     # must already be there; undo of a path that is not mounted is a no-op.
     entry = journal().add("umount", path=os.path.realpath(target))
     try:
-        run(argv + [source, target])
+        run(argv + [source, target], env=tool_env())  # as the journal's umount
     except HookFailure:
         journal().done(entry)
         raise

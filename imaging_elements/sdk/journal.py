@@ -140,15 +140,23 @@ def describe(entry):
     return entry["undo"] + " " + " ".join(str(entry[k]) for k in keys)
 
 
-# The undo tools (umount, losetup) live in sbin, which the caller's PATH may lack (a service
-# started by a user's shell): without it an unwind would leave the loop devices attached.
+# Where the system's tools live.  umount and losetup are in sbin, which the caller's PATH may
+# lack (a service started from a user's shell, the runner's own process): attach, mount and
+# their undo search it after the caller's PATH (tool_env), or an unwind would leave loop
+# devices attached.
 SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-SYSTEM_ENV = {"PATH": SYSTEM_PATH, "LC_ALL": "C"}
 
 
-def _run(argv, env=SYSTEM_ENV):
+def tool_env():
+    """The caller's environment with the system's tool directories at the end of PATH."""
+    return dict(os.environ, PATH=os.pathsep.join(filter(None, [os.environ.get("PATH"), SYSTEM_PATH])))
+
+
+def _run(argv, env=None):
+    """argv; env: the command's environment, tool_env() when None."""
     import subprocess  # here: not at import, for the start-up of a 1-hook process (docs/packaging.md)
-    result = subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    result = subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env=env if env is not None else tool_env())
     if result.returncode:
         raise UndoError(f"{' '.join(argv)}: {result.stderr.strip() or 'exit %d' % result.returncode}")
 
@@ -167,7 +175,7 @@ def _undo(entry):
             return
         for attempt in range(20):
             import subprocess  # here: not at import, for the start-up of a 1-hook process (docs/packaging.md)
-            result = subprocess.run(["umount", entry["path"]], stderr=subprocess.PIPE, text=True, env=SYSTEM_ENV)
+            result = subprocess.run(["umount", entry["path"]], stderr=subprocess.PIPE, text=True, env=tool_env())
             if result.returncode == 0 or not _mounted(entry["path"]):
                 return
             time.sleep(0.05 * (attempt + 1))  # busy: a process is still leaving it
@@ -209,7 +217,7 @@ def _undo(entry):
         elif os.path.lexists(path):
             os.unlink(path)
     elif action == "run":
-        _run(entry["argv"], env=None)  # a hook's own command: the caller's environment
+        _run(entry["argv"], env=os.environ)  # a hook's own command: the caller's environment
 
 
 def _signal(pid, sig, group):
