@@ -328,8 +328,7 @@ def _import(job, report):
                           "description": task.params.get("description"), "source_digest": digest,
                           "options_digest": options, **({"id": first_id} if i == 0 else {})})
     result = {"platform": platform, "architecture": architecture, "size": size, "format": fmt, "bucket": bucket,
-              "key": key,
-              "source_digest": digest, "validators": outcome.get("validators"),
+              "key": key, "source_digest": digest, "validators": outcome.get("validators"),
               "phase_durations": outcome.get("phase_durations"), "step_seconds": report.step_seconds()}
     report(message=_user_text(job, _done_message(outcome)), force=True)
     return result, resources
@@ -416,8 +415,8 @@ def _from_cache(job, digest, options, size):
                f"same options by task {found.task_id} ({found.id}); its result is reused")
     tasks.progress(job.db, task.id, job.worker_id, message=message)
     result = {"platform": found.platform, "architecture": found.architecture, "size": found.size,
-              "format": found.format,
-              "bucket": found.bucket, "key": found.key, "source_digest": digest, "cached_from": found.id}
+              "format": found.format, "bucket": found.bucket, "key": found.key, "source_digest": digest,
+              "cached_from": found.id}
     return result, resources
 
 

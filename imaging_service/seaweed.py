@@ -272,7 +272,7 @@ class EmbeddedSeaweed:
             body = response.read(4096)
             if response.status != 201:
                 raise OSError(f"the filer answered {response.status} {response.reason}: "
-                                   f"{body.decode(errors='replace').strip()}")
+                              f"{body.decode(errors='replace').strip()}")
         finally:
             connection.close()
 
