@@ -4,7 +4,6 @@ images built by the test.  Instance validation is off here (a TCG boot takes
 30 s or more) except in the one test that says so.
 """
 
-import hashlib
 import os
 import signal
 import subprocess
@@ -30,16 +29,11 @@ SLOW_HOOK = "#!/bin/bash\n# a validator that takes its time, for cancel and kill
 
 
 def sha256(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(MiB), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return base.file_digest(path, "sha256")
 
 
 def processes_of(path):
-    """Pids whose command line names `path` or whose working directory is in it (weed runs
-    in STATE_DIR/seaweedfs with relative paths)."""
+    """Pids whose command line names `path` or whose working directory is in it."""
     found = []
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
@@ -96,6 +90,13 @@ class PipelineTest(base.TestCase):
             if operator:
                 return ObjectStore(f"http://127.0.0.1:{self.s3_port}", "us-east-1", access, secret)
         raise AssertionError("no operator key")
+
+    def stored_object(self, resource, path):
+        """The object of a registered resource, read with the service's own keys into `path`."""
+        _size, chunks = self.operator_store().get_stream(resource.bucket, resource.key)
+        with open(path, "wb") as f:
+            f.writelines(chunks)
+        return path
 
     def vmdk(self, name="disk"):
         raw = linux_disk(self.path(f"{name}.raw"), self.tmp)
@@ -189,10 +190,7 @@ class TestImports(PipelineTest):
             self.assertTrue(resource.key.endswith(".qcow2"), resource.key)
             self.assertEqual(sha256(vmdk), resource.source_digest)
             self.assertEqual("debian", (resource.inspection or {}).get("distro"))
-        stored = self.path("stored.qcow2")
-        _size, chunks = self.operator_store().get_stream(resource.bucket, resource.key)
-        with open(stored, "wb") as f:
-            f.writelines(chunks)
+        stored = self.stored_object(resource, self.path("stored.qcow2"))
         self.assertLess(os.path.getsize(stored), os.path.getsize(raw))  # the free space is not stored
         self.assertEqual(sha256(raw), sha256(qemu_convert_to_raw(stored, self.path("stored.raw"))))
         # The user cannot read the service's bucket with their own keys.
@@ -240,10 +238,7 @@ class TestImports(PipelineTest):
         with self.db().session() as s:
             resource = s.get(tasks.Resource, volume_id)
             self.assertEqual(("raw", os.path.getsize(raw)), (resource.format, resource.size))
-        stored = self.path("stored.raw")
-        _size, chunks = self.operator_store().get_stream(resource.bucket, resource.key)
-        with open(stored, "wb") as f:
-            f.writelines(chunks)
+        stored = self.stored_object(resource, self.path("stored.raw"))
         self.assertEqual(sha256(raw), sha256(stored))
         self.assert_no_work_left()
 
