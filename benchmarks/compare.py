@@ -8,7 +8,7 @@ the same run, then print both medians, min-max and the ratio.
 Each function returns a number (seconds, or whatever unit the caller
 reports); alternate() swaps the order every run so that neither side always
 runs right after the other (page cache, CPU frequency, the other helpers'
-load).  Also here: the machine's load, and the diskimage-builder virtualenv
+load).  Also here: the machine's load, a process's CPU seconds, and the diskimage-builder virtualenv
 the anchors run from.
 """
 
@@ -83,6 +83,14 @@ def report(what, name_a, a, name_b, b, unit="ms", scale=1000.0, digits=1, higher
     print(f"  {name_b:<28} {spread(b, scale, digits)} {unit}")
     print(f"  ratio {name_a} / {name_b}: {ratio:.2f}", flush=True)
     return ratio
+
+
+def cpu_seconds(pid, children=False):
+    """User + system CPU seconds of a process (with `children`: of its reaped children)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rpartition(")")[2].split()
+    ticks = [int(x) for x in (fields[13:15] if children else fields[11:13])]
+    return sum(ticks) / os.sysconf("SC_CLK_TCK")
 
 
 def load():

@@ -44,7 +44,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from benchmarks.compare import load, spread
+from benchmarks.compare import cpu_seconds, load, spread
 from imaging_service import tasks
 from imaging_service.db import Database
 from imaging_service.objectstore import ObjectStore, ObjectStoreError
@@ -103,14 +103,6 @@ def staged(store, bucket, key, work, count, workers, nice):
         os.unlink(src)
         os.unlink(out)
     return in_parallel(one, count, workers)
-
-
-def cpu_seconds(pid, children=False):
-    """User + system CPU seconds of a process (with `children`: of its reaped children)."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rpartition(")")[2].split()
-    ticks = [int(x) for x in (fields[13:15] if children else fields[11:13])]
-    return sum(ticks) / os.sysconf("SC_CLK_TCK")
 
 
 class CPU:

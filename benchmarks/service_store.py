@@ -23,17 +23,11 @@ import tempfile
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from benchmarks.compare import load
+from benchmarks.compare import cpu_seconds, load
 from imaging_service.objectstore import ObjectStore
 from imaging_service.seaweed import EmbeddedSeaweed
 
 OPERATOR = ("BENCHOPERATOR0000001", "bench-operator-secret-0001", "000000000000", True)
-
-
-def cpu_seconds(pid):
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def own_cpu():
