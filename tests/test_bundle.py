@@ -632,6 +632,27 @@ class TestBadBundles(BundleCase):
                          result.stderr)
         self.assertFalse(os.path.exists(dest))
 
+    def test_image_that_shrinks_while_being_bundled(self):
+        """The image is cut short while its pieces are read on the deflate threads:
+        a clear error naming it, and nothing left at the destination."""
+        image = self.path("shrinking.img")
+        with open(image, "wb") as f:
+            f.write(os.urandom(40 * MiB))
+
+        def shrink(done, total):
+            os.truncate(image, 13 * MiB)  # the pieces after this one read short
+
+        dest = self.path("dest")
+        with self.assertRaises(bundle.BundleError) as caught:
+            bundle.bundle_image(image, dest, arch="x86_64", user="1", private_key=key("user"),
+                                user_cert=cert("user"), ec2_cert=cert("cloud"), progress=shrink)
+        found = re.fullmatch(rf"image {re.escape(image)}: ended after (\d+) of {40 * MiB} bytes "
+                             r"\(did it change while being bundled\?\)", str(caught.exception))
+        self.assertIsNotNone(found, str(caught.exception))
+        # Where a piece read short: pieces are read ahead, some before the cut.
+        self.assertTrue(13 * MiB <= int(found.group(1)) < 40 * MiB, found.group(1))
+        self.assertFalse(os.path.exists(dest))
+
     def test_interrupted_bundle_leaves_nothing(self):
         """Interrupted midway (Ctrl-C while the parts are written): no parts, no manifest."""
         def interrupt(done, total):

@@ -16,17 +16,18 @@ verifier cuts those bytes out of the file and never re-serialises the XML.
 
 Both directions stream in one pass with bounded memory (a few tens of MiB
 whatever the image size) and use the cores: hashlib, isal, AES
-(`cryptography`) and the output writes release the GIL.  Bundling reads and
-hashes the tar stream in one thread, deflates it in pieces of 3 MiB on a pool
-of threads (as pigz does, into one gzip member; a piece whose samples do not
-compress is written as stored blocks, a piece of zeros is deflated once) and
-encrypts, hashes and writes the parts in another; unbundling reads, decrypts
-and inflates in one thread and hashes and writes the image in another
-(docs/bundles.md).
+(`cryptography`) and the reads and writes release the GIL.  Bundling reads
+the image and deflates it in pieces of 3 MiB on a pool of threads (as pigz
+does, into one gzip member; a piece whose samples do not compress is written
+as stored blocks, a piece of zeros is deflated once), hashes the tar stream
+in one thread, encrypts in another and hashes and writes the parts in a
+third; unbundling reads, decrypts and inflates in one thread and hashes and
+writes the image in another (docs/bundles.md).
 Output is written under a temporary name and renamed at the end: a failure
 leaves nothing behind.
 """
 
+import collections
 import concurrent.futures
 import dataclasses
 import hashlib
@@ -51,7 +52,7 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from isal import igzip_lib, isal_zlib
 
 from imaging_elements import __version__
-from imaging_elements.bundle.crypt import CryptError, Decryptor, Encryptor, temp_path
+from imaging_elements.bundle.crypt import BLOCK, CryptError, Decryptor, Encryptor, temp_path
 
 MiB = 1024 * 1024
 CHUNK = MiB
@@ -529,20 +530,18 @@ def _pipeline(produce, consume, depth=8):
 # -- bundling -----------------------------------------------------------------
 
 class _PartWriter:
-    """Encrypts the gzip stream and cuts it into parts, hashing each."""
+    """Cuts the encrypted stream into parts, hashing and writing each."""
 
-    def __init__(self, directory, prefix, part_size, encryptor):
+    def __init__(self, directory, prefix, part_size):
         self.directory, self.prefix, self.part_size = directory, prefix, part_size
-        self.encryptor = encryptor
         self.parts = []
         self.size = 0
         self._file = None
 
     def write(self, data):
-        self._guard(self._cut, self.encryptor.update(data))
+        self._guard(self._cut, data)
 
     def finish(self):
-        self._guard(self._cut, self.encryptor.finalize())
         self._guard(self._close)
 
     def _guard(self, fn, *args):
@@ -655,8 +654,9 @@ def bundle_image(image, destination, *, arch, user, private_key, user_cert, ec2_
         published = []
         try:
             header = _tar_header(name, size, int(st.st_mtime))
-            writer = _PartWriter(work, prefix, part_size, Encryptor(key, iv))
-            digest = _bundle_stream(source, image, size, header, writer, progress, threads)
+            writer = _PartWriter(work, prefix, part_size)
+            digest = _bundle_stream(source, image, size, header, Encryptor(key, iv), writer,
+                                    progress, threads)
             manifest = Manifest(
                 name=name, user=user, architecture=arch, image_type=image_type,
                 kernel_id=kernel_id, ramdisk_id=ramdisk_id,
@@ -686,7 +686,7 @@ def deflate_threads():
     return max(1, min(MAX_DEFLATE_THREADS, len(os.sched_getaffinity(0))))
 
 
-def _deflate_piece(data, last):
+def _deflate_piece(data, last, buffers=None):
     """([raw deflate of `data`], CRC-32 of `data`, its length): a piece of the one gzip member.
 
     All pieces but the last end byte-aligned and without the final-block bit
@@ -694,15 +694,19 @@ def _deflate_piece(data, last):
     deflate stream that any inflater reads as one (pigz's way).  A piece of
     zeros is deflated once: pieces are independent streams, so equal input
     gives equal output.  A piece whose samples do not shrink is written as
-    stored blocks, without running the compressor over it.
+    stored blocks, without running the compressor over it, into a buffer of
+    `buffers` (a _Buffers) when given and large enough.
     """
-    if data == ZERO_PIECE:  # bytes ==: a memcmp
+    if data == ZERO_PIECE:  # a memcmp
         cached = _ZERO_PIECES.get(last)
         if cached is None:
             cached = _ZERO_PIECES[last] = _deflate(data, last)
         return cached
     if _incompressible(data):
-        return [_stored_blocks(data, last)], isal_zlib.crc32(data), len(data)
+        out = None
+        if buffers is not None and buffers.size >= _stored_size(len(data)):
+            out = buffers.take()
+        return [_stored_blocks(data, last, out)], isal_zlib.crc32(data), len(data)
     return _deflate(data, last)
 
 
@@ -722,12 +726,19 @@ def _incompressible(data):
     return len(isal_zlib.compress(samples, 1, -15)) >= STORE_RATIO * len(samples)
 
 
-def _stored_blocks(data, last):
+def _stored_size(length):
+    """The bytes of `length` bytes as stored blocks: 5 bytes of header for each block."""
+    return length + 5 * max(1, -(-length // STORED_BLOCK))
+
+
+def _stored_blocks(data, last, out=None):
     """`data` as raw deflate stored blocks (RFC 1951 3.2.4), from a byte boundary; the
     final-block bit on the last block if `last`.  One copy, about 8 GB/s (zlib level 0
-    takes 5 times as long, as long as isal level 2 itself)."""
+    takes 5 times as long, as long as isal level 2 itself), into `out` if given (a
+    bytearray at least _stored_size(len(data)) long; a view of it is returned)."""
     view, length = memoryview(data), len(data)
-    out = bytearray(length + 5 * max(1, -(-length // STORED_BLOCK)))
+    size = _stored_size(length)
+    out = bytearray(size) if out is None else out
     pos = 0
     for start in range(0, max(length, 1), STORED_BLOCK):
         n = min(STORED_BLOCK, length - start)
@@ -735,62 +746,126 @@ def _stored_blocks(data, last):
         out[pos:pos + 5] = struct.pack("<BHH", last and start + n == length, n, n ^ 0xFFFF)
         out[pos + 5:pos + 5 + n] = view[start:start + n]
         pos += 5 + n
-    return out
+    return out if len(out) == size else memoryview(out)[:size]
 
 
-def _bundle_stream(source, image, size, header, writer, progress, threads):
+class _Buffers:
+    """Bytearrays of one size, used again: glibc hands freed blocks of a few MiB
+    back to the kernel, and each fresh one costs its page faults again (50,000 a
+    GiB bundled, a tenth of the CPU).  Any thread may take and give."""
+
+    def __init__(self, size):
+        self.size = size
+        self._free = []
+        self._ours = {}  # id -> buffer: holds them, so that an id stays theirs
+
+    def take(self):
+        try:
+            return self._free.pop()
+        except IndexError:
+            buffer = bytearray(self.size)
+            self._ours[id(buffer)] = buffer
+            return buffer
+
+    def give(self, buffer):
+        """Take `buffer` back if it is one of ours (or a view of one); anything else is ignored."""
+        if isinstance(buffer, memoryview):
+            buffer = buffer.obj
+        if id(buffer) in self._ours:
+            self._free.append(buffer)
+
+
+def _bundle_stream(source, image, size, header, encryptor, writer, progress, threads):
     """Returns the tar stream's SHA-1.
 
-    This thread reads the tar stream, hashes it and hands 3 MiB pieces to
-    `threads` deflate threads; a second thread takes the compressed pieces in
-    order, wraps them in one gzip member and encrypts, hashes and writes the
-    parts.  The queue between them holds futures, so it also bounds the
-    pieces in flight.
+    The image is read in 3 MiB pieces, each at its offset, and deflated on a
+    pool of `threads` threads; this thread hashes the tar stream in order (a
+    SHA-1 is serial, so nothing else is done here); a second thread takes the
+    compressed pieces in order, wraps them in one gzip member and encrypts it
+    (AES-CBC is serial too); a third hashes and writes the parts.  Bounded
+    queues between them bound the pieces in flight, and the buffers are used
+    again.
     """
     tar_hash = hashlib.sha1()
     pool = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="bundle-deflate")
+    pieces, stored = _Buffers(DEFLATE_CHUNK), _Buffers(_stored_size(DEFLATE_CHUNK))
+    ciphertext = _Buffers(CHUNK + BLOCK)
+    fd = source.fileno()
+
+    def read_and_encode(data, offset):
+        """Fill `data` from the image at `offset`, then deflate it."""
+        view, got = memoryview(data), 0
+        while got < len(data):
+            n = os.preadv(fd, [view[got:]], offset + got)
+            if not n:
+                raise BundleError(f"image {image}: ended after {offset + got} of {size} bytes "
+                                  "(did it change while being bundled?)")
+            got += n
+        return _deflate_piece(data, False, stored)
 
     def produce(put):
-        def submit(data, last=False):
-            tar_hash.update(data)
-            put(pool.submit(_deflate_piece, data, last))
-
-        submit(header)
+        tar_hash.update(header)
+        put(pool.submit(_deflate_piece, header, False))
+        # The pieces being read and deflated, not yet hashed: a few more
+        # than the threads, so that no thread waits for this one.
+        reading = collections.deque()
+        offsets = iter(range(0, size, DEFLATE_CHUNK))
         done = 0
-        while done < size:
-            # A new buffer for each piece: the deflate threads still read the last ones.
-            data = source.read(min(DEFLATE_CHUNK, size - done))
-            if not data:
-                raise BundleError(f"image {image}: ended after {done} of {size} bytes "
-                                  "(did it change while being bundled?)")
-            submit(data)
+        while True:
+            while len(reading) < threads + 2 and (offset := next(offsets, None)) is not None:
+                length = min(DEFLATE_CHUNK, size - offset)
+                data = pieces.take() if length == DEFLATE_CHUNK else bytearray(length)
+                future = pool.submit(read_and_encode, data, offset)
+                put(future)
+                reading.append((future, data))
+                del data
+            if not reading:
+                break
+            future, data = reading.popleft()
+            future.result()  # read (and deflated)
+            tar_hash.update(data)
+            pieces.give(data)
             done += len(data)
-            del data  # held only by its deflate job, not while the next piece is read
             if progress and (done % (4 * DEFLATE_CHUNK) == 0 or done == size):
                 progress(done, size)
-        submit(_tar_trailer(len(header), size), last=True)
+            del future, data
+        trailer = _tar_trailer(len(header), size)
+        tar_hash.update(trailer)
+        put(pool.submit(_deflate_piece, trailer, True))
 
     def consume(futures):
-        writer.write(GZIP_HEADER)
-        crc = length = 0
-        for future in futures:
-            compressed, piece_crc, piece_length = future.result()
-            crc = isal_zlib.crc32_combine(crc, piece_crc, piece_length)
-            length += piece_length
-            for data in compressed:
-                # 1 MiB at a time, so that AES's output is still in the
-                # cache when the part's SHA-1 and the write read it.
+        def encrypt(put):
+            def send(data):
+                # 1 MiB at a time, into buffers used again: the writing
+                # thread reads them while they are still in the cache.
                 view = memoryview(data)
                 for start in range(0, len(view), CHUNK):
-                    writer.write(view[start:start + CHUNK])
-            # Not held while waiting for the next piece.
-            del future, compressed, data, view
-        writer.write(struct.pack("<II", crc, length & 0xFFFFFFFF))  # gzip trailer: CRC-32, ISIZE
-        writer.finish()
+                    out = ciphertext.take()
+                    put(memoryview(out)[:encryptor.update_into(view[start:start + CHUNK], out)])
+
+            send(GZIP_HEADER)
+            crc = length = 0
+            for future in futures:
+                compressed, piece_crc, piece_length = future.result()
+                crc = isal_zlib.crc32_combine(crc, piece_crc, piece_length)
+                length += piece_length
+                for data in compressed:
+                    send(data)
+                    stored.give(data)
+                # Not held while waiting for the next piece.
+                del future, compressed, data
+            send(struct.pack("<II", crc, length & 0xFFFFFFFF))  # gzip trailer: CRC-32, ISIZE
+            put(encryptor.finalize())
+
+        def write(chunks):
+            for data in chunks:
+                writer.write(data)
+                ciphertext.give(data)
+            writer.finish()
+
+        _pipeline(encrypt, write, depth=4)
 
     try:
-        # Pieces in flight: one per thread and two more, so that no thread
-        # waits while the writer takes the oldest.
         _pipeline(produce, consume, depth=threads + 2)
     finally:
         pool.shutdown(cancel_futures=True)

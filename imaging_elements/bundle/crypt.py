@@ -38,9 +38,12 @@ class Encryptor:
         """Ciphertext for `data`; a view of an internal buffer, valid until the next call."""
         if len(data) + BLOCK > len(self._buffer):
             self._buffer = bytearray(len(data) + BLOCK)
+        return memoryview(self._buffer)[:self.update_into(data, self._buffer)]
+
+    def update_into(self, data, out):
+        """Writes the ciphertext for `data` into `out` (len(data) + BLOCK bytes at least); returns its length."""
         self._length += len(data)
-        n = self._cipher.update_into(data, self._buffer)
-        return memoryview(self._buffer)[:n]
+        return self._cipher.update_into(data, out)
 
     def finalize(self):
         """The last block, with PKCS#7 padding (1 to 16 bytes, each the pad length)."""
