@@ -21,6 +21,7 @@ import json
 import os
 import secrets
 import shutil
+import stat
 import signal
 import socket
 import subprocess
@@ -117,6 +118,25 @@ def _die_with_parent():
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
+def _socket_paths(s3_port, ports):
+    """The unix sockets weed makes in /tmp whatever it is told (the paths are fixed in
+    its binary): the S3 gateway's and the filer's, and each server's gRPC one."""
+    paths = [f"/tmp/seaweedfs-s3-{s3_port}.sock", f"/tmp/seaweedfs-s3-grpc-{s3_port + 10000}.sock",
+             f"/tmp/seaweedfs-filer-{ports['filer']}.sock"]
+    paths += [f"/tmp/seaweedfs-{name}-grpc-{port + 10000}.sock" for name, port in ports.items()]
+    return paths
+
+
+def _remove_sockets(paths):
+    """Remove those of `paths` that are sockets of ours: weed leaves some behind even
+    when it stops cleanly, and all of them when it is killed."""
+    for path in paths:
+        with contextlib.suppress(OSError):
+            st = os.lstat(path)
+            if stat.S_ISSOCK(st.st_mode) and st.st_uid == os.getuid():
+                os.unlink(path)
+
+
 class EmbeddedSeaweed:
     """`weed mini` on 127.0.0.1 with data in STATE_DIR/seaweedfs."""
 
@@ -124,7 +144,9 @@ class EmbeddedSeaweed:
         self.dir = os.path.join(state_dir, "seaweedfs")
         self.port = port
         self.filer_port = None
+        self.ports = {}  # master, volume, filer, admin: each with its gRPC port 10000 above
         self.process = None
+        self._sockets = []
         self._identities = []
         self._revoked = []  # tombstones for a running gateway, see write_identities
         self.config_path = os.path.join(self.dir, "s3-identities.json")
@@ -222,7 +244,8 @@ class EmbeddedSeaweed:
                 "-filer.maxMB=2"]
         for name, port in ports.items():
             argv += [f"-{name}.port={port}", f"-{name}.port.grpc={port + 10000}"]
-        self.filer_port = ports["filer"]
+        self.ports, self.filer_port = ports, ports["filer"]
+        self._sockets = _socket_paths(self.port, ports)
         with open(self.log_path, "ab") as log:
             # preexec_fn only calls setsid and prctl: async-signal-safe enough.
             self.process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
@@ -278,16 +301,18 @@ class EmbeddedSeaweed:
 
     def stop(self):
         process, self.process = self.process, None
-        if process is None or process.poll() is not None:
+        if process is None:
             return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(STOP_GRACE)
-        except subprocess.TimeoutExpired:
+        if process.poll() is None:
             with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+                os.killpg(process.pid, signal.SIGTERM)
+            try:
+                process.wait(STOP_GRACE)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+        _remove_sockets(self._sockets)
 
     def __enter__(self):
         return self.start()

@@ -2,6 +2,8 @@
 
 import hashlib
 import os
+import re
+import signal
 import stat
 import tempfile
 import urllib.error
@@ -97,6 +99,25 @@ class TestEmbeddedSeaweed(base.TestCase):
         self.assertTrue([n for n in os.listdir(logs) if n.endswith(f".{pid}")], os.listdir(logs))
         temp = tempfile.gettempdir()
         self.assertEqual([], [n for n in os.listdir(temp) if n.startswith("weed.") and n.endswith(f".{pid}")])
+
+    def test_no_socket_left_in_tmp(self):
+        """weed makes unix sockets in /tmp, at paths fixed in its binary, and leaves some
+        behind when it stops (all of them when it is killed): stop removes ours."""
+        for kill in (False, True):
+            seaweed = EmbeddedSeaweed(self.useFixture(fixtures.TempDir()).path)
+            seaweed.write_identities([OPERATOR])
+            seaweed.start()
+            # Any socket named for one of its ports (other tests' stores may run beside it).
+            ports = {p + grpc for p in (seaweed.port, *seaweed.ports.values()) for grpc in (0, 10000)}
+            ours = re.compile(rf"seaweedfs-[a-z0-9-]+-({'|'.join(map(str, ports))})\.sock")
+            made = [n for n in os.listdir("/tmp") if ours.fullmatch(n)]
+            self.assertIn(f"seaweedfs-s3-{seaweed.port}.sock", made)
+            self.assertGreaterEqual(len(made), 6, made)
+            if kill:
+                os.killpg(seaweed.process.pid, signal.SIGKILL)
+                seaweed.process.wait()
+            seaweed.stop()
+            self.assertEqual([], [n for n in os.listdir("/tmp") if ours.fullmatch(n)], f"kill={kill}")
 
     def test_service_writes_through_the_filer(self):
         """The service's own store writes through the filer: what S3 reads back is the file, with
