@@ -614,7 +614,8 @@ def bundle_image(image, destination, *, arch, user, private_key, user_cert, ec2_
     `destination` and moved into place at the end, manifest last.
     progress(done, total) is called as the image is read; on_temp(path) is
     called with the temporary directory's name before it exists (a hook
-    journals it).  threads: how many threads deflate (default: deflate_threads()).
+    journals it).  threads: how many threads read and deflate the image (default:
+    deflate_threads()).
     """
     if arch not in ARCHITECTURES:
         raise BundleError(f"architecture {arch!r} is not one of {', '.join(ARCHITECTURES)}")
@@ -866,6 +867,8 @@ def _bundle_stream(source, image, size, header, encryptor, writer, progress, thr
         _pipeline(encrypt, write, depth=4)
 
     try:
+        # Pieces in flight: one per thread and two more, so that no thread
+        # waits while the encrypting thread takes the oldest.
         _pipeline(produce, consume, depth=threads + 2)
     finally:
         pool.shutdown(cancel_futures=True)
