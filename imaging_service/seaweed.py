@@ -137,6 +137,7 @@ def _remove_sockets(paths):
             if not (stat.S_ISSOCK(st.st_mode) and st.st_uid == os.getuid()):
                 continue
             with socket.socket(socket.AF_UNIX) as probe:
+                probe.settimeout(1)  # a full backlog is a live store too (the timeout is an OSError)
                 try:
                     probe.connect(path)
                     continue  # a live store's (the port was freed and taken again)
