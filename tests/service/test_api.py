@@ -543,9 +543,16 @@ class TestAPIProcesses(testtools.TestCase):
         service = self.useFixture(sf.Service(engine="none", args=["--api-processes", "2"]))
         access, secret, _ = service.credential()
         [child] = self.api_children(service.process.pid)
-        with open(f"/proc/{child}/net/tcp") as f:  # the port is listened on (state 0A) by both
-            listening = [line for line in f if line.split()[3] == "0A" and
-                         line.split()[1].endswith(f":{service.port:04X}")]
+        # The port is listened on (state 0A) by both; the service answers as soon as the
+        # first listens, so the second may still be starting.
+        deadline = time.monotonic() + 15
+        while True:
+            with open(f"/proc/{child}/net/tcp") as f:
+                listening = [line for line in f if line.split()[3] == "0A" and
+                             line.split()[1].endswith(f":{service.port:04X}")]
+            if len(listening) >= 2 or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
         self.assertEqual(2, len(listening), listening)
         for _ in range(20):  # new connections each time: the kernel spreads them
             self.assertEqual([], service.client(access, secret).describe_conversion_tasks()["ConversionTasks"])
