@@ -16,6 +16,7 @@ are bound to 127.0.0.1 (docs/security.md).
 
 import contextlib
 import ctypes
+import errno
 import http.client
 import json
 import os
@@ -132,18 +133,13 @@ def _remove_sockets(paths):
     """Remove those of `paths` that are sockets of ours that nothing listens on: weed
     leaves some behind even when it stops cleanly, and all of them when it is killed."""
     for path in paths:
-        with contextlib.suppress(OSError):
+        with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX) as probe:
             st = os.lstat(path)
-            if not (stat.S_ISSOCK(st.st_mode) and st.st_uid == os.getuid()):
-                continue
-            with socket.socket(socket.AF_UNIX) as probe:
-                probe.settimeout(1)  # a full backlog is a live store too (the timeout is an OSError)
-                try:
-                    probe.connect(path)
-                    continue  # a live store's (the port was freed and taken again)
-                except ConnectionRefusedError:
-                    pass
-            os.unlink(path)
+            if stat.S_ISSOCK(st.st_mode) and st.st_uid == os.getuid():
+                probe.settimeout(1)  # a full backlog is a live store too
+                # Refused: nothing listens.  A live store's (its port freed and taken again) stays.
+                if probe.connect_ex(path) == errno.ECONNREFUSED:
+                    os.unlink(path)
 
 
 class EmbeddedSeaweed:
@@ -152,7 +148,6 @@ class EmbeddedSeaweed:
     def __init__(self, state_dir, port=None):
         self.dir = os.path.join(state_dir, "seaweedfs")
         self.port = port
-        self.filer_port = None
         self.ports = {}  # master, volume, filer, admin: each with its gRPC port 10000 above
         self.process = None
         self._sockets = []
@@ -263,7 +258,7 @@ class EmbeddedSeaweed:
                 "-filer.maxMB=2"]
         for name, port in ports.items():
             argv += [f"-{name}.port={port}", f"-{name}.port.grpc={port + 10000}"]
-        self.ports, self.filer_port = ports, ports["filer"]
+        self.ports = ports
         # A store killed with its service (SIGKILL) left its sockets: the next
         # start on this state directory removes them.
         _remove_sockets(self._read_sockets())
@@ -300,7 +295,7 @@ class EmbeddedSeaweed:
         progress (a cancel) drops the connection, and the filer keeps nothing of a short body."""
         size = os.path.getsize(path)
         target = urllib.parse.quote(f"/buckets/{bucket}/{key}")
-        connection = http.client.HTTPConnection("127.0.0.1", self.filer_port, timeout=120)
+        connection = http.client.HTTPConnection("127.0.0.1", self.ports["filer"], timeout=120)
         try:
             connection.putrequest("PUT", target)
             connection.putheader("Content-Type", "application/octet-stream")

@@ -22,6 +22,7 @@ from imaging_elements.engine.monitor import clean
 from imaging_elements.engine.resources import BIN, LIB
 from imaging_elements.engine.resources import PYTHONPATH as ROOT
 from imaging_elements.sdk.journal import SYSTEM_PATH
+
 MiB = 1024 * 1024
 PLATFORMS = ("auto", "linux", "windows", "unknown")
 
